@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.tasks import exponential_backoff
@@ -29,6 +30,7 @@ def retry_on_transient(_task: Any, _task_run: TaskRun, state: State[Any]) -> boo
 
 
 DB_TASK_OPTIONS: dict[str, Any] = {
+    "cache_policy": NO_CACHE,
     "retries": DB_RETRIES,
     "retry_delay_seconds": exponential_backoff(backoff_factor=2),
     "retry_jitter_factor": 0.5,

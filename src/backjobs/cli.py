@@ -1,0 +1,125 @@
+"""The ``backjobs`` command.
+
+    backjobs db upgrade                       migrate the configured database
+    backjobs run <job> [--as-of ISO-8601]     run a job's flow now, in this process
+    backjobs deployments check [FILE]         validate prefect.yaml
+
+``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
+found through prefect.yaml's entrypoints, as a worker finds them, so prefect.yaml stays
+the one list of jobs and the installed package never imports ``flows/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from backjobs.settings import SettingsError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except (SettingsError, LookupError, ValueError) as exc:
+        print(f"backjobs: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backjobs", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = commands.add_parser("db", help="database migrations")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", help="migrate the configured database")
+    upgrade.add_argument("--revision", default="head")
+    upgrade.set_defaults(handler=_db_upgrade)
+
+    run = commands.add_parser("run", help="run a job's flow now, in this process")
+    run.add_argument("job", help="flow name (cleanup-job) or seed name (CleanupJob)")
+    run.add_argument("--as-of", type=parse_as_of, help="the job's clock, ISO-8601 (default now)")
+    run.add_argument("--project-dir", help="folder of prefect.yaml (default: found upwards)")
+    run.set_defaults(handler=_run)
+
+    deployments = commands.add_parser("deployments", help="prefect.yaml deployments")
+    dep_commands = deployments.add_subparsers(dest="dep_command", required=True, metavar="ACTION")
+    check = dep_commands.add_parser("check", help="validate prefect.yaml")
+    check.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
+    check.set_defaults(handler=_deployments_check)
+    return parser
+
+
+def parse_as_of(value: str) -> datetime:
+    """ISO-8601; ``Z`` accepted; a value without offset is UTC."""
+    from backjobs.jobbase import to_utc
+
+    try:
+        return to_utc(datetime.fromisoformat(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--as-of {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
+        ) from None
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from backjobs.db import normalize_url
+    from backjobs.migrate import upgrade
+    from backjobs.settings import get_settings
+
+    url = get_settings().database_url
+    upgrade(url, args.revision)
+    print(
+        f"database {normalize_url(url).render_as_string(hide_password=True)} is at {args.revision}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from backjobs.deployments import find_project_file, load_job_flow
+    from backjobs.jobbase import result_rows
+    from backjobs.settings import get_settings
+
+    get_settings()  # fail on a bad setting before starting Prefect
+    _prefect_defaults()
+    project_file = find_project_file(args.project_dir)
+    job = load_job_flow(project_file, args.job)
+    state = job(as_of=args.as_of, return_state=True)
+    if not state.is_completed():
+        print(f"{job.name}: run {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    result: Any = state.result()
+    print(f"{job.name}: completed")
+    for row in result_rows(result):
+        print(f"  {row['count']:<28} {row['value']}")
+    return 0
+
+
+def _deployments_check(args: argparse.Namespace) -> int:
+    from backjobs.deployments import check_project_file, find_project_file
+
+    path = find_project_file(None) if args.file is None else args.file
+    problems = check_project_file(path)
+    for problem in problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+def _prefect_defaults() -> None:
+    # Offline machines: no telemetry; domain logs (logging.getLogger("backjobs...")) go to
+    # the run's logs in the UI.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
