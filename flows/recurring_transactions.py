@@ -1,0 +1,25 @@
+"""ProcessRecurringTransactionsJob (``process-recurring-transactions-job``).
+
+Every enabled recurring definition gets exactly one transaction per occurrence up to the
+as_of date (UTC), missed days caught up, never twice. Invalid definitions are skipped,
+logged with their id and reason, and counted ``invalid`` in the run's result; the run
+still completes, so one bad row never blocks everybody else's transactions.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from backjobs.jobbase import job_flow
+from backjobs.recurring import RecurringResult
+from tasks.recurring_transactions import create_recurring_transactions
+
+
+def _process_recurring_transactions(as_of: datetime) -> RecurringResult:
+    """Create the due transactions of every enabled recurring definition up to as_of."""
+    return create_recurring_transactions(as_of)
+
+
+process_recurring_transactions_job = job_flow("ProcessRecurringTransactionsJob")(
+    _process_recurring_transactions
+)

@@ -1,0 +1,242 @@
+"""ProcessRecurringTransactionsJob's domain: turn due recurring definitions into transactions.
+
+For every **enabled** definition, one ``transactions`` row per occurrence (see
+:mod:`backjobs.recurrence`) after ``last_processed_date`` (from ``start_date`` when it is
+null) up to the as_of date, copying owner, amount, currency and description;
+``last_processed_date`` then moves to the as_of date (or to ``end_date`` once that has
+passed, so a later extension of ``end_date`` still catches up). Missed days are caught
+up by the next run. A disabled definition is skipped and its ``last_processed_date``
+stays where it was: **when it is re-enabled, the next run creates every occurrence since
+then**, including those of the disabled period (to skip them, the app sets
+``last_processed_date`` when it re-enables the definition).
+
+Exactly once: the rows of a definition and the advance of its ``last_processed_date`` are
+committed in one transaction; inserts are ``ON CONFLICT DO NOTHING`` against the unique
+(recurring_transaction_id, occurred_on); ``last_processed_date`` only ever moves forward;
+and on PostgreSQL each batch of definitions is claimed ``FOR UPDATE SKIP LOCKED``, so two
+concurrent runs split the work instead of both doing it. (SQLite serialises writers:
+every batch transaction starts ``BEGIN IMMEDIATE``.)
+
+Set-based: definitions are read in keyset batches by id, **each batch its own
+transaction** (this module commits: batching is the point, a failure loses at most the
+batch in flight). Occurrences are computed in Python; the rows are written by one
+``INSERT ... SELECT`` per chunk that joins the (id, date) pairs to the definitions, so
+amounts are copied by the database, exactly, and never pass through floats.
+
+Invalid definitions (unknown frequency, interval below 1, end before start, an amount that
+is not a finite number) are skipped with a warning naming the id and the reason; nothing
+is written for them and they are reported again on every run until fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+
+from sqlalchemy import Engine, Row, String, cast, or_, select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
+
+from backjobs.db import is_postgres, session_scope
+from backjobs.models import RecurringTransaction as RT
+from backjobs.recurrence import Rule, iter_occurrences, problem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 2000
+# Rows buffered before a chunk is written: bounds memory when a batch catches up years.
+CHUNK_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class RecurringResult:
+    """What a run did: the date it processed through, and counts."""
+
+    through: str
+    definitions_processed: int = 0
+    transactions_created: int = 0
+    invalid: int = 0
+    invalid_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class _Batch:
+    last_id: int = 0
+    scanned: int = 0
+    processed: int = 0
+    created: int = 0
+    invalid_ids: list[int] = field(default_factory=list)
+
+
+def process_recurring(
+    engine: Engine, *, as_of: datetime | date, batch_size: int = DEFAULT_BATCH_SIZE
+) -> RecurringResult:
+    """Create the transactions of every enabled definition due up to ``as_of``'s date.
+
+    ``as_of`` is an aware UTC datetime (its date is used) or a date. Commits batch by batch.
+    """
+    through = as_of.date() if isinstance(as_of, datetime) else as_of
+    processed = created = 0
+    invalid: list[int] = []
+    after = 0
+    while True:
+        with session_scope(engine) as session:
+            batch = process_batch(session, after_id=after, through=through, limit=batch_size)
+        processed += batch.processed
+        created += batch.created
+        invalid.extend(batch.invalid_ids)
+        if batch.scanned < batch_size:
+            break
+        after = batch.last_id
+    log.info(
+        "Recurring transactions through %s: %d definitions processed, %d transactions "
+        "created, %d invalid",
+        through,
+        processed,
+        created,
+        len(invalid),
+    )
+    return RecurringResult(through.isoformat(), processed, created, len(invalid), tuple(invalid))
+
+
+def due_definitions(session: Session, *, after_id: int, through: date, limit: int) -> list[Row]:  # type: ignore[type-arg]
+    """The next ``limit`` due definitions with id above ``after_id``, claimed on PostgreSQL."""
+    query = (
+        select(
+            RT.id,
+            RT.frequency,
+            RT.interval,
+            RT.start_date,
+            RT.end_date,
+            RT.last_processed_date,
+            # As text: a malformed amount is reported, not a crash of the whole batch.
+            cast(RT.amount, String).label("amount"),
+        )
+        .where(
+            RT.id > after_id,
+            RT.enabled.is_(True),
+            RT.start_date <= through,
+            or_(RT.last_processed_date.is_(None), RT.last_processed_date < through),
+            # Past its end and fully processed: nothing left to do.
+            or_(
+                RT.end_date.is_(None),
+                RT.last_processed_date.is_(None),
+                RT.last_processed_date < RT.end_date,
+            ),
+        )
+        .order_by(RT.id)
+        .limit(limit)
+    )
+    if is_postgres(session):
+        # Another run holding a definition is processing it: skip, do not wait or redo.
+        query = query.with_for_update(skip_locked=True, of=RT)
+    return list(session.execute(query).all())
+
+
+def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> _Batch:
+    """Process one keyset batch inside the caller's transaction (the caller commits)."""
+    rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
+    batch = _Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
+    advances: list[tuple[int, date]] = []
+    valid: list[tuple[int, Rule, date]] = []
+    for row in rows:
+        rule = Rule(row.frequency, row.interval, row.start_date, row.end_date)
+        reason = problem(rule) or _amount_problem(row.amount)
+        if reason is not None:
+            log.warning("Skipping recurring transaction %s: %s", row.id, reason)
+            batch.invalid_ids.append(row.id)
+            continue
+        first = row.last_processed_date + timedelta(days=1) if row.last_processed_date else None
+        valid.append((row.id, rule, first or rule.start_date))
+        advances.append((row.id, min(through, rule.end_date or through)))
+    for chunk in _chunks(_pairs(valid, through=through), CHUNK_ROWS):
+        batch.created += insert_occurrences(session, chunk)
+    batch.processed = advance_processed(session, advances)
+    return batch
+
+
+def _pairs(valid: Iterable[tuple[int, Rule, date]], *, through: date) -> Iterator[tuple[int, date]]:
+    for definition_id, rule, first in valid:
+        for day in iter_occurrences(rule, first=first, last=through):
+            yield definition_id, day
+
+
+def _chunks(pairs: Iterator[tuple[int, date]], size: int) -> Iterator[Sequence[tuple[int, date]]]:
+    chunk: list[tuple[int, date]] = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# PostgreSQL: the pairs travel as two arrays (two parameters, whatever the chunk size).
+_PG_PAIRS = "unnest(CAST(:ids AS bigint[]), CAST(:days AS date[])) AS v(id, day)"
+_PG_INSERT = text(f"""
+    INSERT INTO transactions
+        (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
+    SELECT r.owner_id, r.amount, r.currency, r.description, v.day, r.id
+    FROM {_PG_PAIRS} JOIN recurring_transactions AS r ON r.id = v.id
+    ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
+""")
+_PG_ADVANCE = text(f"""
+    UPDATE recurring_transactions AS r SET last_processed_date = v.day
+    FROM {_PG_PAIRS}
+    WHERE r.id = v.id AND (r.last_processed_date IS NULL OR r.last_processed_date < v.day)
+""")
+# SQLite: the pairs travel as one JSON array of [id, "YYYY-MM-DD"] (SQLite's date format).
+_LITE_INSERT = text("""
+    INSERT INTO transactions
+        (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
+    SELECT r.owner_id, r.amount, r.currency, r.description, json_extract(v.value, '$[1]'), r.id
+    FROM json_each(:pairs) AS v
+    JOIN recurring_transactions AS r ON r.id = json_extract(v.value, '$[0]')
+    WHERE true  -- lets the parser read ON CONFLICT as the upsert clause, not a join
+    ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
+""")
+_LITE_ADVANCE = text("""
+    UPDATE recurring_transactions SET last_processed_date = json_extract(v.value, '$[1]')
+    FROM json_each(:pairs) AS v
+    WHERE recurring_transactions.id = json_extract(v.value, '$[0]')
+      AND (last_processed_date IS NULL OR last_processed_date < json_extract(v.value, '$[1]'))
+""")
+
+
+def insert_occurrences(session: Session, pairs: Sequence[tuple[int, date]]) -> int:
+    """Insert one transaction per (definition id, day) pair; returns how many were new."""
+    return _execute(session, _PG_INSERT, _LITE_INSERT, pairs)
+
+
+def advance_processed(session: Session, pairs: Sequence[tuple[int, date]]) -> int:
+    """Move each definition's last_processed_date forward (never back) to its day."""
+    return _execute(session, _PG_ADVANCE, _LITE_ADVANCE, pairs)
+
+
+def _execute(
+    session: Session, pg: TextClause, lite: TextClause, pairs: Sequence[tuple[int, date]]
+) -> int:
+    if not pairs:
+        return 0
+    if is_postgres(session):
+        params = {"ids": [p[0] for p in pairs], "days": [p[1] for p in pairs]}
+        result = session.execute(pg, params)
+    else:
+        encoded = json.dumps([[p[0], p[1].isoformat()] for p in pairs])
+        result = session.execute(lite, {"pairs": encoded})
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _amount_problem(amount: str | None) -> str | None:
+    try:
+        value = Decimal(str(amount).strip())
+    except InvalidOperation:
+        return f"amount {amount!r} is not a number"
+    if not value.is_finite():
+        return f"amount {amount} is not a finite number"
+    return None
