@@ -1,0 +1,76 @@
+"""``backjobs`` as an operator types it: a real process against a real Prefect server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from tests.conftest import Database
+from tests.flows.test_cleanup_flow import counts, seed
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+
+
+def backjobs(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BACKJOBS, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture
+def cli_env(app_env: Database, prefect_harness: None, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "BACKJOBS_DATABASE_URL": app_env.url,
+        "BACKJOBS_STORAGE_ROOT": str(tmp_path / "files"),
+        # The test's Prefect server: spares each process a temporary server of its own.
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    return env
+
+
+def test_run_cleanup_prints_the_counts(app_env: Database, cli_env: dict[str, str]) -> None:
+    seed(app_env, Path(cli_env["BACKJOBS_STORAGE_ROOT"]))
+    done = backjobs("run", "CleanupJob", "--as-of", "2030-01-01T00:00:00Z", env=cli_env)
+    assert done.returncode == 0, done.stderr
+    assert "refresh_tokens_deleted       2" in done.stdout
+    assert "orphaned_files_removed       2" in done.stdout
+    assert counts(app_env) == (1, 1, 1)
+
+
+def test_a_failed_part_exits_non_zero_and_is_named(
+    app_env: Database, cli_env: dict[str, str]
+) -> None:
+    seed(app_env, Path(cli_env["BACKJOBS_STORAGE_ROOT"]), stuck=True)
+    done = backjobs("run", "cleanup-job", "--as-of", "2030-01-01T00:00:00Z", env=cli_env)
+    assert done.returncode == 1
+    assert "orphaned-files" in done.stderr
+    assert counts(app_env) == (1, 1, 2)
+
+
+def test_an_unknown_job_lists_the_known_ones(cli_env: dict[str, str]) -> None:
+    done = backjobs("run", "NoSuchJob", env=cli_env)
+    assert done.returncode == 2
+    assert "unknown job 'NoSuchJob'" in done.stderr and "cleanup-job (CleanupJob)" in done.stderr
+
+
+def test_a_bad_setting_stops_the_run_with_its_name(cli_env: dict[str, str]) -> None:
+    done = backjobs("run", "cleanup-job", env=cli_env | {"BACKJOBS_DELETE_BATCH_SIZE": "-1"})
+    assert done.returncode == 2
+    assert "BACKJOBS_DELETE_BATCH_SIZE" in done.stderr
+
+
+def test_db_upgrade_migrates_an_empty_database(tmp_path: Path) -> None:
+    env = dict(os.environ, BACKJOBS_DATABASE_URL=f"sqlite:///{tmp_path}/fresh/app.db")
+    done = backjobs("db", "upgrade", env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fresh" / "app.db").stat().st_size > 0
+    assert shutil.which(BACKJOBS)

@@ -1,0 +1,138 @@
+"""CleanupJob's parts on a real database: exactly the expired rows go, in batches."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from backjobs import cleanup
+from backjobs.models import Marker, RefreshToken, StoredFile, User
+from backjobs.storage import LocalFileStorage
+from tests.conftest import Database
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def _user(db: Database) -> int:
+    with db.session() as s:
+        user = User(email=f"u{id(s)}@example.com")
+        s.add(user)
+        s.commit()
+        return user.id
+
+
+def _count(db: Database, model: type) -> int:
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(model)) or 0
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 1000])
+def test_expired_refresh_tokens_are_deleted_in_batches(db: Database, batch_size: int) -> None:
+    uid = _user(db)
+    with db.session() as s:
+        for i in range(10):
+            s.add(
+                RefreshToken(
+                    user_id=uid, token_hash=f"old{i}", expires_at=NOW - timedelta(seconds=i + 1)
+                )
+            )
+        s.add(RefreshToken(user_id=uid, token_hash="edge", expires_at=NOW))
+        s.add(
+            RefreshToken(
+                user_id=uid,
+                token_hash="live",
+                expires_at=NOW + timedelta(days=1),
+                revoked_at=NOW - timedelta(days=1),
+            )
+        )
+        s.commit()
+    batches = list(
+        cleanup.iter_delete_batches(
+            db.engine, RefreshToken, RefreshToken.expires_at < NOW, batch_size=batch_size
+        )
+    )
+    assert sum(batches) == 10
+    assert max(batches) <= batch_size
+    with db.session() as s:
+        assert set(s.scalars(select(RefreshToken.token_hash))) == {"edge", "live"}
+    assert cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, batch_size=batch_size) == 0
+
+
+def test_trash_older_than_the_retention_is_purged(db: Database) -> None:
+    uid = _user(db)
+    retention = timedelta(days=30)
+    with db.session() as s:
+        s.add_all(
+            [
+                Marker(
+                    owner_id=uid, title="old", deleted_at=NOW - retention - timedelta(seconds=1)
+                ),
+                Marker(
+                    owner_id=uid, title="recent", deleted_at=NOW - retention + timedelta(hours=1)
+                ),
+                Marker(owner_id=uid, title="alive", deleted_at=None),
+            ]
+        )
+        s.commit()
+    assert cleanup.empty_trash_bin(db.engine, now=NOW, retention=retention, batch_size=2) == 1
+    with db.session() as s:
+        assert set(s.scalars(select(Marker.title))) == {"recent", "alive"}
+
+
+def _files(db: Database, root: Path, specs: list[tuple[str, str, timedelta]]) -> dict[str, int]:
+    uid = _user(db)
+    ids = {}
+    with db.session() as s:
+        for key, status, age in specs:
+            row = StoredFile(
+                owner_id=uid,
+                storage_key=key,
+                processing_status=status,
+                created_at=NOW - age,
+                size_bytes=1,
+            )
+            s.add(row)
+            s.flush()
+            ids[key] = row.id
+        s.commit()
+    return ids
+
+
+def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path) -> None:
+    root = tmp_path / "files"
+    (root / "up").mkdir(parents=True)
+    for name in ("old1", "old2", "fresh", "ready"):
+        (root / "up" / name).write_bytes(b"data")
+    (root / "up" / "stuck").mkdir()
+    (root / "up" / "stuck" / "inner").write_bytes(b"x")
+    (tmp_path / "outside").write_text("never touched")
+    day = timedelta(hours=24)
+    ids = _files(
+        db,
+        root,
+        [
+            ("up/old1", "pending", day + timedelta(minutes=1)),
+            ("up/old2", "pending", 3 * day),
+            ("up/gone", "pending", 2 * day),  # object already missing
+            ("up/stuck", "pending", 2 * day),  # cannot be removed
+            ("../outside", "pending", 2 * day),  # bad data
+            ("up/fresh", "pending", day - timedelta(minutes=1)),
+            ("up/ready", "ready", 10 * day),
+        ],
+    )
+    result = cleanup.remove_orphaned_files(
+        db.engine, now=NOW, upload_timeout=day, storage=LocalFileStorage(root), batch_size=2
+    )
+    assert (result.removed, result.already_gone) == (3, 1)
+    assert set(result.failed) == {ids["up/stuck"]}
+    assert set(result.bad_keys) == {ids["../outside"]}
+    with db.session() as s:
+        left = set(s.scalars(select(StoredFile.storage_key)))
+    assert left == {"up/stuck", "../outside", "up/fresh", "up/ready"}
+    assert not (root / "up" / "old1").exists() and not (root / "up" / "old2").exists()
+    assert (root / "up" / "fresh").exists() and (root / "up" / "ready").exists()
+    assert (tmp_path / "outside").read_text() == "never touched"
+    assert "stored_files id" in str(cleanup.OrphanedFilesError(result))

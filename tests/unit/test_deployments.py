@@ -1,0 +1,72 @@
+"""prefect.yaml validation: what Prefect would deploy silently is caught before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backjobs.cli import main
+from backjobs.deployments import check_project_file, cron_problem, find_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_projects_prefect_yaml_is_valid() -> None:
+    assert check_project_file(ROOT / "prefect.yaml") == []
+    assert main(["deployments", "check", str(ROOT / "prefect.yaml")]) == 0
+
+
+@pytest.mark.parametrize("cron", ["0 23 * * *", "*/2 * * * *", "5 0 * * *", "0 0 29 2 *"])
+def test_crons_that_fire_pass(cron: str) -> None:
+    assert cron_problem(cron) is None
+
+
+@pytest.mark.parametrize(
+    ("cron", "why"), [("0 0 31 2 *", "never fires"), ("61 * * * *", "not a valid"), ("x", "valid")]
+)
+def test_crons_that_cannot_fire_are_rejected(cron: str, why: str) -> None:
+    problem = cron_problem(cron)
+    assert problem is not None and why in problem and cron in problem
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "job.py").write_text("job_flow = 1\n")
+    path = tmp_path / "prefect.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_every_problem_is_named(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+deployments:
+  - name: cleanup-job
+    entrypoint: flows/job.py:job_flow
+    schedules:
+      - cron: "0 0 31 2 *"
+        timezone: Mars/Olympus
+  - name: cleanup-job
+    entrypoint: flows/missing.py:x
+    job_variables:
+      env:
+        BACKJOBS_SMTP_PASSWORD: hunter2
+""",
+    )
+    problems = "\n".join(check_project_file(path))
+    assert "never fires" in problems
+    assert "Mars/Olympus" in problems
+    assert "duplicate deployment name" in problems
+    assert "flows/missing.py does not exist" in problems
+    assert "BACKJOBS_SMTP_PASSWORD" in problems and "hunter2" not in problems
+    assert main(["deployments", "check", str(path)]) == 1
+
+
+def test_jobs_are_found_by_flow_or_seed_name_and_unknown_ones_listed() -> None:
+    path = ROOT / "prefect.yaml"
+    assert find_deployment(path, "CleanupJob")["name"] == "cleanup-job"
+    assert find_deployment(path, "cleanup-job")["name"] == "cleanup-job"
+    with pytest.raises(LookupError, match=r"unknown job 'NoSuchJob'.*cleanup-job \(CleanupJob\)"):
+        find_deployment(path, "NoSuchJob")

@@ -1,0 +1,55 @@
+"""Settings: safe defaults, environment names in errors, secrets masked."""
+
+from __future__ import annotations
+
+import pytest
+
+from backjobs.settings import SettingsError, get_settings, load_settings
+
+
+def test_defaults_are_the_embedded_setup() -> None:
+    settings = load_settings()
+    assert settings.database_url.startswith("sqlite:///var/")
+    assert str(settings.storage_root) == "var/files"
+    assert (settings.trash_retention_days, settings.upload_timeout_hours) == (30, 24)
+    assert settings.delete_batch_size == 1000
+    assert settings.email_transport == "pickup"
+
+
+def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKJOBS_TRASH_RETENTION_DAYS", "7")
+    get_settings.cache_clear()
+    assert get_settings().trash_retention_days == 7
+
+
+@pytest.mark.parametrize(
+    ("env", "value"),
+    [
+        ("BACKJOBS_DELETE_BATCH_SIZE", "0"),
+        ("BACKJOBS_TRASH_RETENTION_DAYS", "soon"),
+        ("BACKJOBS_DATABASE_URL", "mysql://x"),
+        ("BACKJOBS_SMTP_SECURITY", "ssl3"),
+    ],
+)
+def test_an_invalid_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError, match=env):
+        load_settings()
+
+
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKJOBS_SMTP_PASSWORD", "hunter2-very-secret")
+    monkeypatch.setenv("BACKJOBS_JWT_SECRET", "jwt-very-secret")
+    settings = load_settings()
+    assert "very-secret" not in repr(settings) and "very-secret" not in str(settings)
+    assert settings.smtp_password is not None
+    assert settings.smtp_password.get_secret_value() == "hunter2-very-secret"
+
+
+def test_a_bad_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKJOBS_SMTP_PORT", "hunter2")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "hunter2" not in str(raised.value)
