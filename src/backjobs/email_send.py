@@ -1,0 +1,216 @@
+"""EmailSendJob's logic: drain due ``email_send`` rows through a transport, batch by batch.
+
+Each batch is claimed and committed *before* any mail goes out (so a crash leaves leased
+``processing`` rows that the next run sends again, with the same Message-ID), sent over
+``BACKJOBS_EMAIL_CONNECTIONS`` parallel connections, then acknowledged in one transaction:
+
+- sent: ``completed``, ``completed_at`` set, sensitive context (a confirmation link)
+  cleared from the payload; a partial refusal is noted in ``last_error``;
+- transient failure: back to ``pending``, ``next_attempt_at`` = now + backoff (exponential,
+  capped at ``BACKJOBS_EMAIL_BACKOFF_MAX_SECONDS``, "equal" jitter: half fixed, half
+  random), unless the row's ``max_attempts`` is used up, then ``failed``;
+- permanent failure (5xx, every recipient refused, a payload or template that no longer
+  renders): ``failed`` with the reason. One bad row never stops the batch.
+
+The clock: the flow reads ``as_of`` once and passes it as ``now``. A drain may last up to
+``BACKJOBS_EMAIL_TIME_BUDGET_SECONDS``, so leases, backoffs and the due check of each batch
+use ``now`` + the monotonic time elapsed since the drain began: a late batch's lease then
+starts when the batch is claimed, not when the run began, and no wall clock is read.
+No new batch is claimed once the budget is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from backjobs import outbox
+from backjobs.db import session_scope
+from backjobs.emails import build_message, check_recipients, render_email, sensitive_fields
+from backjobs.outbox import ClaimedTask, Failure, Retry
+from backjobs.settings import Settings
+from backjobs.transport import SendError, Transport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmailSendResult:
+    """What one EmailSendJob run did."""
+
+    sent: int
+    retried: int
+    failed: int
+    left: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    task: ClaimedTask
+    kind: str  # "sent", "transient" or "permanent"
+    detail: str | None = None
+
+
+def send_due_emails(
+    engine: Engine,
+    *,
+    now: datetime,
+    settings: Settings,
+    transport: Transport,
+    rng: random.Random | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> EmailSendResult:
+    """Send every due email (as of ``now``) within the time budget; count what happened."""
+    rng = rng or random.Random()
+    started = monotonic()
+
+    def clock() -> datetime:
+        return now + timedelta(seconds=monotonic() - started)
+
+    tally: Counter[str] = Counter()
+    workers = settings.email_connections
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="email-send") as pool:
+        while monotonic() - started < settings.email_time_budget_seconds:
+            done = _drain_batch(
+                engine, pool, clock=clock, settings=settings, transport=transport, rng=rng
+            )
+            if done is None:
+                break
+            tally += done
+    with session_scope(engine) as session:
+        left = outbox.count_due(session, now=clock())
+    return EmailSendResult(
+        sent=tally["sent"], retried=tally["retried"], failed=tally["failed"], left=left
+    )
+
+
+def _drain_batch(
+    engine: Engine,
+    pool: ThreadPoolExecutor,
+    *,
+    clock: Callable[[], datetime],
+    settings: Settings,
+    transport: Transport,
+    rng: random.Random,
+) -> Counter[str] | None:
+    """Claim (and commit), send, acknowledge one batch; ``None`` when nothing is due."""
+    at = clock()
+    lease_until = at + timedelta(seconds=settings.email_lease_seconds)
+    with session_scope(engine) as session:
+        batch = outbox.claim_due(
+            session, now=at, lease_until=lease_until, limit=settings.email_batch_size
+        )
+    if not batch:
+        return None
+    outcomes = list(pool.map(lambda task: _deliver(task, transport, settings, at), batch))
+    with session_scope(engine) as session:
+        return _record(
+            session, outcomes, now=clock(), lease_until=lease_until, settings=settings, rng=rng
+        )
+
+
+def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Delay before attempt ``attempt + 1``: ``base * 2**(attempt-1)`` capped, equal jitter."""
+    delay = min(cap, base * 2.0 ** min(attempt - 1, 62))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+def read_payload(payload: Any) -> tuple[list[str], str, dict[str, Any]]:
+    """(recipients, template, context) from a stored payload; ``ValueError`` if malformed."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"payload is {type(payload).__name__}, not an object")
+    template, context = payload.get("template"), payload.get("context")
+    if not isinstance(template, str) or not isinstance(context, Mapping):
+        raise ValueError("payload needs a 'template' string and a 'context' object")
+    to = payload.get("to")
+    if not isinstance(to, str | list) or not all(isinstance(a, str) for a in to):
+        raise ValueError("payload 'to' must be an address or a list of addresses")
+    return check_recipients(to), template, dict(context)
+
+
+def _deliver(task: ClaimedTask, transport: Transport, settings: Settings, at: datetime) -> _Outcome:
+    if task.attempts > task.max_attempts:
+        # Claimed that often without an answer: earlier senders died while sending it.
+        return _Outcome(task, "permanent", "attempts exhausted (earlier sends never finished)")
+    try:
+        to, template, context = read_payload(task.payload)
+        rendered = render_email(template, context)
+        message = build_message(
+            rendered, task_id=task.id, to=to, sender=settings.email_from, date=at
+        )
+    except (ValueError, TypeError) as exc:
+        return _Outcome(task, "permanent", f"payload does not render: {exc}")
+    try:
+        refused = transport.send(message, to=to)
+    except SendError as exc:
+        return _Outcome(task, "permanent" if exc.permanent else "transient", str(exc))
+    except Exception as exc:  # a transport bug must not stop the batch; retry it later
+        logger.exception("unexpected error sending app task %s", task.id)
+        return _Outcome(task, "transient", f"{type(exc).__name__}: {exc}")
+    note = f"not delivered to: {'; '.join(refused)}" if refused else None
+    return _Outcome(task, "sent", note)
+
+
+def _record(
+    session: Session,
+    outcomes: list[_Outcome],
+    *,
+    now: datetime,
+    lease_until: datetime,
+    settings: Settings,
+    rng: random.Random,
+) -> Counter[str]:
+    sent = [o for o in outcomes if o.kind == "sent"]
+    retries: list[Retry] = []
+    failures = [Failure(o.task.id, o.detail or "") for o in outcomes if o.kind == "permanent"]
+    for outcome in (o for o in outcomes if o.kind == "transient"):
+        task, error = outcome.task, outcome.detail or ""
+        if task.attempts >= task.max_attempts:
+            failures.append(Failure(task.id, f"attempts exhausted ({task.attempts}): {error}"))
+            continue
+        delay = backoff_seconds(
+            attempt=task.attempts,
+            base=settings.email_backoff_base_seconds,
+            cap=settings.email_backoff_max_seconds,
+            rng=rng,
+        )
+        retries.append(Retry(task.id, error, now + timedelta(seconds=delay)))
+    for failure in failures:
+        logger.warning("app task %s failed: %s", failure.id, failure.error)
+    outbox.mark_sent(
+        session,
+        ids=[o.task.id for o in sent],
+        lease_until=lease_until,
+        now=now,
+        details={o.task.id: (_scrubbed(o.task.payload), o.detail) for o in sent if _touch(o)},
+    )
+    outbox.mark_retry(session, retries=retries, lease_until=lease_until)
+    outbox.mark_failed(session, failures=failures, lease_until=lease_until)
+    return Counter(sent=len(sent), retried=len(retries), failed=len(failures))
+
+
+def _touch(outcome: _Outcome) -> bool:
+    # Rows needing their own UPDATE: a note to keep or a secret to clear.
+    return outcome.detail is not None or bool(_secrets_in(outcome.task.payload))
+
+
+def _secrets_in(payload: Any) -> frozenset[str]:
+    return sensitive_fields(payload.get("template", "")) & set(payload.get("context", {}))
+
+
+def _scrubbed(payload: Any) -> Any:
+    secrets = _secrets_in(payload)
+    if not secrets:
+        return payload
+    context = {key: None if key in secrets else value for key, value in payload["context"].items()}
+    return {**payload, "context": context}

@@ -1,0 +1,203 @@
+"""Email templates and rendering: a context model per template, jinja2 files, one MIME message.
+
+Each template ``<name>`` is three files in ``backjobs/templates/``: ``<name>.subject.txt``,
+``<name>.txt`` (the plain-text part) and ``<name>.html`` (autoescaped). Its context is
+checked by a pydantic model (unknown keys refused), and rendering uses ``StrictUndefined``,
+so a context that does not fit fails loudly instead of sending a half-empty email.
+
+Rendering (:func:`render_email`) is separate from sending (:mod:`backjobs.transport`);
+:func:`build_message` turns a rendered email into the MIME message a transport sends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, parseaddr
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, TemplateError, select_autoescape
+from markupsafe import Markup, escape
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# A pragmatic address check (no display names, ASCII domains): enough to refuse typos and
+# header injection; the SMTP server has the last word.
+_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDRESS = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*")
+MAX_ADDRESS_LENGTH = 320
+
+
+class _Context(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Context fields that grant access (a confirmation link carries a token): cleared from
+    # the stored payload once the email is sent.
+    SENSITIVE: ClassVar[frozenset[str]] = frozenset()
+
+
+class PendingUser(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display_name: str | None = None
+    email: str
+    confirmed_at: datetime
+
+
+class PendingUsersReminder(_Context):
+    users: list[PendingUser] = Field(min_length=1)
+    review_url: str | None = None
+
+
+class RegistrationExpiryWarning(_Context):
+    SENSITIVE: ClassVar[frozenset[str]] = frozenset({"confirmation_link"})
+
+    display_name: str | None = None
+    confirmation_link: str
+    expires_at: datetime
+
+
+class RegistrationExpired(_Context):
+    display_name: str | None = None
+    expired_at: datetime
+    register_url: str | None = None
+
+
+class Generic(_Context):
+    subject: str = Field(min_length=1, max_length=900)
+    body: str
+
+    @field_validator("subject")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return check_header(value, what="subject")
+
+
+TEMPLATES: dict[str, type[_Context]] = {
+    "generic": Generic,
+    "pending_users_reminder": PendingUsersReminder,
+    "registration_expiry_warning": RegistrationExpiryWarning,
+    "registration_expired": RegistrationExpired,
+}
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    text: str
+    html: str
+
+
+def check_header(value: str, *, what: str) -> str:
+    """Refuse a header value with a line break (header injection) or another control char."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"{what} must be one line without control characters")
+    return value
+
+
+def check_address(address: str) -> str:
+    """A bare address (``user@example.com``), else ``ValueError`` naming it."""
+    check_header(address, what=f"email address {address!r}")
+    if len(address) > MAX_ADDRESS_LENGTH or not _ADDRESS.fullmatch(address):
+        raise ValueError(f"invalid email address {address!r}")
+    return address
+
+
+def check_recipients(to: str | Iterable[str]) -> list[str]:
+    """One address or several, validated; at least one."""
+    addresses = [to] if isinstance(to, str) else list(to)
+    if not addresses:
+        raise ValueError("an email needs at least one recipient")
+    return [check_address(address) for address in addresses]
+
+
+def validate_context(template: str, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The context as JSON-ready data after its template's model accepted it."""
+    return _parse(template, context).model_dump(mode="json")
+
+
+def sensitive_fields(template: str) -> frozenset[str]:
+    model = TEMPLATES.get(template)
+    return model.SENSITIVE if model is not None else frozenset()
+
+
+def render_email(template: str, context: Mapping[str, Any]) -> RenderedEmail:
+    """Subject, text and HTML of ``template`` for ``context``; ``ValueError`` if they don't fit."""
+    model = _parse(template, context)
+    values = {name: getattr(model, name) for name in type(model).model_fields}
+    env = _environment()
+    try:
+        subject = env.get_template(f"{template}.subject.txt").render(values).strip()
+        text = env.get_template(f"{template}.txt").render(values)
+        html = env.get_template(f"{template}.html").render(values)
+    except TemplateError as exc:
+        raise ValueError(f"template {template!r} does not render: {exc}") from exc
+    return RenderedEmail(subject=check_header(subject, what="subject"), text=text, html=html)
+
+
+def build_message(
+    rendered: RenderedEmail, *, task_id: int, to: list[str], sender: str, date: datetime
+) -> EmailMessage:
+    """The MIME message (text + HTML alternatives) with a Message-ID derived from the task."""
+    message = EmailMessage(policy=SMTP)
+    message["From"] = sender
+    message["To"] = ", ".join(to)
+    message["Subject"] = rendered.subject
+    message["Date"] = format_datetime(date)
+    message["Message-ID"] = message_id(task_id=task_id, sender=sender)
+    message.set_content(rendered.text)
+    message.add_alternative(rendered.html, subtype="html")
+    return message
+
+
+def message_id(*, task_id: int, sender: str) -> str:
+    """``<app-task-{id}@{sender's domain}>``: the same for every (re)send of one task."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    return f"<app-task-{task_id}@{domain}>"
+
+
+def _parse(template: str, context: Mapping[str, Any]) -> _Context:
+    model = TEMPLATES.get(template)
+    if model is None:
+        raise ValueError(f"unknown email template {template!r}; known: {', '.join(TEMPLATES)}")
+    try:
+        return model.model_validate(dict(context))
+    except ValidationError as exc:
+        raise ValueError(f"context does not fit template {template!r}: {_brief(exc)}") from None
+
+
+def _brief(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, error['loc'])) or 'context'}: {error['msg']}" for error in exc.errors()
+    )
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("backjobs", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=True),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    env.filters["when"] = _when
+    env.filters["paragraphs"] = _paragraphs
+    return env
+
+
+def _when(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
+def _paragraphs(text: str) -> Markup:
+    # Plain text to HTML: escaped, blank lines make paragraphs, single breaks <br>.
+    blocks = [block for block in re.split(r"\n\s*\n", text.strip()) if block]
+    return Markup("\n").join(
+        Markup("<p>{}</p>").format(Markup("<br>\n").join(escape(line) for line in b.split("\n")))
+        for b in blocks
+    )

@@ -1,0 +1,236 @@
+"""The email outbox on ``app_tasks``: enqueue (app side) and claim / acknowledge (job side).
+
+Enqueue is a *transactional outbox*: the row is written in the caller's session and
+transaction (flushed, never committed), so an email exists exactly when the change that
+caused it commits. The payload holds what rendering needs later and nothing else::
+
+    {"template": "generic", "to": ["a@example.com"], "context": {...}}
+
+A claim marks due rows ``processing`` with a lease (``locked_until``) in one statement; on
+PostgreSQL the inner select takes ``FOR UPDATE SKIP LOCKED``, so concurrent senders never
+claim the same row. SQLite serializes writers (``BEGIN IMMEDIATE``), which makes the same
+statement correct there too. Acknowledgements only touch rows still held under the
+caller's lease, so a sender whose lease ran out cannot undo another's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement
+
+from backjobs.emails import check_recipients, render_email, validate_context
+from backjobs.models import AppTask, TaskStatus, TaskType
+from backjobs.settings import Settings, get_settings
+
+TASKS = cast(Table, AppTask.__table__)
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A claimed row: what a sender needs, nothing ORM."""
+
+    id: int
+    payload: Any
+    attempts: int
+    max_attempts: int
+    priority: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    id: int
+    error: str
+    next_attempt_at: datetime
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: int
+    error: str
+
+
+def enqueue_email(
+    session: Session,
+    *,
+    to: str | Iterable[str],
+    template: str,
+    context: Mapping[str, Any],
+    priority: int = 0,
+    dedup_key: str | None = None,
+    not_before: datetime | None = None,
+    now: datetime | None = None,
+    max_attempts: int | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """Queue an email in the caller's transaction; return its ``app_tasks`` id.
+
+    ``to`` is one address or several; ``context`` must fit ``template``'s model and render.
+    Anything wrong (unknown template, bad address, a line break in an address or subject,
+    a context that doesn't fit) raises ``ValueError`` and writes nothing. With a
+    ``dedup_key`` already queued, the existing task's id is returned and nothing is added.
+    ``not_before`` delays the first attempt; ``now`` is the app's clock (default: now, UTC).
+    ``max_attempts`` defaults to ``BACKJOBS_EMAIL_MAX_ATTEMPTS``. The session is flushed,
+    never committed: the caller's commit or rollback decides.
+    """
+    recipients = check_recipients(to)
+    data = validate_context(template, context)
+    render_email(template, data)  # fails now, in the app, rather than at send time
+    due = _aware(not_before or now or datetime.now(UTC), what="not_before/now")
+    values = {
+        "task_type": TaskType.EMAIL_SEND.value,
+        "status": TaskStatus.PENDING.value,
+        "priority": priority,
+        "payload": {"template": template, "to": recipients, "context": data},
+        "attempts": 0,
+        "max_attempts": max_attempts or (settings or get_settings()).email_max_attempts,
+        "next_attempt_at": due,
+        "dedup_key": dedup_key,
+    }
+    if dedup_key is None:
+        return int(session.execute(insert(TASKS).values(values).returning(TASKS.c.id)).scalar_one())
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = (
+        dialect_insert(TASKS)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["dedup_key"])
+        .returning(TASKS.c.id)
+    )
+    inserted = session.execute(statement).scalar_one_or_none()
+    if inserted is not None:
+        return int(inserted)
+    # Someone queued it first (perhaps concurrently: ON CONFLICT waited for their commit).
+    existing = select(TASKS.c.id).where(TASKS.c.dedup_key == dedup_key)
+    return int(session.execute(existing).scalar_one())
+
+
+def due_condition(*, now: datetime) -> ColumnElement[bool]:
+    """Email rows to send at ``now``: pending and due, or processing with a lapsed lease."""
+    return and_(
+        TASKS.c.task_type == TaskType.EMAIL_SEND.value,
+        or_(
+            and_(TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now),
+            and_(TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.locked_until < now),
+        ),
+    )
+
+
+def claim_due(
+    session: Session, *, now: datetime, lease_until: datetime, limit: int
+) -> list[ClaimedTask]:
+    """Lease up to ``limit`` due rows (priority desc, then age) in one statement.
+
+    ``attempts`` counts delivery attempts started, so it is raised here: a message that
+    keeps killing its sender still runs out of attempts.
+    """
+    chosen = (
+        select(TASKS.c.id)
+        .where(due_condition(now=now))
+        .order_by(TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.id.in_(chosen.scalar_subquery()))
+        .values(
+            status=TaskStatus.PROCESSING.value,
+            locked_until=lease_until,
+            attempts=TASKS.c.attempts + 1,
+        )
+        .returning(
+            TASKS.c.id, TASKS.c.payload, TASKS.c.attempts, TASKS.c.max_attempts, TASKS.c.priority
+        )
+    )
+    rows = [ClaimedTask(*row) for row in session.execute(statement)]
+    rows.sort(key=lambda row: (-row.priority, row.id))
+    return rows
+
+
+def mark_sent(
+    session: Session,
+    *,
+    ids: Sequence[int],
+    lease_until: datetime,
+    now: datetime,
+    details: Mapping[int, tuple[Any, str | None]] | None = None,
+) -> None:
+    """``completed`` at ``now``; ``details`` gives some rows a new payload and a note."""
+    details = details or {}
+    done = {"status": TaskStatus.COMPLETED.value, "completed_at": now, "locked_until": None}
+    plain = [task_id for task_id in ids if task_id not in details]
+    if plain:
+        session.execute(
+            update(TASKS).where(TASKS.c.id.in_(plain), _owned(lease_until)).values(done)
+        )
+    if details:
+        statement = (
+            update(TASKS)
+            .where(TASKS.c.id == bindparam("task_id"), _owned(lease_until))
+            .values(
+                {
+                    **done,
+                    "payload": bindparam("new_payload", type_=TASKS.c.payload.type),
+                    "last_error": bindparam("note"),
+                }
+            )
+        )
+        params = [
+            {"task_id": key, "new_payload": payload, "note": note}
+            for key, (payload, note) in details.items()
+        ]
+        session.execute(statement, params)
+
+
+def mark_retry(session: Session, *, retries: Sequence[Retry], lease_until: datetime) -> None:
+    """Back to ``pending`` with the error and the next attempt's time."""
+    if retries:
+        statement = (
+            update(TASKS)
+            .where(TASKS.c.id == bindparam("task_id"), _owned(lease_until))
+            .values(
+                status=TaskStatus.PENDING.value,
+                locked_until=None,
+                last_error=bindparam("error"),
+                next_attempt_at=bindparam("due", type_=TASKS.c.next_attempt_at.type),
+            )
+        )
+        params = [{"task_id": r.id, "error": r.error, "due": r.next_attempt_at} for r in retries]
+        session.execute(statement, params)
+
+
+def mark_failed(session: Session, *, failures: Sequence[Failure], lease_until: datetime) -> None:
+    """``failed`` for good, with the reason in ``last_error``."""
+    if failures:
+        statement = (
+            update(TASKS)
+            .where(TASKS.c.id == bindparam("task_id"), _owned(lease_until))
+            .values(status=TaskStatus.FAILED.value, locked_until=None, last_error=bindparam("e"))
+        )
+        session.execute(statement, [{"task_id": f.id, "e": f.error} for f in failures])
+
+
+def count_due(session: Session, *, now: datetime) -> int:
+    """Email rows still due at ``now`` (the job's ``left``)."""
+    return int(
+        session.execute(
+            select(func.count()).select_from(TASKS).where(due_condition(now=now))
+        ).scalar_one()
+    )
+
+
+def _owned(lease_until: datetime) -> ColumnElement[bool]:
+    return and_(TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.locked_until == lease_until)
+
+
+def _aware(value: datetime, *, what: str) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be an aware datetime (UTC)")
+    return value

@@ -1,0 +1,246 @@
+"""EmailSendJob's logic against a real database and a real SMTP server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+
+from backjobs.email_send import EmailSendResult, send_due_emails
+from backjobs.models import AppTask
+from backjobs.outbox import enqueue_email
+from backjobs.settings import get_settings
+from backjobs.transport import make_transport
+from tests.conftest import Database
+from tests.smtp_server import SENDER, SmtpServer, smtp_env_fixture, smtp_server_fixture
+
+__all__ = ["smtp_env_fixture", "smtp_server_fixture"]
+
+NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def enqueue(db: Database, to: str | list[str], *, template: str = "generic", **kw: Any) -> int:
+    context = kw.pop("context", {"subject": f"For {to}", "body": "Hello\n\nWorld"})
+    with db.session() as s:
+        task_id = enqueue_email(s, to=to, template=template, context=context, now=NOW, **kw)
+        s.commit()
+    return task_id
+
+
+def run(db: Database, *, now: datetime = NOW) -> EmailSendResult:
+    settings = get_settings()
+    transport = make_transport(settings)
+    try:
+        return send_due_emails(db.engine, now=now, settings=settings, transport=transport)
+    finally:
+        transport.close()
+
+
+def row(db: Database, task_id: int) -> AppTask:
+    with db.session() as s:
+        return s.get_one(AppTask, task_id)
+
+
+def test_delivers_text_and_html_with_message_id(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    task_id = enqueue(smtp_env, ["a@example.com", "b@example.com"])
+    assert run(smtp_env) == EmailSendResult(sent=1, retried=0, failed=0, left=0)
+    [received] = smtp_server.messages
+    assert received.rcpt_tos == ("a@example.com", "b@example.com")
+    assert received.mail_from == SENDER
+    message = received.message
+    assert message["Message-ID"] == f"<app-task-{task_id}@backjobs.test>"
+    assert message["Subject"] == "For ['a@example.com', 'b@example.com']"
+    assert message.get_content_type() == "multipart/alternative"
+    text = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    assert text is not None and "Hello" in text.get_content()
+    assert html is not None and "<p>Hello</p>" in html.get_content()
+    task = row(smtp_env, task_id)
+    assert (task.status, task.locked_until, task.attempts) == ("completed", None, 1)
+    # The job's clock: as_of plus the time the drain has taken.
+    assert task.completed_at is not None
+    assert NOW <= task.completed_at < NOW + timedelta(seconds=10)
+
+
+def test_sent_confirmation_link_is_cleared_from_the_payload(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    link = "https://app.example.com/confirm?token=SECRET123"
+    context = {
+        "display_name": "<script>x</script>",
+        "confirmation_link": link,
+        "expires_at": NOW + timedelta(days=2),
+    }
+    task_id = enqueue(
+        smtp_env, "u@example.com", template="registration_expiry_warning", context=context
+    )
+    assert run(smtp_env).sent == 1
+    html = smtp_server.messages[0].message.get_body(preferencelist=("html",))
+    assert html is not None
+    assert link in html.get_content() and "&lt;script&gt;" in html.get_content()
+    payload = row(smtp_env, task_id).payload
+    assert payload is not None and payload["context"]["confirmation_link"] is None
+    assert "SECRET123" not in str(payload)
+
+
+def test_sends_higher_priority_first_then_oldest(
+    smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKJOBS_EMAIL_CONNECTIONS", "1")
+    monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
+    get_settings.cache_clear()
+    for address, priority in [
+        ("low1@x.com", 0),
+        ("high@x.com", 5),
+        ("low2@x.com", 0),
+        ("mid@x.com", 1),
+    ]:
+        enqueue(smtp_env, address, priority=priority)
+    assert run(smtp_env).sent == 4
+    order = [received.rcpt_tos[0] for received in smtp_server.messages]
+    assert order == ["high@x.com", "mid@x.com", "low1@x.com", "low2@x.com"]
+
+
+def test_transient_failure_retries_later_with_the_same_message_id(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    smtp_server.answer("slow@example.com", 451)
+    task_id = enqueue(smtp_env, "slow@example.com")
+    assert run(smtp_env) == EmailSendResult(sent=0, retried=1, failed=0, left=0)
+    task = row(smtp_env, task_id)
+    assert (task.status, task.attempts) == ("pending", 1)
+    assert task.last_error is not None and "451" in task.last_error
+    assert task.next_attempt_at is not None
+    # Attempt 1, base 60 s, equal jitter: 30 to 60 s after the failure.
+    assert NOW + timedelta(seconds=30) <= task.next_attempt_at <= NOW + timedelta(seconds=61)
+    assert not smtp_server.messages
+    assert run(smtp_env, now=NOW + timedelta(seconds=20)).sent == 0  # not due yet
+    assert run(smtp_env, now=NOW + timedelta(minutes=2)).sent == 1
+    assert smtp_server.message_ids() == [f"<app-task-{task_id}@backjobs.test>"]
+    assert row(smtp_env, task_id).status == "completed"
+
+
+def test_permanent_failure_is_recorded_with_the_reason(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    smtp_server.answer("gone@example.com", 550, times=None)
+    bad = enqueue(smtp_env, "gone@example.com")
+    good = enqueue(smtp_env, "fine@example.com")
+    assert run(smtp_env) == EmailSendResult(sent=1, retried=0, failed=1, left=0)
+    task = row(smtp_env, bad)
+    assert task.status == "failed"
+    assert task.last_error is not None
+    assert "all recipients refused" in task.last_error and "550" in task.last_error
+    assert row(smtp_env, good).status == "completed"
+
+
+def test_partial_refusal_completes_with_a_note(smtp_env: Database, smtp_server: SmtpServer) -> None:
+    smtp_server.answer("gone@example.com", 550, times=None)
+    task_id = enqueue(smtp_env, ["gone@example.com", "fine@example.com"])
+    assert run(smtp_env).sent == 1
+    assert smtp_server.messages[0].rcpt_tos == ("fine@example.com",)
+    task = row(smtp_env, task_id)
+    assert task.status == "completed"
+    assert task.last_error is not None and "gone@example.com: 550" in task.last_error
+
+
+def test_attempts_exhausted_fails_the_row(smtp_env: Database, smtp_server: SmtpServer) -> None:
+    smtp_server.answer("busy@example.com", 451, times=None)
+    task_id = enqueue(smtp_env, "busy@example.com", max_attempts=2)
+    assert run(smtp_env).retried == 1
+    assert run(smtp_env, now=NOW + timedelta(hours=1)) == EmailSendResult(0, 0, 1, 0)
+    task = row(smtp_env, task_id)
+    assert (task.status, task.attempts) == ("failed", 2)
+    assert task.last_error is not None and task.last_error.startswith("attempts exhausted (2)")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        None,
+        ["not", "an", "object"],
+        {"template": "generic", "to": ["a@example.com"]},
+        {"template": "gone", "to": ["a@example.com"], "context": {}},
+        {"template": "generic", "to": ["a@example.com"], "context": {"subject": "no body"}},
+        {"template": "generic", "to": "bad\naddress", "context": {"subject": "s", "body": "b"}},
+    ],
+)
+def test_malformed_payload_fails_without_stopping_others(
+    smtp_env: Database, smtp_server: SmtpServer, payload: Any
+) -> None:
+    before = enqueue(smtp_env, "before@example.com")
+    with smtp_env.session() as s:
+        values = {"task_type": "email_send", "payload": payload, "next_attempt_at": NOW}
+        bad = s.execute(insert(AppTask).values(values).returning(AppTask.id)).scalar_one()
+        s.commit()
+    after = enqueue(smtp_env, "after@example.com")
+    assert run(smtp_env) == EmailSendResult(sent=2, retried=0, failed=1, left=0)
+    task = row(smtp_env, bad)
+    assert task.status == "failed"
+    assert task.last_error is not None and task.last_error.startswith("payload does not render")
+    assert {row(smtp_env, before).status, row(smtp_env, after).status} == {"completed"}
+
+
+def test_lapsed_lease_is_sent_again_and_a_live_one_is_not(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    lapsed = enqueue(smtp_env, "lapsed@example.com")
+    live = enqueue(smtp_env, "live@example.com")
+    with smtp_env.session() as s:
+        for task_id, until in [(lapsed, NOW - timedelta(seconds=1)), (live, NOW + timedelta(1))]:
+            task = s.get_one(AppTask, task_id)
+            task.status, task.locked_until, task.attempts = "processing", until, 1
+        s.commit()
+    assert run(smtp_env) == EmailSendResult(sent=1, retried=0, failed=0, left=0)
+    assert smtp_server.message_ids() == [f"<app-task-{lapsed}@backjobs.test>"]
+    assert (row(smtp_env, lapsed).attempts, row(smtp_env, live).status) == (2, "processing")
+
+
+def test_unreachable_server_is_transient(
+    smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKJOBS_SMTP_PORT", "1")  # nothing listens there
+    get_settings.cache_clear()
+    task_id = enqueue(smtp_env, "a@example.com")
+    assert run(smtp_env).retried == 1
+    task = row(smtp_env, task_id)
+    assert task.status == "pending"
+    assert task.last_error is not None and "cannot open SMTP session" in task.last_error
+
+
+def test_time_budget_stops_claiming(
+    smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
+    get_settings.cache_clear()
+    for i in range(5):
+        enqueue(smtp_env, f"user{i}@example.com")
+    ticks = iter([0.0, 0.0, 1.0, 1.0, 200.0, 200.0, 200.0, 200.0])
+    settings = get_settings()
+    transport = make_transport(settings)
+    result = send_due_emails(
+        smtp_env.engine,
+        now=NOW,
+        settings=settings,
+        transport=transport,
+        monotonic=lambda: next(ticks),
+    )
+    transport.close()
+    assert result == EmailSendResult(sent=2, retried=0, failed=0, left=3)
+
+
+def test_pickup_folder_gets_one_eml_per_task(
+    app_env: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [enqueue(app_env, f"user{i}@example.com") for i in range(3)]
+    assert run(app_env).sent == 3
+    folder = tmp_path / "mail"
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == sorted(f"app-task-{i}@localhost.eml" for i in ids)
+    content = (folder / names[0]).read_bytes()
+    assert b"Message-ID: <app-task-" in content and b"text/html" in content
