@@ -20,9 +20,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, delete, select
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy import Connection, Engine, delete, select, text
+from sqlalchemy.orm import InstrumentedAttribute
 
 from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
 from backjobs.storage import FileStorage, UnsafeStorageKey
@@ -32,36 +33,78 @@ log = logging.getLogger(__name__)
 
 def iter_delete_batches(
     engine: Engine,
-    model: type[DeclarativeBase],
-    condition: ColumnElement[bool],
+    column: InstrumentedAttribute[datetime | None] | InstrumentedAttribute[datetime],
     *,
+    before: datetime,
     batch_size: int,
 ) -> Iterator[int]:
-    """Delete matching rows batch by batch; yields each committed batch's row count."""
-    table = model.__table__
-    id_col = table.c.id  # type: ignore[attr-defined]
-    after = 0
+    """Delete rows whose ``column`` is before ``before``; yields each committed batch's count.
+
+    Batches walk ``column``'s index upwards from where the last batch ended, so each batch
+    reads only its own rows: the cost stays linear in the rows deleted, however many
+    there are (restarting from the start, or ordering by id, would re-read or re-sort
+    what earlier batches left behind).
+    """
+    table = column.class_.__table__
+    lower: datetime | None = None
     while True:
-        batch = select(id_col).where(condition, id_col > after).order_by(id_col).limit(batch_size)
         with engine.begin() as conn:
-            ids = conn.scalars(delete(table).where(id_col.in_(batch)).returning(id_col)).all()
-        if ids:
-            yield len(ids)
-        if len(ids) < batch_size:
+            if conn.dialect.name == "postgresql":
+                count, lower = _delete_batch_pg(
+                    conn, table.name, column.key, before, lower, batch_size
+                )
+            else:
+                count, lower = _delete_batch(conn, table, column.key, before, lower, batch_size)
+        if count:
+            yield count
+        if count < batch_size:
             return
-        after = max(ids)
+
+
+def _delete_batch(
+    conn: Connection, table: Any, key: str, before: datetime, lower: datetime | None, n: int
+) -> tuple[int, datetime | None]:
+    key_col = table.c[key]
+    condition = key_col < before if lower is None else (key_col < before) & (key_col >= lower)
+    batch = select(table.c.id).where(condition).order_by(key_col).limit(n)
+    deleted = conn.execute(delete(table).where(table.c.id.in_(batch)).returning(key_col))
+    keys = deleted.scalars().all()
+    return len(keys), max(keys, default=None)
+
+
+def _delete_batch_pg(
+    conn: Connection, table: str, key: str, before: datetime, lower: datetime | None, n: int
+) -> tuple[int, datetime | None]:
+    # A batch lost in a crash is deleted again by the next run, so its commit need not
+    # wait for the WAL flush: this keeps thousands of small commits cheap.
+    conn.execute(text("SET LOCAL synchronous_commit = off"))
+    # ctid = ANY(ARRAY(...)) deletes by physical address (a TID scan); "id IN (subquery)"
+    # makes the planner hash-join against a scan of the whole table on every batch. A row
+    # updated meanwhile has moved and is skipped, to be seen by the next batch.
+    floor = "" if lower is None else f"AND {key} >= :lower"
+    statement = text(
+        f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {table} WHERE {key} < :before {floor} ORDER BY {key} LIMIT :n"
+        f")) RETURNING {key}) SELECT count(*), max({key}) FROM gone"
+    )
+    count, highest = conn.execute(statement, {"before": before, "lower": lower, "n": n}).one()
+    return int(count), highest
 
 
 def delete_expired_refresh_tokens(engine: Engine, *, now: datetime, batch_size: int) -> int:
     """Delete refresh tokens that expired before ``now``; returns how many."""
-    condition = RefreshToken.expires_at < now
-    return sum(iter_delete_batches(engine, RefreshToken, condition, batch_size=batch_size))
+    batches = iter_delete_batches(
+        engine, RefreshToken.expires_at, before=now, batch_size=batch_size
+    )
+    return sum(batches)
 
 
 def empty_trash_bin(engine: Engine, *, now: datetime, retention: timedelta, batch_size: int) -> int:
     """Permanently delete markers in the trash for longer than ``retention``."""
-    condition = Marker.deleted_at < now - retention
-    return sum(iter_delete_batches(engine, Marker, condition, batch_size=batch_size))
+    batches = iter_delete_batches(
+        engine, Marker.deleted_at, before=now - retention, batch_size=batch_size
+    )
+    return sum(batches)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_expired_refresh_tokens_are_deleted_in_batches(db: Database, batch_size:
         s.commit()
     batches = list(
         cleanup.iter_delete_batches(
-            db.engine, RefreshToken, RefreshToken.expires_at < NOW, batch_size=batch_size
+            db.engine, RefreshToken.expires_at, before=NOW, batch_size=batch_size
         )
     )
     assert sum(batches) == 10
