@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sqlalchemy import Engine, text  # noqa: E402
+from _pg import bench_database
+from sqlalchemy import Engine, text
 
-from _pg import bench_database  # noqa: E402
-from backjobs.cleanup import RefreshToken, iter_delete_batches  # noqa: E402
+from backjobs.batched_delete import iter_delete_batches
+from backjobs.models import RefreshToken
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

@@ -1,9 +1,9 @@
 """CleanupJob's three parts, as plain functions over an engine.
 
-Deletes go in batches of ``batch_size`` rows, **each batch its own transaction** (these
-functions commit: batching is the point), walking ids upwards so that a million expired
-rows never hold one long lock and a failure loses at most the batch in flight. A part
-interrupted half-way has committed what it deleted; the next run finishes the rest.
+Deletes go in batches of about ``batch_size`` rows, **each batch its own transaction**
+(these functions commit: batching is the point; see :mod:`backjobs.batched_delete`), so
+a million expired rows never hold one long lock. A part interrupted half-way has
+committed what it deleted; the next run finishes the rest.
 
 - expired sessions: refresh tokens whose ``expires_at`` is before ``now``. A revoked token
   that has not expired yet is kept: the app may still want to recognise its reuse.
@@ -17,78 +17,16 @@ interrupted half-way has committed what it deleted; the next run finishes the re
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, text
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import Engine, delete, select
 
+from backjobs.batched_delete import iter_delete_batches
 from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
 from backjobs.storage import FileStorage, UnsafeStorageKey
 
 log = logging.getLogger(__name__)
-
-
-def iter_delete_batches(
-    engine: Engine,
-    column: InstrumentedAttribute[datetime | None] | InstrumentedAttribute[datetime],
-    *,
-    before: datetime,
-    batch_size: int,
-) -> Iterator[int]:
-    """Delete rows whose ``column`` is before ``before``; yields each committed batch's count.
-
-    Batches walk ``column``'s index upwards from where the last batch ended, so each batch
-    reads only its own rows: the cost stays linear in the rows deleted, however many
-    there are (restarting from the start, or ordering by id, would re-read or re-sort
-    what earlier batches left behind).
-    """
-    table = column.class_.__table__
-    lower: datetime | None = None
-    while True:
-        with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                count, lower = _delete_batch_pg(
-                    conn, table.name, column.key, before, lower, batch_size
-                )
-            else:
-                count, lower = _delete_batch(conn, table, column.key, before, lower, batch_size)
-        if count:
-            yield count
-        if count < batch_size:
-            return
-
-
-def _delete_batch(
-    conn: Connection, table: Any, key: str, before: datetime, lower: datetime | None, n: int
-) -> tuple[int, datetime | None]:
-    key_col = table.c[key]
-    condition = key_col < before if lower is None else (key_col < before) & (key_col >= lower)
-    batch = select(table.c.id).where(condition).order_by(key_col).limit(n)
-    deleted = conn.execute(delete(table).where(table.c.id.in_(batch)).returning(key_col))
-    keys = deleted.scalars().all()
-    return len(keys), max(keys, default=None)
-
-
-def _delete_batch_pg(
-    conn: Connection, table: str, key: str, before: datetime, lower: datetime | None, n: int
-) -> tuple[int, datetime | None]:
-    # A batch lost in a crash is deleted again by the next run, so its commit need not
-    # wait for the WAL flush: this keeps thousands of small commits cheap.
-    conn.execute(text("SET LOCAL synchronous_commit = off"))
-    # ctid = ANY(ARRAY(...)) deletes by physical address (a TID scan); "id IN (subquery)"
-    # makes the planner hash-join against a scan of the whole table on every batch. A row
-    # updated meanwhile has moved and is skipped, to be seen by the next batch.
-    floor = "" if lower is None else f"AND {key} >= :lower"
-    statement = text(
-        f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-        f"SELECT ctid FROM {table} WHERE {key} < :before {floor} ORDER BY {key} LIMIT :n"
-        f")) RETURNING {key}) SELECT count(*), max({key}) FROM gone"
-    )
-    count, highest = conn.execute(statement, {"before": before, "lower": lower, "n": n}).one()
-    return int(count), highest
 
 
 def delete_expired_refresh_tokens(engine: Engine, *, now: datetime, batch_size: int) -> int:

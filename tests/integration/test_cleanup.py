@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from backjobs import cleanup
+from backjobs.batched_delete import iter_delete_batches
 from backjobs.models import Marker, RefreshToken, StoredFile, User
 from backjobs.storage import LocalFileStorage
 from tests.conftest import Database
@@ -50,7 +51,7 @@ def test_expired_refresh_tokens_are_deleted_in_batches(db: Database, batch_size:
         )
         s.commit()
     batches = list(
-        cleanup.iter_delete_batches(
+        iter_delete_batches(
             db.engine, RefreshToken.expires_at, before=NOW, batch_size=batch_size
         )
     )
@@ -136,3 +137,16 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
     assert (root / "up" / "fresh").exists() and (root / "up" / "ready").exists()
     assert (tmp_path / "outside").read_text() == "never touched"
     assert "stored_files id" in str(cleanup.OrphanedFilesError(result))
+
+
+def test_a_few_expired_among_many_live_tokens(db: Database) -> None:
+    """On PostgreSQL this takes the index walk; the test above takes the block walk."""
+    uid = _user(db)
+    with db.session() as s:
+        for i in range(60):
+            expires = NOW - timedelta(days=1) if i in (7, 42) else NOW + timedelta(days=i)
+            s.add(RefreshToken(user_id=uid, token_hash=f"h{i}", expires_at=expires))
+        s.commit()
+    assert cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, batch_size=1) == 2
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(RefreshToken)) == 58
