@@ -134,13 +134,14 @@ def check_schedule(schedule: Any) -> list[str]:
 def cron_problem(cron: str, zone: Any = UTC, *, day_or: bool = True) -> str | None:
     """Why ``cron`` cannot be used (invalid, or never fires), or None when it is fine."""
     # The croniter that Prefect's own scheduler uses, so both agree on what is valid.
-    from prefect._vendor.croniter import croniter
+    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
 
     try:
-        if not croniter.is_valid(cron):
+        if not croniter.is_valid(cron):  # type: ignore[no-untyped-call]
             return f"cron {cron!r} is not a valid cron expression"
         start = datetime(2026, 1, 1, tzinfo=zone)
-        croniter(cron, start, day_or=day_or, max_years_between_matches=8).get_next(datetime)
+        it = croniter(cron, start, day_or=day_or, max_years_between_matches=8)  # type: ignore[no-untyped-call]
+        it.get_next(datetime)  # type: ignore[no-untyped-call]
     except Exception:
         return f"cron {cron!r} never fires (no such date in 8 years)"
     return None

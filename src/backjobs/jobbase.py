@@ -57,10 +57,9 @@ def resolve_as_of(as_of: datetime | None) -> datetime:
 
 def result_rows(result: Any) -> list[dict[str, str]]:
     """A result dataclass as ``[{"count": field, "value": value}]`` rows."""
+    items: list[tuple[str, Any]] = [("result", result)]
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        items = dataclasses.asdict(result).items()
-    else:
-        items = [("result", result)]
+        items = list(dataclasses.asdict(result).items())
     return [{"count": key, "value": _show(value)} for key, value in items]
 
 

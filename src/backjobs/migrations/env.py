@@ -1,6 +1,7 @@
 """Alembic environment: migrates the connection or URL handed over by ``backjobs.migrate``."""
 
 from alembic import context
+from sqlalchemy import Connection
 
 from backjobs.db import make_engine
 from backjobs.models import Base
@@ -22,7 +23,7 @@ def run_migrations_online() -> None:
         engine.dispose()
 
 
-def _run(connection):  # type: ignore[no-untyped-def]
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
