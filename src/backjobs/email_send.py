@@ -26,9 +26,10 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine
@@ -80,13 +81,24 @@ def send_due_emails(
     tally: Counter[str] = Counter()
     workers = settings.email_connections
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="email-send") as pool:
-        while monotonic() - started < settings.email_time_budget_seconds:
-            done = _drain_batch(
-                engine, pool, clock=clock, settings=settings, transport=transport, rng=rng
-            )
-            if done is None:
-                break
-            tally += done
+        drain = _Drain(engine, pool, clock, settings, transport, rng)
+        in_flight: _InFlight | None = None
+        claimed: _InFlight | None = None
+        try:
+            # Double-buffered: the next batch is claimed while the workers send this one,
+            # so the database round trips overlap with SMTP instead of adding to it.
+            while True:
+                within_budget = monotonic() - started < settings.email_time_budget_seconds
+                claimed = drain.claim() if within_budget else None
+                if in_flight is not None:
+                    tally += drain.finish(in_flight)
+                in_flight, claimed = claimed, None
+                if in_flight is None:
+                    break
+        finally:
+            for batch in (in_flight, claimed):  # on error: start no send nobody will record
+                for future in batch.futures if batch else ():
+                    future.cancel()
     with session_scope(engine) as session:
         left = outbox.count_due(session, now=clock())
     return EmailSendResult(
@@ -94,29 +106,46 @@ def send_due_emails(
     )
 
 
-def _drain_batch(
-    engine: Engine,
-    pool: ThreadPoolExecutor,
-    *,
-    clock: Callable[[], datetime],
-    settings: Settings,
-    transport: Transport,
-    rng: random.Random,
-) -> Counter[str] | None:
-    """Claim (and commit), send, acknowledge one batch; ``None`` when nothing is due."""
-    at = clock()
-    lease_until = at + timedelta(seconds=settings.email_lease_seconds)
-    with session_scope(engine) as session:
-        batch = outbox.claim_due(
-            session, now=at, lease_until=lease_until, limit=settings.email_batch_size
-        )
-    if not batch:
-        return None
-    outcomes = list(pool.map(lambda task: _deliver(task, transport, settings, at), batch))
-    with session_scope(engine) as session:
-        return _record(
-            session, outcomes, now=clock(), lease_until=lease_until, settings=settings, rng=rng
-        )
+@dataclass(frozen=True)
+class _InFlight:
+    lease_until: datetime
+    futures: list[Future[_Outcome]]
+
+
+@dataclass(frozen=True)
+class _Drain:
+    engine: Engine
+    pool: ThreadPoolExecutor
+    clock: Callable[[], datetime]
+    settings: Settings
+    transport: Transport
+    rng: random.Random
+
+    def claim(self) -> _InFlight | None:
+        """Claim a batch (committed before anything is sent) and hand it to the workers."""
+        at = self.clock()
+        lease_until = at + timedelta(seconds=self.settings.email_lease_seconds)
+        with session_scope(self.engine) as session:
+            batch = outbox.claim_due(
+                session, now=at, lease_until=lease_until, limit=self.settings.email_batch_size
+            )
+        if not batch:
+            return None
+        send = partial(_deliver, transport=self.transport, settings=self.settings, at=at)
+        return _InFlight(lease_until, [self.pool.submit(send, task) for task in batch])
+
+    def finish(self, in_flight: _InFlight) -> Counter[str]:
+        """Wait for the batch's sends and record every outcome in one transaction."""
+        outcomes = [future.result() for future in in_flight.futures]
+        with session_scope(self.engine) as session:
+            return _record(
+                session,
+                outcomes,
+                now=self.clock(),
+                lease_until=in_flight.lease_until,
+                settings=self.settings,
+                rng=self.rng,
+            )
 
 
 def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -151,7 +180,7 @@ def _deliver(task: ClaimedTask, transport: Transport, settings: Settings, at: da
     except (ValueError, TypeError) as exc:
         return _Outcome(task, "permanent", f"payload does not render: {exc}")
     try:
-        refused = transport.send(message, to=to)
+        refused = transport.send(message)
     except SendError as exc:
         return _Outcome(task, "permanent" if exc.permanent else "transient", str(exc))
     except Exception as exc:  # a transport bug must not stop the batch; retry it later

@@ -6,18 +6,19 @@ checked by a pydantic model (unknown keys refused), and rendering uses ``StrictU
 so a context that does not fit fails loudly instead of sending a half-empty email.
 
 Rendering (:func:`render_email`) is separate from sending (:mod:`backjobs.transport`);
-:func:`build_message` turns a rendered email into the MIME message a transport sends.
+:func:`build_message` turns a rendered email into the MIME bytes a transport sends.
 """
 
 from __future__ import annotations
 
+import base64
 import re
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, parseaddr
+from email.header import Header
+from email.utils import format_datetime, formataddr, parseaddr
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS = re.compile(rf"{_LOCAL}@{_LABEL}(?:\.{_LABEL})*")
 MAX_ADDRESS_LENGTH = 320
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Context(BaseModel):
@@ -95,7 +97,7 @@ class RenderedEmail:
 
 def check_header(value: str, *, what: str) -> str:
     """Refuse a header value with a line break (header injection) or another control char."""
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+    if _CONTROL.search(value):
         raise ValueError(f"{what} must be one line without control characters")
     return value
 
@@ -140,25 +142,71 @@ def render_email(template: str, context: Mapping[str, Any]) -> RenderedEmail:
     return RenderedEmail(subject=check_header(subject, what="subject"), text=text, html=html)
 
 
+@dataclass(frozen=True)
+class OutgoingEmail:
+    """A ready message: its Message-ID, envelope recipients and RFC 5322 bytes (CRLF)."""
+
+    message_id: str
+    to: tuple[str, ...]
+    data: bytes
+
+
 def build_message(
-    rendered: RenderedEmail, *, task_id: int, to: list[str], sender: str, date: datetime
-) -> EmailMessage:
-    """The MIME message (text + HTML alternatives) with a Message-ID derived from the task."""
-    message = EmailMessage(policy=SMTP)
-    message["From"] = sender
-    message["To"] = ", ".join(to)
-    message["Subject"] = rendered.subject
-    message["Date"] = format_datetime(date)
-    message["Message-ID"] = message_id(task_id=task_id, sender=sender)
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
-    return message
+    rendered: RenderedEmail, *, task_id: int, to: Sequence[str], sender: str, date: datetime
+) -> OutgoingEmail:
+    """The MIME message (text + HTML alternatives) with a Message-ID derived from the task.
+
+    Written directly rather than through ``email.message.EmailMessage``, which costs ~2 ms a
+    message, more than sending it; the tests parse the result with the stdlib parser.
+    """
+    identifier = message_id(task_id=task_id, sender=sender)
+    boundary = f"=_backjobs_{uuid.uuid4().hex}"  # "=_" never occurs in base64 or headers
+    headers = [
+        ("From", _from_header(sender)),
+        ("To", ",\r\n ".join(check_address(a) for a in to)),
+        ("Subject", _encoded(rendered.subject)),
+        ("Date", format_datetime(date)),
+        ("Message-ID", identifier),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
+    ]
+    lines = [f"{key}: {value}" for key, value in headers]
+    lines.append("")
+    for subtype, body in (("plain", rendered.text), ("html", rendered.html)):
+        encoded = base64.encodebytes(body.encode()).decode("ascii").replace("\n", "\r\n")
+        lines += [
+            f"--{boundary}",
+            f'Content-Type: text/{subtype}; charset="utf-8"',
+            "Content-Transfer-Encoding: base64",
+            "",
+            encoded,
+        ]
+    lines.append(f"--{boundary}--\r\n")
+    return OutgoingEmail(identifier, tuple(to), "\r\n".join(lines).encode("ascii"))
+
+
+def _encoded(subject: str) -> str:
+    check_header(subject, what="subject")
+    if subject.isascii() and len(subject) < 900:
+        return subject
+    return Header(subject, "utf-8").encode(linesep="\r\n")
 
 
 def message_id(*, task_id: int, sender: str) -> str:
     """``<app-task-{id}@{sender's domain}>``: the same for every (re)send of one task."""
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    domain = _sender_domain(sender)
     return f"<app-task-{task_id}@{domain}>"
+
+
+@lru_cache(maxsize=8)
+def _from_header(sender: str) -> str:
+    return check_header(formataddr(parseaddr(sender), charset="utf-8"), what="sender")
+
+
+@lru_cache(maxsize=8)
+def _sender_domain(sender: str) -> str:
+    _, at, domain = parseaddr(sender)[1].rpartition("@")
+    return domain if at and domain else "localhost"
 
 
 def _parse(template: str, context: Mapping[str, Any]) -> _Context:
@@ -184,6 +232,7 @@ def _environment() -> Environment:
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=True),
         undefined=StrictUndefined,
         keep_trailing_newline=True,
+        auto_reload=False,  # templates ship with the package; skip a stat() per render
     )
     env.filters["when"] = _when
     env.filters["paragraphs"] = _paragraphs

@@ -23,13 +23,13 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Sequence
-from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import SecretStr
 
+from backjobs.emails import OutgoingEmail
 from backjobs.settings import EmailTransportKind, Settings, SmtpSecurity
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ class PermanentSendError(SendError):
 
 
 class Transport(Protocol):
-    def send(self, message: EmailMessage, *, to: Sequence[str]) -> list[str]:
-        """Deliver ``message`` to ``to``; return the refused recipients, raise SendError."""
+    def send(self, email: OutgoingEmail) -> list[str]:
+        """Deliver ``email`` to its recipients; return those refused, raise SendError."""
         ...
 
     def close(self) -> None: ...
@@ -95,8 +95,8 @@ class SmtpTransport:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
 
-    def send(self, message: EmailMessage, *, to: Sequence[str]) -> list[str]:
-        data = message.as_bytes()
+    def send(self, email: OutgoingEmail) -> list[str]:
+        data, to = email.data, email.to
         with self._slots:
             connection, reused = self._acquire()
             while True:
@@ -186,14 +186,14 @@ class PickupTransport:
     def __init__(self, *, directory: Path) -> None:
         self._directory = directory
 
-    def send(self, message: EmailMessage, *, to: Sequence[str]) -> list[str]:
+    def send(self, email: OutgoingEmail) -> list[str]:
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
-            target = self._directory / f"{_file_name(message)}.eml"
+            target = self._directory / f"{_file_name(email.message_id)}.eml"
             fd, temp = tempfile.mkstemp(dir=self._directory, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as file:
-                    file.write(message.as_bytes())
+                    file.write(email.data)
                     file.flush()
                     os.fsync(file.fileno())
                 os.replace(temp, target)
@@ -208,8 +208,8 @@ class PickupTransport:
         return None
 
 
-def _file_name(message: EmailMessage) -> str:
-    identifier = str(message.get("Message-ID", "")).strip("<> ")
+def _file_name(message_id: str) -> str:
+    identifier = message_id.strip("<> ")
     return re.sub(r"[^A-Za-z0-9._@-]", "_", identifier) or "message"
 
 

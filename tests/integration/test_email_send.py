@@ -217,10 +217,11 @@ def test_time_budget_stops_claiming(
     smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
+    monkeypatch.setenv("BACKJOBS_EMAIL_TIME_BUDGET_SECONDS", "90")
     get_settings.cache_clear()
     for i in range(5):
         enqueue(smtp_env, f"user{i}@example.com")
-    ticks = iter([0.0, 0.0, 1.0, 1.0, 200.0, 200.0, 200.0, 200.0])
+    steps = iter(range(1000))  # every reading of the clock: 30 s later (budget 90 s)
     settings = get_settings()
     transport = make_transport(settings)
     result = send_due_emails(
@@ -228,7 +229,7 @@ def test_time_budget_stops_claiming(
         now=NOW,
         settings=settings,
         transport=transport,
-        monotonic=lambda: next(ticks),
+        monotonic=lambda: next(steps) * 30.0,
     )
     transport.close()
     assert result == EmailSendResult(sent=2, retried=0, failed=0, left=3)
