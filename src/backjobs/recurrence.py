@@ -10,7 +10,6 @@ one keeps its weekday. Nothing falls before start_date or after end_date.
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -19,6 +18,7 @@ FREQUENCIES = ("weekly", "monthly", "yearly")
 
 # Months per period for the month-based frequencies.
 _MONTHS = {"monthly": 1, "yearly": 12}
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +51,14 @@ def add_months(anchor: date, months: int) -> date:
     year, month = divmod(index, 12)
     if not 1 <= year <= 9999:
         raise OverflowError("date out of range")
-    last = calendar.monthrange(year, month + 1)[1]
-    return date(year, month + 1, min(anchor.day, last))
+    return date(year, month + 1, min(anchor.day, month_length(year, month + 1)))
+
+
+def month_length(year: int, month: int) -> int:
+    """Days in ``month`` of ``year`` (Gregorian leap years)."""
+    if month == 2 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0):
+        return 29
+    return _MONTH_DAYS[month - 1]
 
 
 def nth(rule: Rule, n: int) -> date:

@@ -39,7 +39,6 @@ from decimal import Decimal, InvalidOperation
 
 from sqlalchemy import Engine, Row, String, cast, or_, select, text
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import TextClause
 
 from backjobs.db import is_postgres, session_scope
 from backjobs.models import RecurringTransaction as RT
@@ -134,63 +133,95 @@ def due_definitions(session: Session, *, after_id: int, through: date, limit: in
     if is_postgres(session):
         # Another run holding a definition is processing it: skip, do not wait or redo.
         query = query.with_for_update(skip_locked=True, of=RT)
-    return list(session.execute(query).all())
+    # Core, not ORM, execution: plain rows are all this needs, and much cheaper.
+    return list(session.connection().execute(query).all())
 
 
 def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> _Batch:
     """Process one keyset batch inside the caller's transaction (the caller commits)."""
     rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
     batch = _Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
-    advances: list[tuple[int, date]] = []
-    valid: list[tuple[int, Rule, date]] = []
-    for row in rows:
-        rule = Rule(row.frequency, row.interval, row.start_date, row.end_date)
-        reason = problem(rule) or _amount_problem(row.amount)
+    plans: list[_Plan] = []
+    # Plain tuples: attribute access on result rows costs more than the date arithmetic.
+    for def_id, frequency, interval, start, end, last, amount in map(tuple, rows):
+        rule = Rule(frequency, interval, start, end)
+        reason = problem(rule) or _amount_problem(amount)
         if reason is not None:
-            log.warning("Skipping recurring transaction %s: %s", row.id, reason)
-            batch.invalid_ids.append(row.id)
+            log.warning("Skipping recurring transaction %s: %s", def_id, reason)
+            batch.invalid_ids.append(def_id)
             continue
-        first = row.last_processed_date + timedelta(days=1) if row.last_processed_date else None
-        valid.append((row.id, rule, first or rule.start_date))
-        advances.append((row.id, min(through, rule.end_date or through)))
-    for chunk in _chunks(_pairs(valid, through=through), CHUNK_ROWS):
-        batch.created += insert_occurrences(session, chunk)
-    batch.processed = advance_processed(session, advances)
+        first = last + timedelta(days=1) if last is not None else start
+        plans.append(_Plan(def_id, rule, first, min(through, end or through)))
+    for group in _groups(plans):
+        processed, created = write_group(session, group)
+        batch.processed += processed
+        batch.created += created
     return batch
 
 
-def _pairs(valid: Iterable[tuple[int, Rule, date]], *, through: date) -> Iterator[tuple[int, date]]:
-    for definition_id, rule, first in valid:
-        for day in iter_occurrences(rule, first=first, last=through):
-            yield definition_id, day
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    id: int
+    rule: Rule
+    first: date  # the first day not processed yet
+    advance_to: date  # the new last_processed_date
 
 
-def _chunks(pairs: Iterator[tuple[int, date]], size: int) -> Iterator[Sequence[tuple[int, date]]]:
-    chunk: list[tuple[int, date]] = []
-    for pair in pairs:
-        chunk.append(pair)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+@dataclass
+class Group:
+    """Definitions to advance (id, new last_processed_date) and rows to create (id, day)."""
+
+    advances: list[tuple[int, date]] = field(default_factory=list)
+    occurrences: list[tuple[int, date]] = field(default_factory=list)
 
 
-# PostgreSQL: the pairs travel as two arrays (two parameters, whatever the chunk size).
-_PG_PAIRS = "unnest(CAST(:ids AS bigint[]), CAST(:days AS date[])) AS v(id, day)"
-_PG_INSERT = text(f"""
-    INSERT INTO transactions
-        (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
-    SELECT r.owner_id, r.amount, r.currency, r.description, v.day, r.id
-    FROM {_PG_PAIRS} JOIN recurring_transactions AS r ON r.id = v.id
-    ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
+def _groups(plans: Iterable[_Plan]) -> Iterator[Group]:
+    # Up to CHUNK_ROWS occurrences a group (more only for one definition that alone has more).
+    group = Group()
+    for plan in plans:
+        group.advances.append((plan.id, plan.advance_to))
+        days = iter_occurrences(plan.rule, first=plan.first, last=plan.advance_to)
+        group.occurrences.extend((plan.id, day) for day in days)
+        if len(group.occurrences) >= CHUNK_ROWS:
+            yield group
+            group = Group()
+    if group.advances:
+        yield group
+
+
+# PostgreSQL, one statement a group: advance last_processed_date where it is still behind
+# (the claim: a concurrent run that got there first makes it a no-op), then create the
+# rows of exactly the definitions advanced, from the values the UPDATE returns. Pairs
+# travel as comma-separated text, which psycopg sends far faster than typed arrays.
+_PG_WRITE = text("""
+    WITH adv AS (
+        UPDATE recurring_transactions AS r SET last_processed_date = a.day
+        FROM unnest(CAST(string_to_array(:adv_ids, ',') AS bigint[]),
+                    CAST(string_to_array(:adv_days, ',') AS date[])) AS a(id, day)
+        WHERE r.id = a.id AND (r.last_processed_date IS NULL OR r.last_processed_date < a.day)
+          -- the group's id range: an index range scan, not a scan of the whole table
+          AND r.id BETWEEN :lo AND :hi
+        RETURNING r.id, r.owner_id, r.amount, r.currency, r.description
+    ), ins AS (
+        INSERT INTO transactions
+            (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
+        SELECT adv.owner_id, adv.amount, adv.currency, adv.description, o.day, adv.id
+        FROM unnest(CAST(string_to_array(:occ_ids, ',') AS bigint[]),
+                    CAST(string_to_array(:occ_days, ',') AS date[])) AS o(id, day)
+        JOIN adv ON adv.id = o.id
+        ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM ins)
 """)
-_PG_ADVANCE = text(f"""
-    UPDATE recurring_transactions AS r SET last_processed_date = v.day
-    FROM {_PG_PAIRS}
-    WHERE r.id = v.id AND (r.last_processed_date IS NULL OR r.last_processed_date < v.day)
+# SQLite (writers serialised by BEGIN IMMEDIATE): pairs travel as a JSON array of
+# [id, "YYYY-MM-DD"] (SQLite's date format); amounts are copied by the database.
+_LITE_ADVANCE = text("""
+    UPDATE recurring_transactions SET last_processed_date = json_extract(v.value, '$[1]')
+    FROM json_each(:pairs) AS v
+    WHERE recurring_transactions.id = json_extract(v.value, '$[0]')
+      AND (last_processed_date IS NULL OR last_processed_date < json_extract(v.value, '$[1]'))
 """)
-# SQLite: the pairs travel as one JSON array of [id, "YYYY-MM-DD"] (SQLite's date format).
 _LITE_INSERT = text("""
     INSERT INTO transactions
         (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
@@ -200,36 +231,29 @@ _LITE_INSERT = text("""
     WHERE true  -- lets the parser read ON CONFLICT as the upsert clause, not a join
     ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
 """)
-_LITE_ADVANCE = text("""
-    UPDATE recurring_transactions SET last_processed_date = json_extract(v.value, '$[1]')
-    FROM json_each(:pairs) AS v
-    WHERE recurring_transactions.id = json_extract(v.value, '$[0]')
-      AND (last_processed_date IS NULL OR last_processed_date < json_extract(v.value, '$[1]'))
-""")
 
 
-def insert_occurrences(session: Session, pairs: Sequence[tuple[int, date]]) -> int:
-    """Insert one transaction per (definition id, day) pair; returns how many were new."""
-    return _execute(session, _PG_INSERT, _LITE_INSERT, pairs)
-
-
-def advance_processed(session: Session, pairs: Sequence[tuple[int, date]]) -> int:
-    """Move each definition's last_processed_date forward (never back) to its day."""
-    return _execute(session, _PG_ADVANCE, _LITE_ADVANCE, pairs)
-
-
-def _execute(
-    session: Session, pg: TextClause, lite: TextClause, pairs: Sequence[tuple[int, date]]
-) -> int:
-    if not pairs:
-        return 0
+def write_group(session: Session, group: Group) -> tuple[int, int]:
+    """Advance and insert one group; returns (definitions advanced, transactions created)."""
+    conn = session.connection()
     if is_postgres(session):
-        params = {"ids": [p[0] for p in pairs], "days": [p[1] for p in pairs]}
-        result = session.execute(pg, params)
-    else:
-        encoded = json.dumps([[p[0], p[1].isoformat()] for p in pairs])
-        result = session.execute(lite, {"pairs": encoded})
-    return int(result.rowcount)  # type: ignore[attr-defined]
+        params = {
+            "lo": group.advances[0][0],
+            "hi": group.advances[-1][0],
+            "adv_ids": ",".join(str(i) for i, _ in group.advances),
+            "adv_days": ",".join(d.isoformat() for _, d in group.advances),
+            "occ_ids": ",".join(str(i) for i, _ in group.occurrences),
+            "occ_days": ",".join(d.isoformat() for _, d in group.occurrences),
+        }
+        processed, created = conn.execute(_PG_WRITE, params).one()
+        return int(processed), int(created)
+    advanced = conn.execute(_LITE_ADVANCE, {"pairs": _json_pairs(group.advances)})
+    inserted = conn.execute(_LITE_INSERT, {"pairs": _json_pairs(group.occurrences)})
+    return int(advanced.rowcount), int(inserted.rowcount)
+
+
+def _json_pairs(pairs: Sequence[tuple[int, date]]) -> str:
+    return json.dumps([[i, d.isoformat()] for i, d in pairs])
 
 
 def _amount_problem(amount: str | None) -> str | None:
