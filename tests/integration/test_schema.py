@@ -13,7 +13,7 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from backjobs import models
-from backjobs.migrate import current_revision, upgrade
+from backjobs.migrate import alembic_config, current_revision, upgrade
 from tests.conftest import Database
 
 CONTRACT = {
@@ -87,11 +87,17 @@ CONTRACT = {
 }
 
 
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
 def test_migration_creates_the_contract_tables(db: Database) -> None:
     inspector = inspect(db.engine)
     for table, columns in CONTRACT.items():
         assert {c["name"] for c in inspector.get_columns(table)} >= columns, table
-    assert current_revision(db.engine) == "0001"
+    assert current_revision(db.engine) == head_revision()
 
 
 def test_models_match_the_migration(db: Database) -> None:
@@ -152,3 +158,21 @@ def test_naive_datetimes_are_refused(db: Database) -> None:
         s.add(models.User(email="b@example.com", email_confirmed_at=datetime(2030, 1, 1)))
         with pytest.raises(Exception, match="naive datetime"):
             s.flush()
+
+
+@pytest.mark.postgres
+def test_upgrade_on_an_empty_postgres_database(pg_template: str) -> None:
+    from tests.conftest import drop_pg_database, new_pg_database
+
+    name, url = new_pg_database("template0")
+    try:
+        upgrade(url)
+        upgrade(url)
+        from backjobs.db import make_engine
+
+        engine = make_engine(url)
+        assert current_revision(engine) == head_revision()
+        assert set(CONTRACT) <= set(inspect(engine).get_table_names())
+        engine.dispose()
+    finally:
+        drop_pg_database(name)

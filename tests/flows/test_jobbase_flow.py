@@ -1,0 +1,64 @@
+"""The job base under Prefect: the seed's log lines, re-raising, the as_of default."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+
+from backjobs.jobbase import job_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@dataclass(frozen=True)
+class Seen:
+    as_of: datetime
+
+
+@job_flow("ExampleJob")
+def example_job(as_of: datetime) -> Seen:
+    """Returns the clock it was given."""
+    return Seen(as_of)
+
+
+@job_flow("BrokenJob")
+def broken_job(as_of: datetime) -> Seen:
+    raise ValueError("the disk is on fire")
+
+
+@job_flow("InterruptedJob")
+def interrupted_job(as_of: datetime) -> Seen:
+    raise KeyboardInterrupt
+
+
+def messages(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
+
+
+def test_a_job_flow_is_named_logs_and_gets_its_clock(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    assert example_job.name == "example-job"
+    assert example_job(as_of=datetime(2030, 5, 1, 12)).as_of == datetime(2030, 5, 1, 12, tzinfo=UTC)
+    before = datetime.now(UTC)
+    default = example_job().as_of  # the run's scheduled start: about now for a direct call
+    assert default.tzinfo is not None and abs((default - before).total_seconds()) < 30
+    text = messages(caplog)
+    assert "[ExampleJob] Starting job execution" in text
+    assert "[ExampleJob] Job completed successfully" in text
+
+
+def test_a_failure_is_logged_with_traceback_and_re_raised(caplog: pytest.LogCaptureFixture) -> None:
+    state = broken_job(return_state=True)
+    assert state.is_failed() and "the disk is on fire" in (state.message or "")
+    failed = [r for r in caplog.records if "[BrokenJob] Job failed with error" in r.getMessage()]
+    assert failed and failed[0].levelno == logging.ERROR and failed[0].exc_info is not None
+
+
+def test_a_cancellation_is_a_warning_and_re_raised(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_job()
+    warned = [r for r in caplog.records if "[InterruptedJob] Job was cancelled" in r.getMessage()]
+    assert warned and warned[0].levelno == logging.WARNING
