@@ -97,8 +97,9 @@ def send_due_emails(
                     break
         finally:
             for batch in (in_flight, claimed):  # on error: start no send nobody will record
-                for future in batch.futures if batch else ():
-                    future.cancel()
+                if batch is not None:
+                    for future in batch.futures:
+                        future.cancel()
     with session_scope(engine) as session:
         left = outbox.count_due(session, now=clock())
     return EmailSendResult(
