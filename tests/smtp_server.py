@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from backjobs.settings import get_settings
 from tests.conftest import Database
@@ -85,11 +86,25 @@ class ScriptedHandler:
 class SmtpServer:
     """The running server: ``host``, ``port``, ``messages``, ``answer()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, credentials: tuple[str, str] | None = None) -> None:
         self.handler = ScriptedHandler()
         self.host = "127.0.0.1"
         self.port = _free_port()
-        self._controller = Controller(self.handler, hostname=self.host, port=self.port)
+        self.logins: list[str] = []
+        # AUTH offered without TLS (test only); not *required*, which aiosmtpd warns about.
+        auth = {"authenticator": self._authenticator(credentials), "auth_require_tls": False}
+        self._controller = Controller(
+            self.handler, hostname=self.host, port=self.port, **(auth if credentials else {})
+        )
+
+    def _authenticator(self, credentials: tuple[str, str] | None) -> Any:
+        def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+            ok = (data.login.decode(), data.password.decode()) == credentials
+            if ok:
+                self.logins.append(data.login.decode())
+            return AuthResult(success=ok, handled=False)  # the server answers 235 or 535
+
+        return check
 
     @property
     def messages(self) -> list[Received]:

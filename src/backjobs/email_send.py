@@ -12,6 +12,9 @@ Each batch is claimed and committed *before* any mail goes out (so a crash leave
 - permanent failure (5xx, every recipient refused, a payload or template that no longer
   renders): ``failed`` with the reason. One bad row never stops the batch.
 
+When the SMTP server cannot be reached, no further batch is claimed; the rows the
+transport did not even try go back to ``pending`` untouched (their attempt handed back).
+
 The clock: the flow reads ``as_of`` once and passes it as ``now``. A drain may last up to
 ``BACKJOBS_EMAIL_TIME_BUDGET_SECONDS``, so leases, backoffs and the due check of each batch
 use ``now`` + the monotonic time elapsed since the drain began: a late batch's lease then
@@ -40,7 +43,7 @@ from backjobs.db import session_scope
 from backjobs.emails import build_message, check_recipients, render_email, sensitive_fields
 from backjobs.outbox import ClaimedTask, Failure, Retry
 from backjobs.settings import Settings
-from backjobs.transport import SendError, Transport
+from backjobs.transport import SendError, ServerUnavailable, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +61,9 @@ class EmailSendResult:
 @dataclass(frozen=True)
 class _Outcome:
     task: ClaimedTask
-    kind: str  # "sent", "transient" or "permanent"
+    kind: str  # "sent", "transient", "permanent" or "untried"
     detail: str | None = None
+    server_down: bool = False
 
 
 def send_due_emails(
@@ -88,8 +92,8 @@ def send_due_emails(
             # Double-buffered: the next batch is claimed while the workers send this one,
             # so the database round trips overlap with SMTP instead of adding to it.
             while True:
-                within_budget = monotonic() - started < settings.email_time_budget_seconds
-                claimed = drain.claim() if within_budget else None
+                go_on = monotonic() - started < settings.email_time_budget_seconds
+                claimed = drain.claim() if go_on and not tally["server_down"] else None
                 if in_flight is not None:
                     tally += drain.finish(in_flight)
                 in_flight, claimed = claimed, None
@@ -182,6 +186,8 @@ def _deliver(task: ClaimedTask, transport: Transport, settings: Settings, at: da
         return _Outcome(task, "permanent", f"payload does not render: {exc}")
     try:
         refused = transport.send(message)
+    except ServerUnavailable as exc:
+        return _Outcome(task, "transient" if exc.attempted else "untried", str(exc), True)
     except SendError as exc:
         return _Outcome(task, "permanent" if exc.permanent else "transient", str(exc))
     except Exception as exc:  # a transport bug must not stop the batch; retry it later
@@ -226,7 +232,10 @@ def _record(
     )
     outbox.mark_retry(session, retries=retries, lease_until=lease_until)
     outbox.mark_failed(session, failures=failures, lease_until=lease_until)
-    return Counter(sent=len(sent), retried=len(retries), failed=len(failures))
+    untried = [o.task.id for o in outcomes if o.kind == "untried"]
+    outbox.release(session, ids=untried, lease_until=lease_until)
+    down = sum(o.server_down for o in outcomes)
+    return Counter(sent=len(sent), retried=len(retries), failed=len(failures), server_down=down)
 
 
 def _touch(outcome: _Outcome) -> bool:

@@ -220,6 +220,19 @@ def mark_failed(session: Session, *, failures: Sequence[Failure], lease_until: d
         session.execute(statement, [{"task_id": f.id, "e": f.error} for f in failures])
 
 
+def release(session: Session, *, ids: Sequence[int], lease_until: datetime) -> None:
+    """Back to ``pending``, untried: the claim's attempt is handed back, nothing recorded."""
+    if ids:
+        statement = (
+            update(TASKS)
+            .where(TASKS.c.id.in_(ids), _owned(lease_until))
+            .values(
+                status=TaskStatus.PENDING.value, locked_until=None, attempts=TASKS.c.attempts - 1
+            )
+        )
+        session.execute(statement)
+
+
 def count_due(session: Session, *, now: datetime) -> int:
     """Email rows still due at ``now`` (the job's ``left``)."""
     return int(

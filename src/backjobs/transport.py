@@ -5,7 +5,9 @@ recipients it could not reach (a partial refusal: the others got it) or raises
 :class:`SendError`, whose ``permanent`` flag says whether retrying can help:
 
 - transient: SMTP 4xx, timeouts, refused or dropped connections, and any failure to open or
-  log in to the server (the message is not at fault, so it must not be failed for it);
+  log in to the server (the message is not at fault, so it must not be failed for it).
+  After such a failure the transport fails fast (:class:`ServerUnavailable` with
+  ``attempted=False``) rather than wait out a connect timeout per message;
 - permanent: SMTP 5xx on the message, every recipient refused with 5xx.
 
 :class:`SmtpTransport` is thread-safe: each ``send`` borrows a connection from a pool of at
@@ -47,6 +49,15 @@ class TransientSendError(SendError):
 
 class PermanentSendError(SendError):
     permanent = True
+
+
+class ServerUnavailable(TransientSendError):
+    """The server could not be reached; ``attempted`` is False when the transport did not
+    even try, because an earlier connection attempt of this transport failed."""
+
+    def __init__(self, message: str, *, attempted: bool = True) -> None:
+        super().__init__(message)
+        self.attempted = attempted
 
 
 class Transport(Protocol):
@@ -94,9 +105,14 @@ class SmtpTransport:
         self._idle: list[smtplib.SMTP] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._unavailable: str | None = None
 
     def send(self, email: OutgoingEmail) -> list[str]:
         data, to = email.data, email.to
+        if self._unavailable is not None:
+            # Once the server could not be reached, fail fast instead of waiting out a
+            # connect timeout per message; a new transport (the next run) tries again.
+            raise ServerUnavailable(self._unavailable, attempted=False)
         with self._slots:
             connection, reused = self._acquire()
             while True:
@@ -149,7 +165,8 @@ class SmtpTransport:
             connection = self._connect()
         except (OSError, smtplib.SMTPException) as exc:
             # Not the message's fault: transient, whatever the code (even a 535 on login).
-            raise TransientSendError(f"cannot open SMTP session with {where}: {exc}") from None
+            self._unavailable = f"cannot open SMTP session with {where}: {exc}"
+            raise ServerUnavailable(self._unavailable) from None
         logger.debug("opened SMTP connection to %s (%s)", where, self._security.value)
         return connection
 

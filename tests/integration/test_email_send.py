@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,16 +202,56 @@ def test_lapsed_lease_is_sent_again_and_a_live_one_is_not(
     assert (row(smtp_env, lapsed).attempts, row(smtp_env, live).status) == (2, "processing")
 
 
-def test_unreachable_server_is_transient(
+def test_unreachable_server_retries_one_and_leaves_the_rest_untouched(
     smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BACKJOBS_SMTP_PORT", "1")  # nothing listens there
+    monkeypatch.setenv("BACKJOBS_EMAIL_CONNECTIONS", "1")
+    monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
     get_settings.cache_clear()
-    task_id = enqueue(smtp_env, "a@example.com")
-    assert run(smtp_env).retried == 1
-    task = row(smtp_env, task_id)
-    assert task.status == "pending"
-    assert task.last_error is not None and "cannot open SMTP session" in task.last_error
+    ids = [enqueue(smtp_env, f"user{i}@example.com") for i in range(5)]
+    # The first try fails; the transport then fails fast, and no further batch is claimed.
+    assert run(smtp_env) == EmailSendResult(sent=0, retried=1, failed=0, left=4)
+    first = row(smtp_env, ids[0])
+    assert (first.status, first.attempts) == ("pending", 1)
+    assert first.last_error is not None and "cannot open SMTP session" in first.last_error
+    rest = [row(smtp_env, task_id) for task_id in ids[1:]]
+    assert {(t.status, t.attempts, t.last_error, t.next_attempt_at) for t in rest} == {
+        ("pending", 0, None, NOW)
+    }
+
+
+@pytest.mark.parametrize(("password", "delivered"), [("s3cret-pw", True), ("wrong-pw", False)])
+def test_smtp_login_never_shows_the_password(
+    app_env: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+    delivered: bool,
+) -> None:
+    with SmtpServer(credentials=("mailer", "s3cret-pw")) as server:
+        env = {"TRANSPORT": "smtp", "FROM": SENDER}
+        for key, value in env.items():
+            monkeypatch.setenv(f"BACKJOBS_EMAIL_{key}", value)
+        for key, value in {
+            "HOST": server.host,
+            "PORT": str(server.port),
+            "USERNAME": "mailer",
+            "PASSWORD": password,
+        }.items():
+            monkeypatch.setenv(f"BACKJOBS_SMTP_{key}", value)
+        get_settings.cache_clear()
+        task_id = enqueue(app_env, "a@example.com")
+        with caplog.at_level(logging.DEBUG):
+            result = run(app_env)
+    assert (result.sent, len(server.messages), server.logins) == (
+        (1, 1, ["mailer"]) if delivered else (0, 0, [])
+    )
+    task = row(app_env, task_id)
+    assert password not in caplog.text and password not in (task.last_error or "")
+    assert password not in repr(get_settings())
+    if not delivered:
+        assert task.last_error is not None and "535" in task.last_error
 
 
 def test_time_budget_stops_claiming(
