@@ -177,14 +177,11 @@ def fingerprint(engine: Engine) -> str:
         )
 
 
-def best_of(rounds: int, reset: Callable[[], None], run: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        reset()
-        began = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - began)
-    return best
+def timed(reset: Callable[[], None], run: Callable[[], object]) -> float:
+    reset()
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
 
 
 def sql(engine: Engine, statement: str, **params: object) -> Callable[[], None]:
@@ -204,21 +201,27 @@ def measure(
     methods: dict[str, Callable[[], object]],
     rounds: int,
 ) -> list[dict[str, object]]:
-    found = []
+    # Rounds interleave the methods, so that load from elsewhere falls on all of them alike.
+    best = dict.fromkeys(methods, float("inf"))
+    created: dict[str, int] = {}
     digests = set()
-    for method, run in methods.items():
-        seconds = best_of(rounds, reset, run)
-        created = rows(engine)
-        digests.add(fingerprint(engine))
+    for round_ in range(rounds):
+        for method, run in methods.items():
+            best[method] = min(best[method], timed(reset, run))
+            if round_ == 0:
+                created[method] = rows(engine)
+                digests.add(fingerprint(engine))
+    found = []
+    for method, seconds in best.items():
         found.append(
             {
                 "scenario": label,
                 "method": method,
                 "definitions": defs,
-                "rows": created,
+                "rows": created[method],
                 "seconds": round(seconds, 3),
                 "definitions_per_s": round(defs / seconds),
-                "rows_per_s": round(created / seconds),
+                "rows_per_s": round(created[method] / seconds),
             }
         )
     if len(digests) != 1:
@@ -227,13 +230,18 @@ def measure(
 
 
 def print_table(results: list[dict[str, object]]) -> None:
+    """Text columns left-aligned, figures right-aligned."""
     head = ("scenario", "method", "definitions", "rows", "seconds", "definitions/s", "rows/s")
     keys = ("scenario", "method", "definitions", "rows", "seconds", "definitions_per_s")
     lines = [[str(r[k]) for k in keys] + [str(r["rows_per_s"])] for r in results]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     for line in lines:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells))
 
 
 def main() -> None:

@@ -11,17 +11,22 @@ then**, including those of the disabled period (to skip them, the app sets
 ``last_processed_date`` when it re-enables the definition).
 
 Exactly once: the rows of a definition and the advance of its ``last_processed_date`` are
-committed in one transaction; inserts are ``ON CONFLICT DO NOTHING`` against the unique
-(recurring_transaction_id, occurred_on); ``last_processed_date`` only ever moves forward;
-and on PostgreSQL each batch of definitions is claimed ``FOR UPDATE SKIP LOCKED``, so two
-concurrent runs split the work instead of both doing it. (SQLite serialises writers:
-every batch transaction starts ``BEGIN IMMEDIATE``.)
+committed in one transaction; ``last_processed_date`` only ever moves forward, and rows
+are created only for the definitions whose advance took effect (the advance is the
+claim: a run that finds it already done creates nothing); inserts are ``ON CONFLICT DO
+NOTHING`` against the unique (recurring_transaction_id, occurred_on) as the last line of
+defence. On PostgreSQL each batch is also claimed ``FOR UPDATE SKIP LOCKED``, so two
+concurrent runs split the work instead of queueing behind each other; SQLite serialises
+writers (every batch transaction starts ``BEGIN IMMEDIATE``). A re-run for an older as_of
+finds nothing due before its date and never moves ``last_processed_date`` back.
 
 Set-based: definitions are read in keyset batches by id, **each batch its own
-transaction** (this module commits: batching is the point, a failure loses at most the
-batch in flight). Occurrences are computed in Python; the rows are written by one
-``INSERT ... SELECT`` per chunk that joins the (id, date) pairs to the definitions, so
-amounts are copied by the database, exactly, and never pass through floats.
+transaction** (this module commits: batching is the point; a failure loses at most the
+batch in flight, and a retry or the next run picks it up). Occurrences are computed in
+Python; on PostgreSQL one statement per group of up to ``CHUNK_ROWS`` rows advances the
+definitions (``UPDATE ... RETURNING``) and inserts their rows from what it returns; on
+SQLite an ``UPDATE ... FROM json_each`` and an ``INSERT ... SELECT`` do the same. Amounts
+are copied by the database, exactly, and never pass through Python or floats.
 
 Invalid definitions (unknown frequency, interval below 1, end before start, an amount that
 is not a finite number) are skipped with a warning naming the id and the reason; nothing
@@ -34,10 +39,11 @@ import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
-from sqlalchemy import Engine, Row, String, cast, or_, select, text
+from sqlalchemy import Engine, String, cast, or_, select, text
 from sqlalchemy.orm import Session
 
 from backjobs.db import is_postgres, session_scope
@@ -46,8 +52,9 @@ from backjobs.recurrence import Rule, iter_occurrences, problem
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 2000
-# Rows buffered before a chunk is written: bounds memory when a batch catches up years.
+DEFAULT_BATCH_SIZE = 5000
+# Occurrences buffered before a group is written: bounds memory when a batch catches up
+# years (one definition alone may exceed it: weekly since year 1 is about 105,000 rows).
 CHUNK_ROWS = 50_000
 
 
@@ -76,9 +83,9 @@ def process_recurring(
 ) -> RecurringResult:
     """Create the transactions of every enabled definition due up to ``as_of``'s date.
 
-    ``as_of`` is an aware UTC datetime (its date is used) or a date. Commits batch by batch.
+    ``as_of`` is an aware datetime (its UTC date is used) or a date. Commits batch by batch.
     """
-    through = as_of.date() if isinstance(as_of, datetime) else as_of
+    through = as_of.astimezone(UTC).date() if isinstance(as_of, datetime) else as_of
     processed = created = 0
     invalid: list[int] = []
     after = 0
@@ -102,7 +109,9 @@ def process_recurring(
     return RecurringResult(through.isoformat(), processed, created, len(invalid), tuple(invalid))
 
 
-def due_definitions(session: Session, *, after_id: int, through: date, limit: int) -> list[Row]:  # type: ignore[type-arg]
+def due_definitions(
+    session: Session, *, after_id: int, through: date, limit: int
+) -> list[tuple[Any, ...]]:
     """The next ``limit`` due definitions with id above ``after_id``, claimed on PostgreSQL."""
     query = (
         select(
@@ -133,17 +142,17 @@ def due_definitions(session: Session, *, after_id: int, through: date, limit: in
     if is_postgres(session):
         # Another run holding a definition is processing it: skip, do not wait or redo.
         query = query.with_for_update(skip_locked=True, of=RT)
-    # Core, not ORM, execution: plain rows are all this needs, and much cheaper.
-    return list(session.connection().execute(query).all())
+    # Core, not ORM, execution, and plain tuples: attribute access on result rows would
+    # cost more than the date arithmetic.
+    return [tuple(row) for row in session.connection().execute(query)]
 
 
 def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> _Batch:
     """Process one keyset batch inside the caller's transaction (the caller commits)."""
     rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
-    batch = _Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
+    batch = _Batch(last_id=rows[-1][0] if rows else after_id, scanned=len(rows))
     plans: list[_Plan] = []
-    # Plain tuples: attribute access on result rows costs more than the date arithmetic.
-    for def_id, frequency, interval, start, end, last, amount in map(tuple, rows):
+    for def_id, frequency, interval, start, end, last, amount in rows:
         rule = Rule(frequency, interval, start, end)
         reason = problem(rule) or _amount_problem(amount)
         if reason is not None:
