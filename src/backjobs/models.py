@@ -179,15 +179,15 @@ class AppTask(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-# EmailSendJob's claim order over open rows (migration 0002).
+# EmailSendJob's claim order over pending rows (migration 0002).
 Index(
     "ix_app_tasks_claim",
     AppTask.task_type,
     AppTask.priority.desc(),
     AppTask.created_at,
     AppTask.id,
-    postgresql_where=text("status IN ('pending', 'processing')"),
-    sqlite_where=text("status IN ('pending', 'processing')"),
+    postgresql_where=text("status = 'pending'"),
+    sqlite_where=text("status = 'pending'"),
 )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -130,15 +130,39 @@ def claim_due(
 ) -> list[ClaimedTask]:
     """Lease up to ``limit`` due rows (priority desc, then age) in one statement.
 
+    Two locked candidate sets, each read through its own index: pending rows in claim
+    order (the partial index ``ix_app_tasks_claim`` on pending rows only) and rows whose
+    lease ran out; the best ``limit`` of them are claimed. Claimed rows leave the partial
+    index, so the entries a long drain leaves behind are never rewritten and PostgreSQL
+    marks them dead once: claims stay cheap over a drain of any length.
+
     ``attempts`` counts delivery attempts started, so it is raised here: a message that
     keeps killing its sender still runs out of attempts.
     """
-    chosen = (
-        select(TASKS.c.id)
-        .where(due_condition(now=now))
-        .order_by(TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
+    order = (TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
+    columns = (TASKS.c.id, TASKS.c.priority, TASKS.c.created_at)
+    email = TASKS.c.task_type == TaskType.EMAIL_SEND.value
+    fresh = (
+        select(*columns)
+        .where(email, TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now)
+        .order_by(*order)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("fresh")
+    )
+    lapsed = (
+        select(*columns)
+        .where(email, TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.locked_until < now)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("lapsed")
+    )
+    candidates = union_all(select(fresh), select(lapsed)).subquery("candidates")
+    chosen = (
+        select(candidates.c.id)
+        .order_by(candidates.c.priority.desc(), candidates.c.created_at, candidates.c.id)
+        .limit(limit)
     )
     statement = (
         update(TASKS)

@@ -1,7 +1,8 @@
-"""An index for EmailSendJob's claim: due rows in priority, then age, order.
+"""An index for EmailSendJob's claim: pending rows in priority, then age, order.
 
-Without it every claim sorts all open rows, so draining n emails costs O(n^2). Partial
-(open rows only): completed and failed rows, the bulk of the table over time, stay out.
+Without it every claim sorts all pending rows, so draining n emails costs O(n^2).
+Partial (pending rows only): a claimed row leaves it, and completed and failed rows, the
+bulk of the table over time, never enter it.
 
 Revision ID: 0002
 Revises: 0001
@@ -18,7 +19,7 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-OPEN = sa.text("status IN ('pending', 'processing')")
+PENDING = sa.text("status = 'pending'")
 
 
 def upgrade() -> None:
@@ -26,8 +27,8 @@ def upgrade() -> None:
         "ix_app_tasks_claim",
         "app_tasks",
         ["task_type", sa.text("priority DESC"), "created_at", "id"],
-        postgresql_where=OPEN,
-        sqlite_where=OPEN,
+        postgresql_where=PENDING,
+        sqlite_where=PENDING,
     )
 
 
