@@ -4,6 +4,10 @@ Every enabled recurring definition gets exactly one transaction per occurrence u
 as_of date (UTC), missed days caught up, never twice. Invalid definitions are skipped,
 logged with their id and reason, and counted ``invalid`` in the run's result; the run
 still completes, so one bad row never blocks everybody else's transactions.
+
+A disabled definition is skipped; re-enabled, it catches up from its last_processed_date,
+disabled period included (the app sets last_processed_date on re-enabling to skip it).
+See :mod:`backjobs.recurring` for the exactly-once argument.
 """
 
 from __future__ import annotations
