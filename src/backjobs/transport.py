@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from email.utils import parseaddr
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
@@ -132,7 +133,7 @@ class SmtpTransport:
 
     def _send_on(self, connection: smtplib.SMTP, data: bytes, to: Sequence[str]) -> list[str]:
         try:
-            refused = connection.sendmail(self._envelope_from, list(to), data)
+            refused = _transact(connection, self._envelope_from, to, data)
         except smtplib.SMTPServerDisconnected:
             _quietly_quit(connection)
             raise
@@ -171,18 +172,17 @@ class SmtpTransport:
         return connection
 
     def _connect(self) -> smtplib.SMTP:
-        context = ssl.create_default_context()
         connection: smtplib.SMTP
         if self._security is SmtpSecurity.TLS:
             connection = smtplib.SMTP_SSL(
-                self._host, self._port, timeout=self._timeout, context=context
+                self._host, self._port, timeout=self._timeout, context=_tls_context()
             )
         else:
             connection = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
         try:
             connection.ehlo()
             if self._security is SmtpSecurity.STARTTLS:
-                connection.starttls(context=context)
+                connection.starttls(context=_tls_context())
                 connection.ehlo()
             if self._username:
                 secret = self._password.get_secret_value() if self._password else ""
@@ -228,6 +228,51 @@ class PickupTransport:
 def _file_name(message_id: str) -> str:
     identifier = message_id.strip("<> ")
     return re.sub(r"[^A-Za-z0-9._@-]", "_", identifier) or "message"
+
+
+def _transact(
+    connection: smtplib.SMTP, sender: str, to: Sequence[str], data: bytes
+) -> dict[str, tuple[int, bytes]]:
+    """``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
+    millisecond a message): ours are validated bare addresses, and the data is 7-bit."""
+    connection.ehlo_or_helo_if_needed()
+    code, reply = connection.docmd("mail", f"FROM:<{sender}>")
+    if code != 250:
+        _reset(connection, code)
+        raise smtplib.SMTPSenderRefused(code, reply, sender)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for address in to:
+        code, reply = connection.docmd("rcpt", f"TO:<{address}>")
+        if code not in (250, 251):
+            refused[address] = (code, reply)
+        if code == 421:
+            connection.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    if len(refused) == len(to):
+        _reset(connection, 0)
+        raise smtplib.SMTPRecipientsRefused(refused)
+    code, reply = connection.data(data)
+    if code != 250:
+        _reset(connection, code)
+        raise smtplib.SMTPDataError(code, reply)
+    return refused
+
+
+def _reset(connection: smtplib.SMTP, code: int) -> None:
+    # As sendmail does: a 421 means the server is closing; otherwise abort the transaction.
+    if code == 421:
+        connection.close()
+        return
+    try:
+        connection.rset()
+    except smtplib.SMTPServerDisconnected:
+        pass
+
+
+@lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
+    return ssl.create_default_context()
 
 
 def _refused_error(recipients: dict[str, tuple[int, bytes]]) -> SendError:
