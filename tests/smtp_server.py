@@ -28,7 +28,12 @@ from aiosmtpd.smtp import AuthResult
 from backjobs.settings import get_settings
 from tests.conftest import Database
 
-REASONS = {451: "4.3.0 try again later", 550: "5.1.1 no such user", 452: "4.2.2 mailbox full"}
+REASONS = {
+    451: "4.3.0 try again later",
+    452: "4.2.2 mailbox full",
+    550: "5.1.1 no such user",
+    554: "5.6.0 message content rejected",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class ScriptedHandler:
     def __init__(self) -> None:
         self.messages: list[Received] = []
         self.data_delay = 0.0
+        self.data_answers: deque[int] = deque()  # answers to the end of DATA, then 250
         self._scripts: dict[str, deque[int]] = {}
         self._forever: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -76,6 +82,10 @@ class ScriptedHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
+        with self._lock:
+            code = self.data_answers.popleft() if self.data_answers else 250
+        if code != 250:
+            return f"{code} {REASONS.get(code, 'refused')}"
         parsed = email.message_from_bytes(envelope.original_content, policy=default)
         assert isinstance(parsed, EmailMessage)
         with self._lock:

@@ -140,6 +140,27 @@ def test_permanent_failure_is_recorded_with_the_reason(
     assert row(smtp_env, good).status == "completed"
 
 
+@pytest.mark.parametrize(("code", "status"), [(451, "pending"), (554, "failed")])
+def test_refusal_at_end_of_data_is_classified(
+    smtp_env: Database,
+    smtp_server: SmtpServer,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+    status: str,
+) -> None:
+    monkeypatch.setenv("BACKJOBS_EMAIL_CONNECTIONS", "1")
+    get_settings.cache_clear()
+    smtp_server.handler.data_answers.append(code)
+    first = enqueue(smtp_env, "first@example.com")
+    second = enqueue(smtp_env, "second@example.com")
+    result = run(smtp_env)
+    assert (result.sent, result.retried + result.failed) == (1, 1)
+    task = row(smtp_env, first)
+    assert task.status == status
+    assert task.last_error is not None and task.last_error.startswith(f"SMTP {code}")
+    assert row(smtp_env, second).status == "completed"
+
+
 def test_partial_refusal_completes_with_a_note(smtp_env: Database, smtp_server: SmtpServer) -> None:
     smtp_server.answer("gone@example.com", 550, times=None)
     task_id = enqueue(smtp_env, ["gone@example.com", "fine@example.com"])
