@@ -10,6 +10,9 @@ aiosmtpd sink in its own process, then measures, each in a fresh process:
 - project: ``send_due_emails`` (the job's logic, without Prefect's per-run overhead)
   draining the outbox: claim, render, send over ``--connections`` connections, acknowledge.
 
+``--sink-delay-ms`` makes the sink wait before accepting each message, as a remote
+server's round trip does; 0 (the default) is a local sink answering at once.
+
 Reported: emails/s, peak RSS, RSS after the first tenth of the drain (flat memory: the
 drain holds one batch at a time), and the DB share of the drain (time in SQL statements
 and commits ÷ wall time). ``ratio`` = project emails/s ÷ baseline emails/s.
@@ -18,6 +21,7 @@ and commits ÷ wall time). ``ratio`` = project emails/s ÷ baseline emails/s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -50,20 +54,23 @@ BODY = "Hello,\n\nthis is message {i} of the benchmark.\nIt has two paragraphs.\
 
 
 class _CountingHandler:
-    def __init__(self, counter: Any, cpu: Any) -> None:
-        self.counter, self.cpu = counter, cpu
+    def __init__(self, counter: Any, cpu: Any, delay: float) -> None:
+        self.counter, self.cpu, self.delay = counter, cpu, delay
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:  # a remote server's round trip and queue write, simulated
+            await asyncio.sleep(self.delay)
         with self.counter.get_lock():
             self.counter.value += 1
         self.cpu.value = time.process_time()  # the sink's CPU use, read between phases
         return "250 OK"
 
 
-def _sink(port: int, counter: Any, cpu: Any, ready: Any) -> None:
+def _sink(port: int, counter: Any, cpu: Any, delay: float, ready: Any) -> None:
     from aiosmtpd.controller import Controller
 
-    controller = Controller(_CountingHandler(counter, cpu), hostname="127.0.0.1", port=port)
+    handler = _CountingHandler(counter, cpu, delay)
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     cpu.value = time.process_time()  # start-up excluded from the first phase's figure
     ready.set()
@@ -209,7 +216,7 @@ def _in_process(target: Any, *args: Any) -> dict[str, Any]:
     return result
 
 
-def _start_sink() -> tuple[Any, Any, int]:
+def _start_sink(delay: float) -> tuple[Any, Any, int]:
     import socket
 
     with socket.socket() as sock:
@@ -217,7 +224,7 @@ def _start_sink() -> tuple[Any, Any, int]:
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     counter, cpu, ready = ctx.Value("q", 0), ctx.Value("d", 0.0), ctx.Event()
-    sink = ctx.Process(target=_sink, args=(port, counter, cpu, ready), daemon=True)
+    sink = ctx.Process(target=_sink, args=(port, counter, cpu, delay, ready), daemon=True)
     sink.start()
     ready.wait(30)
     return sink, (counter, cpu), port
@@ -228,8 +235,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="queued emails")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--sink-delay-ms",
+        type=float,
+        default=0.0,
+        help="the sink waits this long before accepting each message (a remote server)",
+    )
     args = parser.parse_args()
-    sink, (counter, sink_cpu), port = _start_sink()
+    sink, (counter, sink_cpu), port = _start_sink(args.sink_delay_ms / 1000)
     try:
         with bench_database("backjobs_bench_email") as engine:
             seed(engine, args.n)
@@ -276,6 +289,7 @@ def report(args: argparse.Namespace, base: dict[str, Any], job: dict[str, Any]) 
         "n": args.n,
         "connections": args.connections,
         "batch_size": args.batch_size,
+        "sink_delay_ms": args.sink_delay_ms,
         "baseline_emails_per_s": round(base_rate),
         "project_emails_per_s": round(job_rate),
         "db_share": round(share, 3),
