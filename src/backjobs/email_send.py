@@ -172,7 +172,9 @@ def read_payload(payload: Any) -> tuple[list[str], str, dict[str, Any]]:
     return check_recipients(to), template, dict(context)
 
 
-def _deliver(task: ClaimedTask, transport: Transport, settings: Settings, at: datetime) -> _Outcome:
+def _deliver(
+    task: ClaimedTask, *, transport: Transport, settings: Settings, at: datetime
+) -> _Outcome:
     if task.attempts > task.max_attempts:
         # Claimed that often without an answer: earlier senders died while sending it.
         return _Outcome(task, "permanent", "attempts exhausted (earlier sends never finished)")

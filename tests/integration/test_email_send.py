@@ -223,6 +223,21 @@ def test_lapsed_lease_is_sent_again_and_a_live_one_is_not(
     assert (row(smtp_env, lapsed).attempts, row(smtp_env, live).status) == (2, "processing")
 
 
+def test_a_row_that_keeps_killing_its_sender_runs_out_of_attempts(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    task_id = enqueue(smtp_env, "poison@example.com", max_attempts=3)
+    with smtp_env.session() as s:
+        task = s.get_one(AppTask, task_id)
+        task.status, task.locked_until, task.attempts = "processing", NOW - timedelta(1), 3
+        s.commit()
+    assert run(smtp_env) == EmailSendResult(sent=0, retried=0, failed=1, left=0)
+    task = row(smtp_env, task_id)
+    assert (task.status, task.attempts) == ("failed", 4)
+    assert task.last_error == "attempts exhausted (earlier sends never finished)"
+    assert smtp_server.messages == []
+
+
 def test_unreachable_server_retries_one_and_leaves_the_rest_untouched(
     smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
