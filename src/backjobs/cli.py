@@ -93,6 +93,9 @@ def _run(args: argparse.Namespace) -> int:
     state = job(as_of=args.as_of, return_state=True)
     if not state.is_completed():
         print(f"{job.name}: run {state.name}: {state.message}", file=sys.stderr)
+        error = state.result(raise_on_failure=False)
+        for part in getattr(error, "exceptions", ()):
+            print(f"  {part}", file=sys.stderr)
         return 1
     result: Any = state.result()
     print(f"{job.name}: completed")

@@ -53,6 +53,7 @@ def test_a_failed_part_exits_non_zero_and_is_named(
     done = backjobs("run", "cleanup-job", "--as-of", "2030-01-01T00:00:00Z", env=cli_env)
     assert done.returncode == 1
     assert "orphaned-files" in done.stderr
+    assert "orphaned-files: 1 stored object(s) could not be removed" in done.stderr
     assert counts(app_env) == (1, 1, 2)
 
 
