@@ -116,7 +116,7 @@ def due_condition(*, now: datetime) -> ColumnElement[bool]:
     """Email rows to send at ``now``: pending and due, or processing with a lapsed lease."""
     return and_(
         TASKS.c.task_type == TaskType.EMAIL_SEND.value,
-        # Implied by the next term; spelled out so SQLite too uses the partial claim index.
+        # Implied by the next term; spelled out so both databases read ix_app_tasks_due.
         TASKS.c.status.in_(OPEN),
         or_(
             and_(TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now),
