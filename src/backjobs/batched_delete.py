@@ -14,13 +14,15 @@ Two walks, each linear in the work however many rows match:
 
 A row that the app updates during the walk may move to a page already passed; it is then
 left for the next run, which is also what happens to rows that expire meanwhile.
-On PostgreSQL a batch commits without waiting for the WAL flush
-(``synchronous_commit = off``): a batch lost in a crash is deleted again by the next run.
+On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
+trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
+lost in a crash is deleted again by the next run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -53,12 +55,17 @@ def _walk_index(
     engine: Engine, table: Any, key: str, before: datetime, batch_size: int
 ) -> Iterator[int]:
     lower: datetime | None = None
+    if engine.dialect.name == "postgresql":
+        with _autocommit_pg(engine) as conn:
+            while True:
+                count, lower = _index_batch_pg(conn, table.name, key, before, lower, batch_size)
+                if count:
+                    yield count
+                if count < batch_size:
+                    return
     while True:
         with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                count, lower = _index_batch_pg(conn, table.name, key, before, lower, batch_size)
-            else:
-                count, lower = _index_batch(conn, table, key, before, lower, batch_size)
+            count, lower = _index_batch(conn, table, key, before, lower, batch_size)
         if count:
             yield count
         if count < batch_size:
@@ -79,7 +86,6 @@ def _index_batch(
 def _index_batch_pg(
     conn: Connection, table: str, key: str, before: datetime, lower: datetime | None, n: int
 ) -> tuple[int, datetime | None]:
-    conn.execute(text("SET LOCAL synchronous_commit = off"))
     floor = "" if lower is None else f"AND {key} >= :lower"
     statement = text(
         f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("
@@ -98,16 +104,32 @@ def _walk_blocks(
         f"AND {key} < :before"
     )
     start = 0
-    while start < blocks:
-        with engine.begin() as conn:
-            conn.execute(text("SET LOCAL synchronous_commit = off"))
+    with _autocommit_pg(engine) as conn:
+        while start < blocks:
             params = {"low": f"({start},0)", "high": f"({start + step},0)", "before": before}
             count = conn.execute(statement, params).rowcount
-        if count:
-            yield count
-        start += step
-        if start >= blocks:  # the table may have grown during the walk
-            blocks = _pg_blocks(engine, table)
+            if count:
+                yield count
+            start += step
+            if start >= blocks:  # the table may have grown during the walk
+                blocks = _pg_blocks(engine, table)
+
+
+@contextmanager
+def _autocommit_pg(engine: Engine) -> Iterator[Connection]:
+    """One connection where every statement is its own transaction, commits not flushed.
+
+    A batch is a single statement, so autocommit makes it one transaction in one round
+    trip. Its commit need not wait for the WAL flush: a batch lost in a crash is deleted
+    again by the next run.
+    """
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.execute(text("SET synchronous_commit = off"))
+        try:
+            yield conn
+        finally:
+            conn.execute(text("RESET synchronous_commit"))
 
 
 def _pg_blocks(engine: Engine, table: str) -> int:
