@@ -46,7 +46,9 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         return create_engine(parsed, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed, connect_args={"timeout": 30}, **kwargs)
+    # Wait up to 30 s for another writer's lock (sqlite3's busy timeout) unless told otherwise.
+    connect_args = {"timeout": 30, **kwargs.pop("connect_args", {})}
+    engine = create_engine(parsed, connect_args=connect_args, **kwargs)
     event.listen(engine, "connect", _sqlite_pragmas)
     event.listen(engine, "begin", _sqlite_begin)
     return engine
@@ -59,7 +61,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -123,5 +124,8 @@ def is_transient_error(exc: BaseException) -> bool:
             # 53 insufficient resources, 55P03 lock not available, 57P0x admin shutdown.
             return code[:2] in {"08", "40", "53"} or code in {"55P03", "57P01", "57P02", "57P03"}
         if isinstance(exc, OperationalError):
-            return "locked" in str(exc.orig) or "busy" in str(exc.orig)
+            message = str(exc.orig).lower()
+            if type(exc.orig).__module__.startswith("psycopg"):
+                return True  # no SQLSTATE: the connection itself failed (refused, reset)
+            return "locked" in message or "busy" in message  # SQLite's lock timeouts
     return isinstance(exc, ConnectionError)
