@@ -2,6 +2,7 @@
 
     backjobs db upgrade                       migrate the configured database
     backjobs run <job> [--as-of ISO-8601]     run a job's flow now, in this process
+    backjobs trigger <job> [--as-of] [--wait] create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
 
 ``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
@@ -47,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--as-of", type=parse_as_of, help="the job's clock, ISO-8601 (default now)")
     run.add_argument("--project-dir", help="folder of prefect.yaml (default: found upwards)")
     run.set_defaults(handler=_run)
+
+    trigger = commands.add_parser(
+        "trigger",
+        help="create a run of the job's deployment on the Prefect server (a worker runs it)",
+    )
+    trigger.add_argument("job", help="flow name (cleanup-job) or seed name (CleanupJob)")
+    trigger.add_argument(
+        "--as-of", type=parse_as_of, help="the job's clock (default: the run's time)"
+    )
+    trigger.add_argument(
+        "--wait", action="store_true", help="wait for the run; non-zero if it fails"
+    )
+    trigger.add_argument("--project-dir", help="folder of prefect.yaml (default: found upwards)")
+    trigger.set_defaults(handler=_trigger)
 
     deployments = commands.add_parser("deployments", help="prefect.yaml deployments")
     dep_commands = deployments.add_subparsers(dest="dep_command", required=True, metavar="ACTION")
@@ -101,6 +116,30 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{job.name}: completed")
     for row in result_rows(result):
         print(f"  {row['count']:<28} {row['value']}")
+    return 0
+
+
+def _trigger(args: argparse.Namespace) -> int:
+    """Deployments are named after their flow: ``cleanup-job/cleanup-job``."""
+    from backjobs.deployments import find_deployment, find_project_file
+
+    deployment = find_deployment(find_project_file(args.project_dir), args.job)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LookupError("set PREFECT_API_URL to the Prefect server that holds the deployments")
+    _prefect_defaults()
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    name = f"{deployment['name']}/{deployment['name']}"
+    parameters = {} if args.as_of is None else {"as_of": args.as_of.isoformat()}
+    run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: a FlowRun
+        name=name, parameters=parameters, timeout=None if args.wait else 0, as_subflow=False
+    )
+    state = run.state
+    print(f"{name}: flow run {run.name} ({run.id}): {state.name if state else 'unknown'}")
+    if args.wait and (state is None or not state.is_completed()):
+        print(f"{name}: run {run.name} ended {state.name if state else 'unknown'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 AS_OF = datetime(2030, 1, 1, tzinfo=UTC)
 
 
@@ -100,9 +101,16 @@ def test_deploy_all_then_a_worker_runs_a_triggered_cleanup(
     inspected = prefect("deployment", "inspect", "cleanup-job/cleanup-job", env=env)
     assert "0 23 * * *" in inspected and "'timezone': 'UTC'" in inspected
 
-    prefect(
-        "deployment", "run", "cleanup-job/cleanup-job", "-p", f"as_of={AS_OF.isoformat()}", env=env
+    triggered = subprocess.run(
+        [BACKJOBS, "trigger", "CleanupJob", "--as-of", AS_OF.isoformat()],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
+    assert triggered.returncode == 0, triggered.stderr
+    assert "cleanup-job/cleanup-job: flow run" in triggered.stdout
     prefect("worker", "start", "--pool", "backjobs", "--run-once", env=env, timeout=180)
 
     with sqlite_db.session() as s:

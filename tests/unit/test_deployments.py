@@ -70,3 +70,11 @@ def test_jobs_are_found_by_flow_or_seed_name_and_unknown_ones_listed() -> None:
     assert find_deployment(path, "cleanup-job")["name"] == "cleanup-job"
     with pytest.raises(LookupError, match=r"unknown job 'NoSuchJob'.*cleanup-job \(CleanupJob\)"):
         find_deployment(path, "NoSuchJob")
+
+
+def test_trigger_without_a_server_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["trigger", "cleanup-job", "--project-dir", str(ROOT)]) == 2
+    assert "PREFECT_API_URL" in capsys.readouterr().err
