@@ -22,23 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import Engine, make_url, text
+from _pg import bench_database
+from sqlalchemy import Engine, text
 
-from backjobs.db import make_engine
-from backjobs.migrate import upgrade_engine
 from backjobs.recurrence import add_months
 from backjobs.recurring import DEFAULT_BATCH_SIZE, process_recurring
 
-ADMIN_URL = os.environ.get(
-    "BACKJOBS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 COLUMNS = "(owner_id, amount, currency, description, occurred_on, recurring_transaction_id)"
 DUE = (
     "enabled AND start_date <= :today"
@@ -71,22 +65,6 @@ BASELINE_CATCH_UP = f"""
     WHERE r.enabled AND o.day <= :today
     ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
 """
-
-
-def create_database() -> tuple[str, str]:
-    name = f"backjobs_bench_recurring_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return name, make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(name: str) -> None:
-    admin = make_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def seed_due_today(engine: Engine, *, n: int, today: date) -> None:
@@ -254,14 +232,8 @@ def main() -> None:
     args = parser.parse_args()
     now = datetime.now(UTC)
     today = now.date()
-    name, url = create_database()
-    try:
-        engine = make_engine(url)
-        upgrade_engine(engine)
+    with bench_database("backjobs_bench_recurring") as engine:
         results = run_scenarios(engine, args=args, now=now, today=today)
-        engine.dispose()
-    finally:
-        drop_database(name)
     print_table(results)
     summarize(results, args=args)
 
