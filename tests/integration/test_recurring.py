@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
 
+from backjobs.jobs.recurrence import Rule, occurrences
 from backjobs.jobs.recurring_transactions import process_recurring_transactions
 from backjobs.models import RecurringTransaction, Transaction, User
 from backjobs.settings import load_settings
@@ -219,6 +221,75 @@ def test_invalid_definitions_are_skipped_counted_and_logged(
         assert any(f"recurring transaction {rid}:" in m and reason in m for m in messages)
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("interval", "two", "interval 'two' is not a whole number"),
+        ("interval", "", "interval '' is not a whole number"),
+        ("interval", 1.5, "interval '1.5' is not a whole number"),
+        ("start_date", "2024-02-30", "start_date '2024-02-30' is not a valid date"),
+        ("end_date", "soon", "end_date 'soon' is not a valid date"),
+        ("last_processed_date", "2024-02-31", "last_processed_date '2024-02-31' is not a valid"),
+    ],
+)
+def test_a_malformed_row_is_skipped_and_the_others_are_processed(
+    sqlite_db: Database, caplog: pytest.LogCaptureFixture, column: str, value: Any, reason: str
+) -> None:
+    # Only SQLite can hold these (PostgreSQL's column types refuse them on insert).
+    before = _define(sqlite_db, start_date=D("2024-03-01"))
+    bad = _define(sqlite_db, start_date=D("2024-01-01"))
+    after = _define(sqlite_db, start_date=D("2024-03-01"))
+    with sqlite_db.session() as s, s.begin():
+        s.execute(
+            text(f"UPDATE recurring_transactions SET {column} = :v WHERE id = :id"),
+            {"v": value, "id": bad},
+        )
+    with caplog.at_level(logging.WARNING, logger="backjobs.jobs.recurring_transactions"):
+        result = _run(sqlite_db, "2024-04-01T00:05:00", batch_size=2)
+    assert (result.definitions_processed, result.transactions_created) == (2, 4)
+    assert (result.invalid, result.invalid_ids) == (1, (bad,))
+    assert _days(sqlite_db, before) == _days(sqlite_db, after) == ["2024-03-01", "2024-04-01"]
+    assert _days(sqlite_db, bad) == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"Skipping recurring transaction {bad}: {reason}") for m in messages)
+
+
+@pytest.mark.postgres
+def test_occurrences_computed_by_postgresql_match_the_python_rules(pg_db: Database) -> None:
+    """PostgreSQL computes occurrences in SQL: they must equal recurrence.occurrences."""
+    rng = random.Random(9)
+    owner = _user(pg_db)
+    through = D("2031-03-01")
+    month_ends = [D(d) for d in ("2024-01-31", "2024-02-29", "2023-02-28", "2024-04-30")]
+    rules: dict[int, tuple[Rule, date | None]] = {}
+    with pg_db.session() as s, s.begin():
+        for k in range(400):
+            start = (
+                rng.choice(month_ends)
+                if k % 3 == 0
+                else date.fromordinal(D("2016-01-01").toordinal() + rng.randrange(5500))
+            )
+            end = rng.choice([None, date.fromordinal(start.toordinal() + rng.randrange(4000))])
+            last = rng.choice([None, date.fromordinal(start.toordinal() + rng.randrange(-40, 3000))])
+            interval = rng.choice([1, 1, 2, 3, 5, 2_000_000_000])
+            definition = RecurringTransaction(
+                owner_id=owner, amount=Decimal("1.5"), currency="EUR",
+                frequency=rng.choice(["weekly", "monthly", "yearly"]), interval=interval,
+                start_date=start, end_date=end, last_processed_date=last,
+            )  # fmt: skip
+            s.add(definition)
+            s.flush()
+            rules[definition.id] = (
+                Rule(definition.frequency, interval, start, end),
+                last,
+            )
+    _run(pg_db, "2031-03-01T00:00:00", batch_size=97)
+    for rid, (rule, last) in rules.items():
+        first = last + timedelta(days=1) if last else rule.start_date
+        expected = [d.isoformat() for d in occurrences(rule, first=first, last=through)]
+        assert _days(pg_db, rid) == expected, (rule, last)
+
+
 def test_small_batches_process_every_definition(db: Database) -> None:
     owner = _user(db)
     ids = [_define(db, owner_id=owner, start_date=D("2024-01-05")) for _ in range(7)]
@@ -240,6 +311,7 @@ RUN_ONE = """
 import json, sys, time
 from datetime import date
 from backjobs.db import make_engine
+from backjobs.jobs.recurrence import Rule, occurrences
 from backjobs.jobs.recurring_transactions import process_recurring_transactions
 from backjobs.settings import load_settings
 engine = make_engine(sys.argv[1])

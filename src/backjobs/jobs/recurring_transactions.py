@@ -22,39 +22,47 @@ finds nothing due before its date and never moves ``last_processed_date`` back.
 
 Set-based: definitions are read in keyset batches by id, **each batch its own
 transaction** (this module commits: batching is the point; a failure loses at most the
-batch in flight, and a retry or the next run picks it up). Occurrences are computed in
-Python; on PostgreSQL one statement per group of up to ``CHUNK_ROWS`` rows advances the
-definitions (``UPDATE ... RETURNING``) and inserts their rows from what it returns; on
-SQLite an ``UPDATE ... FROM json_each`` and an ``INSERT ... SELECT`` do the same. Amounts
-are copied by the database, exactly, and never pass through Python or floats.
+batch in flight, and a retry or the next run picks it up). On PostgreSQL a batch is **one
+statement** (:mod:`backjobs.jobs.recurring_pg`): it claims the batch, computes the
+occurrences with the database's own date arithmetic (the same anchoring rules, checked
+against :mod:`backjobs.jobs.recurrence` by the tests), advances the definitions and inserts
+their rows. On SQLite occurrences are computed in Python and an ``UPDATE ... FROM
+json_each`` and an ``INSERT ... SELECT`` write them, in groups of up to ``CHUNK_ROWS``
+rows. Amounts are copied by the database, exactly, and never pass through Python or floats.
 
-Invalid definitions (unknown frequency, interval below 1, end before start, an amount that
-is not a finite number) are skipped with a warning naming the id and the reason; nothing
-is written for them and they are reported again on every run until fixed.
+Invalid definitions (unknown frequency, an interval that is not a whole number of at least
+1, a date that is not a date, end before start, an amount that is not a finite number)
+are skipped with a warning naming the id and the reason; nothing is written for them and
+they are reported again on every run until fixed. On SQLite, whose columns take any
+value, the fragile columns are read as text and parsed here, so one malformed row cannot
+stop the batch; on PostgreSQL the column types already refuse such values.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, String, cast, or_, select, text
 from sqlalchemy.orm import Session
 
 from backjobs.db import is_postgres, session_scope
+from backjobs.jobs import recurring_pg
 from backjobs.jobs.recurrence import Rule, iter_occurrences, problem
 from backjobs.models import RecurringTransaction as RT
 from backjobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Occurrences buffered before a group is written: bounds memory when a batch catches up
-# years (one definition alone may exceed it: weekly since year 1 is about 105,000 rows).
+# SQLite: occurrences buffered before a group is written: bounds memory when a batch
+# catches up years (one definition alone may exceed it: weekly since year 1 is about
+# 105,000 rows).
 CHUNK_ROWS = 50_000
 
 
@@ -70,12 +78,18 @@ class RecurringTransactionsResult:
 
 
 @dataclass
-class _Batch:
+class Batch:
+    """One batch's outcome: where the keyset stopped, and counts."""
+
     last_id: int = 0
     scanned: int = 0
     processed: int = 0
     created: int = 0
     invalid_ids: list[int] = field(default_factory=list)
+
+    def skip(self, definition_id: int, reason: str) -> None:
+        log.warning("Skipping recurring transaction %s: %s", definition_id, reason)
+        self.invalid_ids.append(definition_id)
 
 
 def process_recurring_transactions(
@@ -113,31 +127,48 @@ def process_recurring_transactions(
     )
 
 
+def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> Batch:
+    """Process one keyset batch inside the caller's transaction (the caller commits)."""
+    if is_postgres(session):
+        figures = recurring_pg.process_batch(
+            session.connection(), after_id=after_id, through=through, limit=limit
+        )
+        batch = Batch(figures.last_id or after_id, figures.scanned, figures.processed)
+        batch.created = figures.created
+        for row in figures.invalid:
+            batch.skip(row.id, _reason(row) or "invalid definition")
+        return batch
+    return _process_batch_in_python(session, after_id=after_id, through=through, limit=limit)
+
+
 class DueDefinition(NamedTuple):
     """A due definition's schedule as stored (unchecked: SQLite's types are loose)."""
 
     id: int
-    frequency: str
-    interval: int
-    start_date: date
-    end_date: date | None
-    last_processed_date: date | None
+    frequency: Any
+    interval: Any
+    start_date: Any
+    end_date: Any
+    last_processed_date: Any
     amount: str | None
 
 
 def due_definitions(
     session: Session, *, after_id: int, through: date, limit: int
 ) -> list[DueDefinition]:
-    """The next ``limit`` due definitions with id above ``after_id``, claimed on PostgreSQL."""
+    """The next ``limit`` due definitions with id above ``after_id``, schedule as text.
+
+    As text: SQLite stores whatever it is given ('two' as an interval, '2024-02-30' as a
+    date), and a typed read would fail the whole batch on the first such row.
+    """
     query = (
         select(
             RT.id,
             RT.frequency,
-            RT.interval,
-            RT.start_date,
-            RT.end_date,
-            RT.last_processed_date,
-            # As text: a malformed amount is reported, not a crash of the whole batch.
+            cast(RT.interval, String).label("interval"),
+            cast(RT.start_date, String).label("start_date"),
+            cast(RT.end_date, String).label("end_date"),
+            cast(RT.last_processed_date, String).label("last_processed_date"),
             cast(RT.amount, String).label("amount"),
         )
         .where(
@@ -155,35 +186,12 @@ def due_definitions(
         .order_by(RT.id)
         .limit(limit)
     )
-    if is_postgres(session):
-        # Another run holding a definition is processing it: skip, do not wait or redo.
-        query = query.with_for_update(skip_locked=True, of=RT)
-    # Core, not ORM, execution, and named tuples: attribute access on SQLAlchemy rows
-    # would cost more than the date arithmetic.
     make = DueDefinition._make
     return [make(row) for row in session.connection().execute(query)]
 
 
-def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> _Batch:
-    """Process one keyset batch inside the caller's transaction (the caller commits)."""
-    rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
-    batch = _Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
-    plans: list[_Plan] = []
-    for row in rows:
-        rule = Rule(row.frequency, row.interval, row.start_date, row.end_date)
-        reason = problem(rule) or _amount_problem(row.amount)
-        if reason is not None:
-            log.warning("Skipping recurring transaction %s: %s", row.id, reason)
-            batch.invalid_ids.append(row.id)
-            continue
-        last, end = row.last_processed_date, row.end_date
-        first = last + timedelta(days=1) if last is not None else row.start_date
-        plans.append(_Plan(row.id, rule, first, min(through, end or through)))
-    for group in _groups(plans):
-        processed, created = write_group(session, group)
-        batch.processed += processed
-        batch.created += created
-    return batch
+class _Invalid(ValueError):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +200,73 @@ class _Plan:
     rule: Rule
     first: date  # the first day not processed yet
     advance_to: date  # the new last_processed_date
+
+
+def _process_batch_in_python(
+    session: Session, *, after_id: int, through: date, limit: int
+) -> Batch:
+    rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
+    batch = Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
+    plans: list[_Plan] = []
+    for row in rows:
+        try:
+            plans.append(_plan(row, through))
+        except _Invalid as bad:
+            batch.skip(row.id, str(bad))
+    for group in _groups(plans):
+        processed, created = write_group(session, group)
+        batch.processed += processed
+        batch.created += created
+    return batch
+
+
+def _plan(row: DueDefinition, through: date) -> _Plan:
+    """What to do for ``row``; raises _Invalid with the reason when it cannot be scheduled."""
+    rule = Rule(
+        row.frequency,
+        _whole_number("interval", row.interval),
+        _date("start_date", row.start_date),
+        _date("end_date", row.end_date),
+    )
+    last = _date("last_processed_date", row.last_processed_date)
+    reason = problem(rule) or _amount_problem(row.amount)
+    if reason is not None or rule.start_date is None:
+        raise _Invalid(reason or "start_date is missing")
+    first = last + timedelta(days=1) if last is not None else rule.start_date
+    return _Plan(row.id, rule, first, min(through, rule.end_date or through))
+
+
+def _reason(row: Any) -> str | None:
+    """Why a row (typed values, as PostgreSQL returns them) is invalid, or None."""
+    try:
+        _plan(DueDefinition(row.id, row.frequency, row.interval, row.start_date,
+                            row.end_date, None, row.amount), date.max)  # fmt: skip
+    except _Invalid as bad:
+        return str(bad)
+    return None
+
+
+_WHOLE = re.compile(r"[+-]?\d+")
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _whole_number(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _WHOLE.fullmatch(value.strip()):
+        return int(value)
+    raise _Invalid(f"{name} {value!r} is not a whole number")
+
+
+def _date(name: str, value: object) -> Any:
+    if value is None or isinstance(value, date):
+        return value
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise _Invalid(f"{name} {value!r} is not a valid date")
 
 
 @dataclass
@@ -216,31 +291,6 @@ def _groups(plans: Iterable[_Plan]) -> Iterator[Group]:
         yield group
 
 
-# PostgreSQL, one statement a group: advance last_processed_date where it is still behind
-# (the claim: a concurrent run that got there first makes it a no-op), then create the
-# rows of exactly the definitions advanced, from the values the UPDATE returns. Pairs
-# travel as comma-separated text, which psycopg sends far faster than typed arrays.
-_PG_WRITE = text("""
-    WITH adv AS (
-        UPDATE recurring_transactions AS r SET last_processed_date = a.day
-        FROM unnest(CAST(string_to_array(:adv_ids, ',') AS bigint[]),
-                    CAST(string_to_array(:adv_days, ',') AS date[])) AS a(id, day)
-        WHERE r.id = a.id AND (r.last_processed_date IS NULL OR r.last_processed_date < a.day)
-          -- the group's id range: an index range scan, not a scan of the whole table
-          AND r.id BETWEEN :lo AND :hi
-        RETURNING r.id, r.owner_id, r.amount, r.currency, r.description
-    ), ins AS (
-        INSERT INTO transactions
-            (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
-        SELECT adv.owner_id, adv.amount, adv.currency, adv.description, o.day, adv.id
-        FROM unnest(CAST(string_to_array(:occ_ids, ',') AS bigint[]),
-                    CAST(string_to_array(:occ_days, ',') AS date[])) AS o(id, day)
-        JOIN adv ON adv.id = o.id
-        ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM adv), (SELECT count(*) FROM ins)
-""")
 # SQLite (writers serialised by BEGIN IMMEDIATE): pairs travel as a JSON array of
 # [id, "YYYY-MM-DD"] (SQLite's date format); amounts are copied by the database.
 _LITE_ADVANCE = text("""
@@ -261,19 +311,8 @@ _LITE_INSERT = text("""
 
 
 def write_group(session: Session, group: Group) -> tuple[int, int]:
-    """Advance and insert one group; returns (definitions advanced, transactions created)."""
+    """Advance and insert one group (SQLite); returns (definitions advanced, rows created)."""
     conn = session.connection()
-    if is_postgres(session):
-        params = {
-            "lo": group.advances[0][0],
-            "hi": group.advances[-1][0],
-            "adv_ids": ",".join(str(i) for i, _ in group.advances),
-            "adv_days": ",".join(d.isoformat() for _, d in group.advances),
-            "occ_ids": ",".join(str(i) for i, _ in group.occurrences),
-            "occ_days": ",".join(d.isoformat() for _, d in group.occurrences),
-        }
-        processed, created = conn.execute(_PG_WRITE, params).one()
-        return int(processed), int(created)
     advanced = conn.execute(_LITE_ADVANCE, {"pairs": _json_pairs(group.advances)})
     inserted = conn.execute(_LITE_INSERT, {"pairs": _json_pairs(group.occurrences)})
     return int(advanced.rowcount), int(inserted.rowcount)
@@ -283,7 +322,7 @@ def _json_pairs(pairs: Sequence[tuple[int, date]]) -> str:
     return json.dumps([[i, d.isoformat()] for i, d in pairs])
 
 
-def _amount_problem(amount: str | None) -> str | None:
+def _amount_problem(amount: object) -> str | None:
     try:
         value = Decimal(str(amount).strip())
     except InvalidOperation:
