@@ -14,9 +14,10 @@ Creates its own database through the admin URL ``BACKJOBS_BENCH_DATABASE_URL`` (
 2. *catch-up*: ``--catch-up-n`` monthly definitions never processed, started
    ``--years`` years ago, against a ``generate_series`` ``INSERT ... SELECT``.
 
-Each measurement runs ``--rounds`` times on the same data (reset in between); the best
-time counts. The last line is one JSON object of the figures; ``ratio`` is the job's
-definitions/s over the baseline's in scenario 1.
+``--compare-batch-sizes 1000 20000`` also times the job at those batch sizes in scenario 1
+(``--skip-catch-up`` leaves scenario 2 out). Each measurement runs ``--rounds`` times on
+the same data (reset in between); the best time counts. The last line is one JSON object
+of the figures; ``ratio`` is the job's definitions/s over the baseline's in scenario 1.
 """
 
 from __future__ import annotations
@@ -233,6 +234,14 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=Settings.model_fields["recurring_batch_size"].default
     )
+    parser.add_argument(
+        "--compare-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the job at these batch sizes in the due-today scenario",
+    )
+    parser.add_argument("--skip-catch-up", action="store_true", help="scenario 1 only")
     args = parser.parse_args()
     now = datetime.now(UTC)
     today = now.date()
@@ -245,9 +254,14 @@ def main() -> None:
 def run_scenarios(
     engine: Engine, *, args: argparse.Namespace, now: datetime, today: date
 ) -> list[dict[str, object]]:
-    def job() -> object:
-        settings = load_settings(recurring_batch_size=args.batch_size)
-        return process_recurring_transactions(engine, now=now, settings=settings)
+    def job_at(size: int) -> Callable[[], object]:
+        def run() -> object:
+            settings = load_settings(recurring_batch_size=size)
+            return process_recurring_transactions(engine, now=now, settings=settings)
+
+        return run
+
+    job = job_at(args.batch_size)
 
     seed_due_today(engine, n=args.n, today=today)
     results = measure(
@@ -260,8 +274,11 @@ def run_scenarios(
             "job (process_recurring_transactions)": job,
             "baseline: INSERT ... SELECT": sql(engine, BASELINE_INSERT, today=today),
             "hand-written insert + advance": sql(engine, BASELINE_INSERT_AND_ADVANCE, today=today),
+            **{f"job, batches of {size}": job_at(size) for size in args.compare_batch_sizes},
         },
     )
+    if args.skip_catch_up:
+        return results
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seed_catch_up(engine, n=args.catch_up_n, today=today, years=args.years)
     results += measure(
@@ -285,6 +302,9 @@ def run_scenarios(
 def summarize(results: list[dict[str, object]], *, args: argparse.Namespace) -> None:
     by = {(r["scenario"], r["method"]): r for r in results}
     catch = f"catch-up {args.years}y monthly"
+    if args.skip_catch_up:
+        for method in ("job (process_recurring_transactions)", "baseline: generate_series INSERT"):
+            by[catch, method] = {"rows": 0, "seconds": 0, "rows_per_s": float("nan")}
     job = float(by["due today", "job (process_recurring_transactions)"]["definitions_per_s"])  # type: ignore[arg-type]
     base = float(by["due today", "baseline: INSERT ... SELECT"]["definitions_per_s"])  # type: ignore[arg-type]
     full = float(by["due today", "hand-written insert + advance"]["definitions_per_s"])  # type: ignore[arg-type]

@@ -270,7 +270,9 @@ def test_occurrences_computed_by_postgresql_match_the_python_rules(pg_db: Databa
                 else date.fromordinal(D("2016-01-01").toordinal() + rng.randrange(5500))
             )
             end = rng.choice([None, date.fromordinal(start.toordinal() + rng.randrange(4000))])
-            last = rng.choice([None, date.fromordinal(start.toordinal() + rng.randrange(-40, 3000))])
+            last = rng.choice(
+                [None, date.fromordinal(start.toordinal() + rng.randrange(-40, 3000))]
+            )
             interval = rng.choice([1, 1, 2, 3, 5, 2_000_000_000])
             definition = RecurringTransaction(
                 owner_id=owner, amount=Decimal("1.5"), currency="EUR",

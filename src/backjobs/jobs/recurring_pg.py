@@ -118,9 +118,7 @@ class BatchFigures(NamedTuple):
 
 def process_batch(conn: Connection, *, after_id: int, through: date, limit: int) -> BatchFigures:
     """Claim, advance and insert one batch in the caller's transaction (one statement)."""
-    rows = conn.execute(
-        _BATCH, {"after": after_id, "through": through, "limit": limit}
-    ).all()
+    rows = conn.execute(_BATCH, {"after": after_id, "through": through, "limit": limit}).all()
     head = next(r for r in rows if r.kind == "n")
     refused = [
         Refused(r.id, r.frequency, r.interval, r.start_date, r.end_date, r.amount)
