@@ -32,7 +32,18 @@ from sqlalchemy import Connection, text
 _BATCH = text("""
 WITH due AS (
     SELECT id, owner_id, amount, currency, description, frequency, "interval",
-           start_date, end_date, last_processed_date
+           start_date, end_date,
+           COALESCE(
+               frequency IN ('weekly', 'monthly', 'yearly') AND "interval" >= 1
+               AND (end_date IS NULL OR end_date >= start_date)
+               AND CAST(amount AS text) NOT IN ('NaN', 'Infinity', '-Infinity'),
+               false) AS ok,
+           COALESCE(last_processed_date + 1, start_date) AS first,
+           LEAST(CAST(:through AS date), COALESCE(end_date, :through)) AS last,
+           -- the period: 7 * interval days (weekly), or interval * months
+           CAST("interval" AS bigint) * CASE frequency WHEN 'weekly' THEN 7
+               WHEN 'monthly' THEN 1 ELSE 12 END AS step,
+           frequency = 'weekly' AS weekly
     FROM recurring_transactions
     WHERE id > :after AND enabled AND start_date <= :through
       AND (last_processed_date IS NULL OR last_processed_date < :through)
@@ -40,26 +51,10 @@ WITH due AS (
     ORDER BY id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
-), checked AS (
-    SELECT *, COALESCE(
-        frequency IN ('weekly', 'monthly', 'yearly') AND "interval" >= 1
-        AND (end_date IS NULL OR end_date >= start_date)
-        AND CAST(amount AS text) NOT IN ('NaN', 'Infinity', '-Infinity'), false) AS ok
-    FROM due
-), plan AS (
-    SELECT id, owner_id, amount, currency, description, start_date,
-           COALESCE(last_processed_date + 1, start_date) AS first,
-           LEAST(CAST(:through AS date), COALESCE(end_date, :through)) AS last,
-           -- the period: 7 * interval days (weekly), or interval * months
-           CAST("interval" AS bigint) * CASE frequency WHEN 'weekly' THEN 7
-               WHEN 'monthly' THEN 1 ELSE 12 END AS step,
-           frequency = 'weekly' AS weekly
-    FROM checked
-    WHERE ok
 ), adv AS (
     UPDATE recurring_transactions AS r SET last_processed_date = p.last
-    FROM plan AS p
-    WHERE r.id = p.id AND (r.last_processed_date IS NULL OR r.last_processed_date < p.last)
+    FROM due AS p
+    WHERE p.ok AND r.id = p.id AND (r.last_processed_date IS NULL OR r.last_processed_date < p.last)
       -- the batch's id range: an index range scan, not a scan of the whole table
       AND r.id > :after AND r.id <= (SELECT max(id) FROM due)
     RETURNING r.id
@@ -67,7 +62,7 @@ WITH due AS (
     INSERT INTO transactions
         (owner_id, amount, currency, description, occurred_on, recurring_transaction_id)
     SELECT p.owner_id, p.amount, p.currency, p.description, o.day, p.id
-    FROM plan AS p
+    FROM due AS p
     JOIN adv ON adv.id = p.id
     CROSS JOIN LATERAL (
         SELECT CASE WHEN p.weekly THEN p.start_date + CAST(n * p.step AS integer)
@@ -99,7 +94,7 @@ SELECT 'n' AS kind, (SELECT count(*) FROM due) AS id, (SELECT max(id) FROM due) 
        NULL AS amount
 UNION ALL
 SELECT 'i', id, NULL, NULL, NULL, frequency, "interval", start_date, end_date, amount
-FROM checked WHERE NOT ok
+FROM due WHERE NOT ok
 """)
 
 
