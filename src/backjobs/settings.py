@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # CleanupJob.
     trash_retention_days: PositiveInt = 30
     upload_timeout_hours: PositiveInt = 24
-    delete_batch_size: PositiveInt = 1000
+    delete_batch_size: PositiveInt = 10_000
 
     # Email transport.
     email_transport: EmailTransportKind = EmailTransportKind.PICKUP

@@ -34,7 +34,7 @@ def test_a_env_file_in_the_repository_never_reaches_a_test(monkeypatch: pytest.M
     env_file.write_text("BACKJOBS_DELETE_BATCH_SIZE=7\n")
     try:
         get_settings.cache_clear()
-        assert get_settings().delete_batch_size == 1000
+        assert get_settings().delete_batch_size == 10_000
         # ... while the same file is read when the working directory is the repository.
         monkeypatch.chdir(ROOT)
         get_settings.cache_clear()

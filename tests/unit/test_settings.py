@@ -12,7 +12,7 @@ def test_defaults_are_the_embedded_setup() -> None:
     assert settings.database_url.startswith("sqlite:///var/")
     assert str(settings.storage_root) == "var/files"
     assert (settings.trash_retention_days, settings.upload_timeout_hours) == (30, 24)
-    assert settings.delete_batch_size == 1000
+    assert settings.delete_batch_size == 10_000
     assert settings.email_transport == "pickup"
 
 
