@@ -14,6 +14,12 @@ Two walks, each linear in the work however many rows match:
 
 A row that the app updates during the walk may move to a page already passed; it is then
 left for the next run, which is also what happens to rows that expire meanwhile.
+
+:func:`iter_delete_where` is the third walk, for conditions that are not "one column before
+X" (a status filter, a computed timestamp): it walks the primary key. Each batch locks the
+next ``batch_size`` matching rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and deletes
+them by id with the condition checked again, so a row that stopped matching in between is
+kept. One pass over the primary key per run: linear in the table, whatever matches.
 On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
 trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
 lost in a crash is deleted again by the next run.
@@ -26,8 +32,9 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, text
+from sqlalchemy import Connection, Engine, Table, delete, select, text
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql import ColumnElement
 
 BLOCK_WALK_SHARE = 0.1
 """Walk by block range when at least this share of the table matches."""
@@ -49,6 +56,28 @@ def iter_delete_batches(
             yield from _walk_blocks(engine, table.name, column.key, before, step, blocks)
             return
     yield from _walk_index(engine, table, column.key, before, batch_size)
+
+
+def iter_delete_where(
+    engine: Engine, table: Table, where: ColumnElement[bool], *, batch_size: int
+) -> Iterator[int]:
+    """Delete ``table``'s rows matching ``where``, walking ``id``; yields each batch's count."""
+    after: int | None = None
+    while True:
+        with engine.begin() as conn:
+            query = select(table.c.id).where(where).order_by(table.c.id).limit(batch_size)
+            if after is not None:
+                query = query.where(table.c.id > after)
+            ids = list(conn.scalars(query.with_for_update(skip_locked=True)))
+            count = 0
+            if ids:
+                gone = delete(table).where(table.c.id.in_(ids), where)
+                count = conn.execute(gone).rowcount
+        if count:
+            yield count
+        if len(ids) < batch_size:
+            return
+        after = ids[-1]
 
 
 def _walk_index(
