@@ -18,11 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backjobs.settings import SettingsError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,10 +191,9 @@ def _deployments_check(args: argparse.Namespace) -> int:
 def _outbox_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from backjobs.db import session_scope
     from backjobs.outbox_admin import outbox_status
 
-    with session_scope() as session:
+    with _outbox_session() as session:
         status = outbox_status(session, now=datetime.now(UTC))
     for name, value in asdict(status).items():
         print(f"{name:<24} {'-' if value is None else value}")
@@ -200,11 +203,10 @@ def _outbox_status(args: argparse.Namespace) -> int:
 def _outbox_retry(args: argparse.Namespace) -> int:
     import logging
 
-    from backjobs.db import session_scope
     from backjobs.outbox_admin import retry_failed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with session_scope() as session:
+    with _outbox_session() as session:
         retried = retry_failed(
             session, ids=args.ids, failed_since=args.failed_since, now=datetime.now(UTC)
         )
@@ -216,10 +218,9 @@ def _outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _outbox_show(args: argparse.Namespace) -> int:
-    from backjobs.db import session_scope
     from backjobs.outbox_admin import describe_task
 
-    with session_scope() as session:
+    with _outbox_session() as session:
         view = describe_task(session, args.id)
     lines = [
         ("status", view.status),
@@ -243,6 +244,26 @@ def _outbox_show(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"  {label:<16} {value}")
     return 0
+
+
+@contextmanager
+def _outbox_session() -> Iterator[Session]:
+    """One committed transaction; a database error becomes one line naming the database."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import normalize_url, session_scope
+    from backjobs.settings import get_settings
+
+    url = get_settings().database_url
+    try:
+        with session_scope() as session:
+            yield session
+    except SQLAlchemyError as exc:
+        shown = normalize_url(url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise LookupError(
+            f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
+        ) from None
 
 
 def _one_line(value: Any, limit: int = 100) -> str:
