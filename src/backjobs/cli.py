@@ -235,6 +235,7 @@ def _outbox_show(args: argparse.Namespace) -> int:
         ("template", view.template),
         ("recipients", ", ".join(view.recipients)),
         ("delivered to", None if view.delivered is None else ", ".join(view.delivered) or "-"),
+        ("refused", None if view.refused is None else ", ".join(view.refused) or "-"),
         *((f"context.{key}", _one_line(value)) for key, value in view.context.items()),
         *((f"context.{key}", "(sensitive, not shown)") for key in view.omitted),
         ("payload problem", view.payload_error),

@@ -38,6 +38,8 @@ EMAIL = TASKS.c.task_type == TaskType.EMAIL_SEND.value
 DELIVERED_COLUMNS = ("delivered_to", "delivered_recipients", "delivered")
 DELIVERED_KEYS = ("delivered_to", "delivered", "delivered_recipients")
 _LAST_ERROR_SHOWN = 200
+# A claim's owner token (migration 0003), when the table has it: a retried row is nobody's.
+_CLEARED_ON_RETRY = {name: None for name in ("claim_token",) if name in TASKS.c}
 
 
 def ended_at() -> ColumnElement[datetime]:
@@ -127,7 +129,9 @@ def retry_failed(
 
     Either ``ids`` (each must be a ``failed`` email row, else :class:`RetryRefused` names
     every refused one and nothing changes, so a typo never half-applies) or
-    ``failed_since`` (every failed row that ended at or after it). A retried row gets
+    ``failed_since`` (every failed row that ended at or after it; for a row without
+    ``completed_at`` that is when it was last due, so pick a time a little before the
+    trouble began). A retried row gets
     ``attempts`` 0, ``next_attempt_at`` ``now`` (due at once), no lease, no
     ``completed_at``, and ``last_error`` prefixed with ``[retried <now>]``, so ``show``
     still tells why it failed. One log line per row. Flushes; the caller commits.
@@ -156,6 +160,7 @@ def retry_failed(
             next_attempt_at=now,
             locked_until=None,
             completed_at=None,
+            **_CLEARED_ON_RETRY,
             last_error=func.coalesce(stamp + TASKS.c.last_error, stamp.rstrip()),
         )
         .returning(TASKS.c.id, TASKS.c.last_error)
@@ -187,7 +192,8 @@ class TaskView:
 
     ``context`` holds the template's context without its sensitive fields (their names are
     in ``omitted``). ``delivered`` is who already has the message when the row records it
-    (``None``: not recorded). ``payload_error`` says why the payload could not be read.
+    (``None``: not recorded); ``refused``, the recipients the server refused for good.
+    ``payload_error`` says why the payload could not be read.
     """
 
     id: int
@@ -204,6 +210,7 @@ class TaskView:
     template: str | None
     recipients: tuple[str, ...]
     delivered: tuple[str, ...] | None
+    refused: tuple[str, ...] | None
     context: Mapping[str, Any]
     omitted: tuple[str, ...]
     payload_error: str | None = None
@@ -244,6 +251,7 @@ def describe_task(session: Session, task_id: int) -> TaskView:
         template=template,
         recipients=_addresses(payload.get("to")) or (),
         delivered=_delivered(dict(row), payload),
+        refused=_addresses(payload.get("refused")),
         context={k: v for k, v in context.items() if k not in secret},
         omitted=tuple(sorted(k for k in context if k in secret)),
         payload_error=problem,

@@ -109,7 +109,7 @@ def test_retry_refuses_rows_that_are_not_failed_and_changes_nothing(db: Database
     assert f"app_tasks id {pending}: status is pending" in message
     assert f"app_tasks id {done}: status is completed" in message
     assert "app_tasks id 999: no such outbox row" in message
-    assert str(failed) not in raised.value.refused
+    assert set(raised.value.refused) == {pending, done, 999}
     assert (_get(db, failed).status, _get(db, failed).attempts) == ("failed", 5)
 
 
@@ -173,11 +173,17 @@ def test_show_tells_a_rows_story_without_its_secrets(db: Database) -> None:
 def test_show_reports_delivered_recipients_and_unreadable_payloads(db: Database) -> None:
     partly = _row(
         db,
-        payload={"template": "generic", "to": ["a@x.org", "b@x.org"], "delivered": ["a@x.org"]},
+        payload={
+            "template": "generic",
+            "to": ["a@x.org", "b@x.org", "c@x.org"],
+            "delivered_to": ["a@x.org"],
+            "refused": ["c@x.org"],
+        },
     )
     broken = _row(db, payload=["not", "an", "object"])
     with db.session() as s:
         assert describe_task(s, partly).delivered == ("a@x.org",)
+        assert describe_task(s, partly).refused == ("c@x.org",)
         view = describe_task(s, broken)
     assert view.payload_error == "payload is a JSON list, not an object"
     assert view.recipients == ()
