@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from backjobs.db.batched_delete import iter_delete_batches
 from backjobs.jobs import cleanup
@@ -222,3 +224,31 @@ def test_open_outbox_rows_are_never_deleted_however_old(db: Database) -> None:
     result = cleanup.delete_ended_outbox_rows(db.engine, now=NOW, settings=settings)
     assert result.outbox_rows_deleted == 0
     assert _count(db, AppTask) == 7
+
+
+def test_a_row_retried_while_the_prune_runs_is_kept(pg_db: Database) -> None:
+    """The prune waits for the app's open transaction, then re-checks: a pending row stays."""
+    old = NOW - timedelta(days=90)
+    with pg_db.session() as s:
+        rows = [
+            AppTask(task_type="email_send", status="failed", payload={}, created_at=old)
+            for _ in range(3)
+        ]
+        s.add_all(rows)
+        s.commit()
+        ids = [row.id for row in rows]
+    settings = load_settings(outbox_retention_days=30, delete_batch_size=10)
+    with pg_db.engine.connect() as app:
+        # The app (or `backjobs outbox retry`) holds the row, changed but not committed yet.
+        app.execute(update(AppTask).where(AppTask.id == ids[1]).values(status="pending"))
+        with ThreadPoolExecutor(1) as pool:
+            pruning = pool.submit(
+                cleanup.delete_ended_outbox_rows, pg_db.engine, now=NOW, settings=settings
+            )
+            time.sleep(0.5)
+            assert not pruning.done()  # waiting for the app's row lock
+            app.commit()
+            result = pruning.result(timeout=30)
+    assert result.outbox_rows_deleted == 2
+    with pg_db.session() as s:
+        assert list(s.execute(select(AppTask.id, AppTask.status))) == [(ids[1], "pending")]

@@ -14,6 +14,9 @@ Two walks, each linear in the work however many rows match:
 
 A row that the app updates during the walk may move to a page already passed; it is then
 left for the next run, which is also what happens to rows that expire meanwhile.
+On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
+trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
+lost in a crash is deleted again by the next run.
 
 :func:`iter_delete_where` is the third walk, for conditions that are not "one column before
 X" (a status filter, a computed timestamp): it walks the primary key, one pass per run
@@ -23,10 +26,8 @@ transaction changed in between (an outbox row retried back to ``pending``) is ke
 On PostgreSQL a batch is one autocommitted statement, ``DELETE … WHERE ctid =
 ANY(ARRAY(SELECT ctid … ORDER BY id LIMIT n)) AND <condition> RETURNING id`` (a row
 updated meanwhile has a new ctid and fails the recheck): binding the batch's ids as
-parameters cost more than the delete, and ``FOR UPDATE`` doubled it.
-On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
-trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
-lost in a crash is deleted again by the next run.
+parameters cost more than the delete, and ``FOR UPDATE`` doubled it. A batch that the
+recheck shortened ends the walk; the next run goes on from there.
 """
 
 from __future__ import annotations
