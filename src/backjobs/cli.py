@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
 from backjobs.settings import SettingsError
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +85,7 @@ def _outbox_parser(commands: Any) -> None:
     which.add_argument("--id", dest="ids", type=int, nargs="+", metavar="N", help="row ids")
     which.add_argument(
         "--failed-since",
-        type=_iso_argument("--failed-since"),
+        type=lambda value: parse_as_of(value, option="--failed-since"),
         metavar="ISO",
         help="every row that failed at or after this ISO-8601 time",
     )
@@ -109,10 +105,6 @@ def parse_as_of(value: str, *, option: str = "--as-of") -> datetime:
         raise argparse.ArgumentTypeError(
             f"{option} {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
         ) from None
-
-
-def _iso_argument(option: str) -> Callable[[str], datetime]:
-    return lambda value: parse_as_of(value, option=option)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -190,11 +182,18 @@ def _deployments_check(args: argparse.Namespace) -> int:
 
 def _outbox_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+    from datetime import UTC
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import outbox_status
 
-    with _outbox_session() as session:
-        status = outbox_status(session, now=datetime.now(UTC))
+    try:
+        with session_scope() as session:
+            status = outbox_status(session, now=datetime.now(UTC))
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     for name, value in asdict(status).items():
         print(f"{name:<24} {'-' if value is None else value}")
     return 0
@@ -202,14 +201,20 @@ def _outbox_status(args: argparse.Namespace) -> int:
 
 def _outbox_retry(args: argparse.Namespace) -> int:
     import logging
+    from datetime import UTC
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import retry_failed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with _outbox_session() as session:
-        retried = retry_failed(
-            session, ids=args.ids, failed_since=args.failed_since, now=datetime.now(UTC)
-        )
+    try:
+        with session_scope() as session:
+            now = datetime.now(UTC)
+            retried = retry_failed(session, ids=args.ids, failed_since=args.failed_since, now=now)
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     if not retried:
         print("no failed outbox rows to retry")
     else:
@@ -218,10 +223,16 @@ def _outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _outbox_show(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import describe_task
 
-    with _outbox_session() as session:
-        view = describe_task(session, args.id)
+    try:
+        with session_scope() as session:
+            view = describe_task(session, args.id)
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     lines = [
         ("status", view.status),
         ("attempts", f"{view.attempts} of {view.max_attempts}"),
@@ -247,24 +258,16 @@ def _outbox_show(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _outbox_session() -> Iterator[Session]:
-    """One committed transaction; a database error becomes one line naming the database."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from backjobs.db import normalize_url, session_scope
+def _outbox_unreadable(exc: Exception) -> LookupError:
+    """A database error as one line naming the database (password hidden)."""
+    from backjobs.db import normalize_url
     from backjobs.settings import get_settings
 
-    url = get_settings().database_url
-    try:
-        with session_scope() as session:
-            yield session
-    except SQLAlchemyError as exc:
-        shown = normalize_url(url).render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise LookupError(
-            f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
-        ) from None
+    shown = normalize_url(get_settings().database_url).render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return LookupError(
+        f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
+    )
 
 
 def _context_value(key: str, value: Any) -> str:

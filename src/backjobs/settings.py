@@ -56,7 +56,6 @@ class Settings(BaseSettings):
     trash_retention_days: PositiveInt = 30
     upload_timeout_hours: PositiveInt = 24
     delete_batch_size: PositiveInt = 1000
-    outbox_retention_days: PositiveInt = 30
 
     # Email transport.
     email_transport: EmailTransportKind = EmailTransportKind.PICKUP
@@ -86,6 +85,9 @@ class Settings(BaseSettings):
     registration_confirmation_days: PositiveInt = 7
     registration_expiry_warning_days: NonNegativeInt = 2
     app_base_url: str = "http://localhost:8000"
+
+    # CleanupJob: ended outbox rows are kept this long (bounded: date arithmetic).
+    outbox_retention_days: Annotated[int, Field(gt=0, le=36500)] = 30
 
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")

@@ -35,13 +35,13 @@ def seed_cleanup(db: Database, storage_root: Path, *, stuck: bool = False) -> No
                 for i, t in enumerate([old, old, new])
             ]
         )
+        s.add_all(_outbox_rows(old, new))
         s.add_all(
             [
                 StoredFile(owner_id=user.id, storage_key=f"up/{k}", created_at=t)
                 for k, t in [("old-a", old), ("old-b", old), ("new", new)]
             ]
         )
-        s.add_all(_outbox_rows(old, new))
         if stuck:
             (storage_root / "up" / "stuck").mkdir()
             (storage_root / "up" / "stuck" / "f").write_bytes(b"x")

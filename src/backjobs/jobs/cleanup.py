@@ -9,16 +9,16 @@ A part interrupted half-way has committed what it deleted; the next run finishes
   ``now``. A revoked token that has not expired yet is kept: the app may still want to
   recognise its reuse.
 - :func:`empty_trash_bin`: markers whose ``deleted_at`` is older than the retention.
-- :func:`remove_orphaned_files`: ``stored_files`` still ``pending`` past the upload
-  timeout. The stored object is deleted first, then the row. An object already gone counts
-  as removed; one that cannot be removed keeps its row (the next run tries again) and is
-  reported; a key outside the storage root is never touched, keeps its row and is reported
-  as bad data.
 - :func:`delete_ended_outbox_rows`: ``app_tasks`` rows of the task types backjobs runs
   (``email_send``) that ended (``completed`` or ``failed``) longer than
   ``BACKJOBS_OUTBOX_RETENTION_DAYS`` ago; when a row ended is
   :func:`backjobs.outbox_admin.ended_at`. ``pending`` and ``processing`` rows are never
   deleted, however old: they are mail still to send.
+- :func:`remove_orphaned_files`: ``stored_files`` still ``pending`` past the upload
+  timeout. The stored object is deleted first, then the row. An object already gone counts
+  as removed; one that cannot be removed keeps its row (the next run tries again) and is
+  reported; a key outside the storage root is never touched, keeps its row and is reported
+  as bad data.
 
 Each part returns a :class:`CleanupResult` holding its own counts (the others ``None``);
 the flow merges them. A part that fails raises an error carrying what it counted before
