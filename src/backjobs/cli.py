@@ -180,6 +180,13 @@ def _deployments_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_defaults() -> None:
+    # Offline machines: no telemetry; domain logs (logging.getLogger("backjobs...")) go to
+    # the run's logs in the UI.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
+
+
 def _outbox_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from datetime import UTC
@@ -281,13 +288,6 @@ def _one_line(value: Any, limit: int = 100) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text.replace("\r", "\\r").replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _prefect_defaults() -> None:
-    # Offline machines: no telemetry; domain logs (logging.getLogger("backjobs...")) go to
-    # the run's logs in the UI.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
 
 
 if __name__ == "__main__":
