@@ -26,7 +26,6 @@ from typing import Any
 
 from backjobs.settings import SettingsError
 
-
 DEBUG_FLAG = "--debug"
 
 
@@ -140,7 +139,7 @@ def parse_as_of(value: str) -> datetime:
         return to_utc(parsed)
     except OverflowError:
         raise argparse.ArgumentTypeError(
-            f"--as-of {value!r} is outside years 1-9999 once converted to UTC"
+            f"{value!r} is outside years 1-9999 once converted to UTC"
         ) from None
 
 

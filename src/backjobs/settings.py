@@ -25,7 +25,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 # Upper bounds: far above any sensible value, low enough that date and timer arithmetic
 # never overflows (a backoff of 1e300 s, a retention of 1e9 days) — see the README table.
-MINUTE, HOUR, DAY = 60, 3600, 86400
+MINUTE, DAY = 60, 86400
 MAX_DAYS = 36500  # 100 years
 MAX_BATCH = 100_000
 Days = Annotated[int, Field(gt=0, le=MAX_DAYS)]

@@ -58,15 +58,16 @@ def test_keys_that_can_never_be_objects_are_bad_data_and_the_run_goes_on(
     (root / "up" / "dir").mkdir(parents=True)
     (root / "up" / "dir" / "inner").write_bytes(b"x")
     (root / "up" / "good").write_bytes(b"x")
-    bad = [".", "up/dir", "up/", "n" * 300, "up/" * 1400 + "f", ""]
+    # (A key over PATH_MAX does not fit the 1024-character column: see the unit tests.)
+    bad = [".", "up/dir", "up/", "n" * 300, ""]
     ids = _pending(db, [*bad, "up/good"])
     settings = load_settings(storage_root=root, upload_timeout_hours=24, delete_batch_size=3)
     with caplog.at_level(logging.ERROR, logger="backjobs"):
         result = cleanup.remove_orphaned_files(db.engine, now=NOW, settings=settings)
-    assert result == cleanup.CleanupResult(orphaned_files_removed=1, orphaned_files_bad_keys=6)
+    assert result == cleanup.CleanupResult(orphaned_files_removed=1, orphaned_files_bad_keys=5)
     assert _keys_left(db) == set(bad)
     assert not (root / "up" / "good").exists()
     assert (root / "up" / "dir" / "inner").exists()
     logged = caplog.text
     assert f"stored_files id {ids['up/dir']} has a bad storage_key" in logged
-    assert "names a directory" in logged and "NAME_MAX" in logged and "PATH_MAX" in logged
+    assert "names a directory" in logged and "NAME_MAX" in logged
