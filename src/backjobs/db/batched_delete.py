@@ -12,8 +12,13 @@ Two walks, each linear in the work however many rows match:
   heap pages, sized from the table's rows per page to hold about ``batch_size`` rows.
   That is the plain ``DELETE``'s sequential scan cut into short transactions.
 
-A row that the app updates during the walk may move to a page already passed; it is then
-left for the next run, which is also what happens to rows that expire meanwhile.
+**A short batch never ends a walk.** A row the app updates while a batch waits for its
+lock gets a new address, so the batch skips it and deletes fewer rows than it picked; the
+index walk goes on until the key range is exhausted (a batch *picks* fewer than
+``batch_size``), then walks again from the lowest skipped key (up to ``INDEX_PASSES``
+passes). The block walk goes on until the table's last block, re-reading the table's size
+at the end. An updated row that moved to a page the block walk already passed is left for
+the next run, which is also what happens to rows that expire meanwhile.
 On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
 trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
 lost in a crash is deleted again by the next run.
