@@ -148,3 +148,14 @@ def test_a_folder_swapped_for_a_link_during_the_walk_is_refused(
         storage.delete("uploads/f.txt")
     assert (outside / "f.txt").read_text() == "keep me"
     assert (storage.root / "uploads.moved" / "f.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
+def test_an_unreadable_root_is_reported(tmp_path: Path) -> None:
+    root = tmp_path / "closed"
+    root.mkdir(mode=0o000)
+    try:
+        with pytest.raises(StorageUnavailable, match="not readable|cannot be opened"):
+            LocalFileStorage(root).check()
+    finally:
+        root.chmod(0o755)
