@@ -155,7 +155,7 @@ def test_an_unreadable_root_is_reported(tmp_path: Path) -> None:
     root = tmp_path / "closed"
     root.mkdir(mode=0o000)
     try:
-        with pytest.raises(StorageUnavailable, match="not readable|cannot be opened"):
+        with pytest.raises(StorageUnavailable, match=r"not readable|cannot be opened"):
             LocalFileStorage(root).check()
     finally:
         root.chmod(0o755)
