@@ -71,3 +71,12 @@ def test_keys_that_can_never_be_objects_are_bad_data_and_the_run_goes_on(
     logged = caplog.text
     assert f"stored_files id {ids['up/dir']} has a bad storage_key" in logged
     assert "names a directory" in logged and "NAME_MAX" in logged
+
+
+def test_without_abandoned_uploads_a_missing_root_is_not_needed(
+    db: Database, tmp_path: Path
+) -> None:
+    """A fresh install has no storage folder yet; the cleanup must not fail for it."""
+    settings = load_settings(storage_root=tmp_path / "not-yet", upload_timeout_hours=24)
+    result = cleanup.remove_orphaned_files(db.engine, now=NOW, settings=settings)
+    assert result == cleanup.CleanupResult(orphaned_files_removed=0, orphaned_files_bad_keys=0)

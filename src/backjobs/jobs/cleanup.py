@@ -15,7 +15,8 @@ A part interrupted half-way has committed what it deleted; the next run finishes
   reported; a key that can never be an object of the storage (outside the root, the root
   itself, a directory, a name over NAME_MAX…; see :mod:`backjobs.storage`) is never
   touched, keeps its row and is reported as bad data. A storage root that is missing or
-  unreadable fails the part before any row is touched (:class:`StorageRootUnusable`).
+  unreadable fails the part before any row is touched (:class:`StorageRootUnusable`) —
+  when there is an abandoned upload at all: with none the storage is not needed.
 
 Each part returns a :class:`CleanupResult` holding its own counts (the others ``None``);
 the flow merges them. A part that fails raises an error carrying what it counted before
@@ -147,11 +148,6 @@ def remove_orphaned_files(
     """
     storage = storage or make_storage(settings.storage_root)
     try:
-        # Checked first: with a mistyped root every object would look "already gone".
-        storage.check()
-    except StorageUnavailable as exc:
-        raise StorageRootUnusable(exc, before_walk=True) from exc
-    try:
         report = sweep_orphaned_files(engine, now=now, settings=settings, storage=storage)
     except StorageUnavailable as exc:
         raise StorageRootUnusable(exc, before_walk=False) from exc
@@ -170,6 +166,7 @@ def sweep_orphaned_files(
     failed: dict[int, str] = {}
     bad: dict[int, str] = {}
     after = 0
+    checked = False
     while True:
         with engine.begin() as conn:
             rows = conn.execute(
@@ -185,6 +182,8 @@ def sweep_orphaned_files(
                 # upload waits for this batch instead of racing it.
                 .with_for_update(skip_locked=True)
             ).all()
+            if rows and not checked:
+                checked = _check_storage(storage)
             deletable = []
             for file_id, key in rows:
                 removal = _remove_object(storage, file_id, key)
@@ -201,6 +200,17 @@ def sweep_orphaned_files(
         if len(rows) < batch_size:
             return OrphanedFilesReport(removed, gone, failed, bad)
         after = rows[-1].id
+
+
+def _check_storage(storage: FileStorage) -> bool:
+    """Checked before the first row is touched: with a mistyped root every object would look
+    "already gone" and its row be deleted. With no abandoned upload the storage is not
+    needed, so a fresh install without its storage folder cleans up fine."""
+    try:
+        storage.check()
+    except StorageUnavailable as exc:
+        raise StorageRootUnusable(exc, before_walk=True) from exc
+    return True
 
 
 def _remove_object(storage: FileStorage, file_id: int, key: str) -> ObjectRemoval:
