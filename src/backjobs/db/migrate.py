@@ -33,8 +33,8 @@ def revision_exists(revision: str) -> bool:
     from alembic.util import CommandError
 
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    if revision in ("head", "heads", "base") or revision.startswith(("+", "-")):
-        return True
+    if revision in ("head", "heads", "base") or any(c in revision for c in "+-@:"):
+        return True  # a relative or ranged expression: alembic itself judges it
     try:
         return script.get_revision(revision) is not None
     except CommandError:
