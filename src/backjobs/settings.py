@@ -99,8 +99,8 @@ class Settings(BaseSettings):
     registration_expiry_warning_days: Annotated[int, Field(ge=0, le=MAX_DAYS)] = 2
     app_base_url: str = "http://localhost:8000"
 
-    # CleanupJob: ended outbox rows are kept this long (bounded: date arithmetic).
-    outbox_retention_days: Annotated[int, Field(gt=0, le=36500)] = 30
+    # CleanupJob: ended outbox rows are kept this long.
+    outbox_retention_days: Days = 30
 
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")
