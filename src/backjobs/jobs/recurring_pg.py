@@ -83,6 +83,7 @@ WITH due AS (
                  )::bigint / p.step
             END
         ) AS n
+        OFFSET 0  -- evaluate the day once a row, not again in the filter below
     ) AS o
     WHERE o.day BETWEEN p.first AND p.last
     ON CONFLICT (recurring_transaction_id, occurred_on) DO NOTHING
