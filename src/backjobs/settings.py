@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     registration_confirmation_days: PositiveInt = 7
     registration_expiry_warning_days: NonNegativeInt = 2
     app_base_url: str = "http://localhost:8000"
+    # The confirmation link is APP_BASE_URL (without a trailing "/") + this + the token,
+    # appended as is (token_urlsafe needs no escaping): end the path where the token goes.
+    confirmation_path: str = "/confirm-email?token="
+    registration_batch_size: PositiveInt = 1000
 
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")
@@ -95,6 +99,13 @@ class Settings(BaseSettings):
     def _known_database(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql", "postgres://")):
             raise ValueError("must be a sqlite:// or postgresql:// SQLAlchemy URL")
+        return value
+
+    @field_validator("confirmation_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("must start with '/' and hold no whitespace")
         return value
 
     @model_validator(mode="after")
