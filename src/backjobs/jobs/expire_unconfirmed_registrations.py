@@ -22,7 +22,9 @@ batch its own transaction** (state change, tokens and emails together; these fun
 commit: batching is the point). On PostgreSQL a batch is claimed ``FOR UPDATE SKIP
 LOCKED`` and every update is guarded by its "not yet" condition, so two runs at once warn
 and decline each user once; SQLite serialises writers (``BEGIN IMMEDIATE``). Memory stays
-flat: one batch at a time. The raw token lives only in the queued email.
+flat: one batch at a time. A batch's emails go into the outbox in one multi-row INSERT
+(:func:`backjobs.outbox.enqueue_emails`, validated as ``enqueue_email`` does). The raw
+token lives only in the queued email.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from sqlalchemy.sql import ColumnElement
 from backjobs.db import is_postgres, session_scope
 from backjobs.mail.render import check_address
 from backjobs.models import EmailConfirmationToken, RegistrationStatus, User
-from backjobs.outbox import enqueue_email
+from backjobs.outbox import NewEmail, enqueue_emails
 from backjobs.registration import confirmation_link, hash_token, new_token
 from backjobs.settings import Settings
 
@@ -185,20 +187,15 @@ def warn_batch(
             for r in todo
         ],
     )
-    for r in todo:
-        context = {
+    emails = [
+        NewEmail(r.email, WARNING_TEMPLATE, {
             "display_name": r.display_name,
             "confirmation_link": confirmation_link(tokens[r.id], settings),
             "expires_at": r.created_at + lifetime,
-        }
-        enqueue_email(
-            session,
-            to=r.email,
-            template=WARNING_TEMPLATE,
-            context=context,
-            now=now,
-            settings=settings,
-        )
+        })
+        for r in todo
+    ]  # fmt: skip
+    enqueue_emails(session, emails, now=now, settings=settings)
     return replace(batch, done=len(todo), invalid=invalid)
 
 
@@ -225,20 +222,15 @@ def decline_batch(
         return batch
     _invalidate_tokens(session, [r.id for r in todo], now=now)
     valid, invalid = _valid(todo, "expiry notice")
-    for r in valid:
-        context = {
+    emails = [
+        NewEmail(r.email, EXPIRED_TEMPLATE, {
             "display_name": r.display_name,
             "expired_at": r.created_at + lifetime,
             "register_url": settings.app_base_url,
-        }
-        enqueue_email(
-            session,
-            to=r.email,
-            template=EXPIRED_TEMPLATE,
-            context=context,
-            now=now,
-            settings=settings,
-        )
+        })
+        for r in valid
+    ]  # fmt: skip
+    enqueue_emails(session, emails, now=now, settings=settings)
     unwarned = sum(1 for r in todo if declined[r.id] is None)
     return replace(batch, done=len(todo), unwarned=unwarned, invalid=invalid)
 
