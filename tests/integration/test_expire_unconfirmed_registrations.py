@@ -229,3 +229,27 @@ def test_two_runs_at_once_warn_and_decline_each_user_once(pg_db: Database) -> No
     assert len(recipients) == len(set(recipients)) == 600
     with pg_db.session() as s:
         assert s.scalar(select(func.count()).select_from(EmailConfirmationToken)) == 300
+
+
+def test_a_failed_batch_names_no_token(db: Database) -> None:
+    add_user(db, "ann@example.com", created_at=created_for_expiry(AS_OF + timedelta(days=1)))
+    with db.engine.begin() as conn:  # the outbox refuses every insert
+        if db.is_postgres:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'outbox refused'; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON app_tasks "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON app_tasks "
+                "BEGIN SELECT RAISE(ABORT, 'outbox refused'); END"
+            )
+    with pytest.raises(Exception, match="outbox refused") as failed:
+        warn_expiring_registrations(db.engine, now=AS_OF, settings=settings())
+    assert "confirm-email" not in str(failed.value) and "token=" not in str(failed.value)
+    assert tokens(db, users_by_email(db)["ann@example.com"].id) == []  # rolled back
+    assert users_by_email(db)["ann@example.com"].expiry_warning_sent_at is None

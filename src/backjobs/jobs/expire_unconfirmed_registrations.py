@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
@@ -242,8 +243,15 @@ def _run_batches(engine: Engine, step: BatchFn, *, now: datetime, settings: Sett
     total = _Batch(scanned=0, last_id=0)
     limit = settings.registration_batch_size
     while True:
-        with session_scope(engine) as session:
-            batch = step(session, after_id=total.last_id, now=now, settings=settings, limit=limit)
+        try:
+            with session_scope(engine) as session:
+                batch = step(
+                    session, after_id=total.last_id, now=now, settings=settings, limit=limit
+                )
+        except StatementError as exc:
+            # Its parameters hold confirmation links: keep them out of logs and run states.
+            exc.hide_parameters, exc.params = True, None
+            raise
         total = _Batch(
             scanned=total.scanned + batch.scanned,
             last_id=batch.last_id,
