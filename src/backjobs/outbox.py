@@ -15,12 +15,24 @@ caller's lease, so a sender whose lease ran out cannot undo another's work.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, union_all, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -135,13 +147,13 @@ def enqueue_emails(
     (contexts its model accepted render alike): one bad email raises ``ValueError`` and
     nothing is queued. Due at ``now``; no dedup keys. For jobs that queue thousands of
     emails in a batch, where a round trip (and a render) per row would dominate. Returns
-    the ids in order.
+    the new ids, ascending (in the order of ``emails``).
     """
     if not emails:
         return []
     due = _aware(now, what="now")
     max_attempts = (settings or get_settings()).email_max_attempts
-    rows = []
+    payloads = []
     rendered: set[str] = set()
     for email in emails:
         recipients = check_recipients(email.to)
@@ -149,20 +161,36 @@ def enqueue_emails(
         if email.template not in rendered:
             render_email(email.template, data)
             rendered.add(email.template)
-        payload = {"template": email.template, "to": recipients, "context": data}
-        rows.append(
-            {
-                "task_type": TaskType.EMAIL_SEND.value,
-                "status": TaskStatus.PENDING.value,
-                "priority": priority,
-                "payload": payload,
-                "attempts": 0,
-                "max_attempts": max_attempts,
-                "next_attempt_at": due,
-            }
-        )
+        payloads.append({"template": email.template, "to": recipients, "context": data})
+    common = {
+        "task_type": TaskType.EMAIL_SEND.value,
+        "status": TaskStatus.PENDING.value,
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "due": due,
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        # One JSON parameter: psycopg would spend longer converting thousands of
+        # placeholders than PostgreSQL spends inserting the rows.
+        params = {**common, "payloads": json.dumps(payloads)}
+        return sorted(int(i) for i in session.execute(_PG_BULK_INSERT, params).scalars())
+    rows = [
+        {**{k: v for k, v in common.items() if k != "due"}, "payload": payload,
+         "attempts": 0, "next_attempt_at": due}
+        for payload in payloads
+    ]  # fmt: skip
     statement = insert(TASKS).returning(TASKS.c.id, sort_by_parameter_order=True)
     return [int(task_id) for task_id in session.execute(statement, rows).scalars()]
+
+
+_PG_BULK_INSERT = text("""
+    INSERT INTO app_tasks
+        (task_type, status, priority, payload, attempts, max_attempts, next_attempt_at)
+    SELECT :task_type, :status, :priority, p.value, 0, :max_attempts, :due
+    FROM jsonb_array_elements(CAST(:payloads AS jsonb)) WITH ORDINALITY AS p(value, n)
+    ORDER BY p.n
+    RETURNING id
+""").bindparams(bindparam("due", type_=TASKS.c.next_attempt_at.type))
 
 
 def due_condition(*, now: datetime) -> ColumnElement[bool]:

@@ -29,18 +29,20 @@ token lives only in the queued email.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, text, update
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
 from backjobs.db import is_postgres, session_scope
+from backjobs.db.types import UTCDateTime
 from backjobs.mail.render import check_address
 from backjobs.models import EmailConfirmationToken, RegistrationStatus, User
 from backjobs.outbox import NewEmail, enqueue_emails
@@ -176,17 +178,10 @@ def warn_batch(
         return replace(batch, invalid=invalid)
     _invalidate_tokens(session, [r.id for r in todo], now=now)
     tokens = {r.id: new_token() for r in todo}
-    session.execute(
-        insert(EmailConfirmationToken),
-        [
-            {
-                "user_id": r.id,
-                "token_hash": hash_token(tokens[r.id]),
-                "expires_at": r.created_at + lifetime,
-                "created_at": now,
-            }
-            for r in todo
-        ],
+    _insert_tokens(
+        session,
+        [(r.id, hash_token(tokens[r.id]), r.created_at + lifetime) for r in todo],
+        now=now,
     )
     emails = [
         NewEmail(r.email, WARNING_TEMPLATE, {
@@ -198,6 +193,29 @@ def warn_batch(
     ]  # fmt: skip
     enqueue_emails(session, emails, now=now, settings=settings)
     return replace(batch, done=len(todo), invalid=invalid)
+
+
+# PostgreSQL: the rows as one JSON parameter (psycopg converts thousands of placeholders
+# slower than PostgreSQL inserts the rows).
+_PG_INSERT_TOKENS = text("""
+    INSERT INTO email_confirmation_tokens (user_id, token_hash, expires_at, created_at)
+    SELECT t.user_id, t.token_hash, t.expires_at, :now
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS t(user_id bigint, token_hash text, expires_at timestamptz)
+""").bindparams(bindparam("now", type_=UTCDateTime()))
+
+
+def _insert_tokens(
+    session: Session, rows: list[tuple[int, str, datetime]], *, now: datetime
+) -> None:
+    if is_postgres(session):
+        data = [{"user_id": u, "token_hash": h, "expires_at": e.isoformat()} for u, h, e in rows]
+        session.execute(_PG_INSERT_TOKENS, {"rows": json.dumps(data), "now": now})
+        return
+    values = [
+        {"user_id": u, "token_hash": h, "expires_at": e, "created_at": now} for u, h, e in rows
+    ]
+    session.execute(insert(EmailConfirmationToken), values)
 
 
 def decline_batch(
