@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     # The confirmation link is APP_BASE_URL (without a trailing "/") + this + the token,
     # appended as is (token_urlsafe needs no escaping): end the path where the token goes.
     confirmation_path: str = "/confirm-email?token="
-    registration_batch_size: PositiveInt = 1000
+    registration_batch_size: Batch = 1000
 
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")
