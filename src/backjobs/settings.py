@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     confirmation_path: str = "/confirm-email?token="
     registration_batch_size: Batch = 1000
 
+    # CleanupJob: ended outbox rows are kept this long.
+    outbox_retention_days: Days = 30
+
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")
     dashboard_token_minutes: Annotated[int, Field(gt=0, le=7 * DAY // MINUTE)] = 60
