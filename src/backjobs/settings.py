@@ -10,7 +10,7 @@ object never shows them.
 from __future__ import annotations
 
 import re
-from email.utils import formataddr, parseaddr
+from email.utils import parseaddr
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -147,7 +147,17 @@ def check_sender(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", domain) or ".." in domain:
         raise ValueError(f"{value!r}: the domain is not a valid host name")
     address = f"{local}@{domain}"
-    return formataddr((name, address)) if name else address
+    return format_sender(name, address)
+
+
+def format_sender(name: str, address: str) -> str:
+    """``Name <address>`` (name quoted when needed); ``formataddr`` refuses non-ASCII
+    addresses, which SMTPUTF8 allows."""
+    if not name:
+        return address
+    if re.search(r'[][\\()<>@,:;".]', name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
 
 
 def load_settings(**overrides: Any) -> Settings:

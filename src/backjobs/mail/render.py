@@ -221,7 +221,12 @@ def legacy_message_id(*, task_id: int, sender: str) -> str:
 
 @lru_cache(maxsize=8)
 def _from_header(sender: str) -> str:
-    return check_header(formataddr(parseaddr(sender), charset="utf-8"), what="sender")
+    name, address = parseaddr(sender)
+    if address.isascii():
+        return check_header(formataddr((name, address), charset="utf-8"), what="sender")
+    # A non-ASCII local part (sent with SMTPUTF8, RFC 6532): the address as UTF-8.
+    encoded = formataddr((name, "x@x"), charset="utf-8").rpartition("<")[0] if name else ""
+    return check_header(f"{encoded}<{address}>", what="sender")
 
 
 @lru_cache(maxsize=8)

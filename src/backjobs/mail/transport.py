@@ -356,6 +356,7 @@ def _mail_from(smtp: smtplib.SMTP, sender: str, email: OutgoingEmail, *, where: 
                 "does not offer SMTPUTF8"
             )
         options = " SMTPUTF8 BODY=8BITMIME"
+        smtp.command_encoding = "utf-8"  # as sendmail does for SMTPUTF8
     code, reply = smtp.docmd("mail", f"FROM:<{sender}>{options}")
     if code != 250:
         _reset(smtp, code)
