@@ -10,8 +10,9 @@ started again 0.3 s later). The server's script, by wall time since the start:
 
 - from the start until the 530 phase ends: ``451`` to a random ``--failure-rate`` of
   RCPTs;
-- 2 s: one sender is **SIGKILLed** mid-batch (and a fresh one started in its place);
-- 4 s: **refused connections** for ``--outage-seconds`` (the listener is closed);
+- once 500 pairs are delivered: one sender is **SIGKILLed** mid-batch (a fresh one is
+  started in its place, as the next scheduled run would be);
+- 2 s later: **refused connections** for ``--outage-seconds`` (the listener is closed);
 - then a **530 phase** (``530 5.7.0 Authentication required`` to MAIL FROM) for 5 s;
 - then healthy, until the outbox is drained.
 
@@ -49,7 +50,7 @@ from backjobs.models import AppTask
 
 SENDER = "bench@backjobs.test"
 LEASE_SECONDS = 6
-KILL_AT, OUTAGE_AT, AUTH_PHASE = 2.0, 4.0, 5.0
+KILL_AFTER_PAIRS, OUTAGE_AFTER_KILL, AUTH_PHASE = 500, 2.0, 5.0
 _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)", re.MULTILINE)
 
 # --- the scripted server (its own process) -----------------------------------------------
@@ -223,15 +224,26 @@ def main() -> None:
         with bench_database("backjobs_bench_faults") as engine:
             expected = seed(engine, args.n)
             url = engine.url.render_as_string(hide_password=False)
-            report = _run(engine, url, port, phase, args, stop_file)
+            report = _run(engine, url, port, phase, args, log_path, stop_file)
             report |= _tally(engine, log_path, expected)
     finally:
         server.terminate()
     _print(args, report)
 
 
+def _lines(path: Path) -> int:
+    with path.open("rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 16), b""))
+
+
 def _run(
-    engine: Engine, url: str, port: int, phase: Any, args: argparse.Namespace, stop_file: Path
+    engine: Engine,
+    url: str,
+    port: int,
+    phase: Any,
+    args: argparse.Namespace,
+    log_path: Path,
+    stop_file: Path,
 ) -> dict[str, Any]:
     start = time.monotonic()
     senders = [_spawn_sender(url, port, str(stop_file)) for _ in range(2)]
@@ -240,19 +252,21 @@ def _run(
     def at(seconds: float) -> None:
         time.sleep(max(0.0, start + seconds - time.monotonic()))
 
-    at(KILL_AT)
+    while _lines(log_path) < KILL_AFTER_PAIRS and time.monotonic() - start < 120:
+        time.sleep(0.01)
     senders[0].send_signal(signal.SIGKILL)
     senders[0].wait()
-    timeline.append((time.monotonic() - start, "SIGKILL sender 1"))
-    killed_rows = _held_by_killed(engine)
+    killed_at = time.monotonic() - start
+    timeline.append((killed_at, "SIGKILL sender 1"))
     senders.append(_spawn_sender(url, port, str(stop_file)))  # the next scheduled run
-    at(OUTAGE_AT)
+    killed_rows = _held_by_killed(engine)
+    at(killed_at + OUTAGE_AFTER_KILL)
     phase.value = REFUSING
     timeline.append((time.monotonic() - start, "connections refused"))
-    at(OUTAGE_AT + args.outage_seconds)
+    at(killed_at + OUTAGE_AFTER_KILL + args.outage_seconds)
     phase.value = AUTH
     timeline.append((time.monotonic() - start, "530 to MAIL FROM"))
-    at(OUTAGE_AT + args.outage_seconds + AUTH_PHASE)
+    at(killed_at + OUTAGE_AFTER_KILL + args.outage_seconds + AUTH_PHASE)
     phase.value = HEALTHY
     timeline.append((time.monotonic() - start, "healthy"))
     while _open_rows(engine) and time.monotonic() - start < 600:

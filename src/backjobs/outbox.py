@@ -7,8 +7,9 @@ caused it commits. The payload holds what rendering needs later and nothing else
     {"template": "generic", "to": ["a@example.com"], "context": {...},
      "message_id": "<random@sender-domain>"}
 
-plus, once some recipients have it, ``delivered_to`` (and ``refused``: recipients dropped
-after a 5xx). The Message-ID is made once here and reused by every resend.
+plus, once a recipient was refused, ``delivered_to`` (who has it) and ``refused``
+(recipients dropped after a 5xx); a completed row without them reached all of ``to``.
+The Message-ID is made once here and reused by every resend.
 
 Two clocks. ``as_of`` (the job's clock) decides only what is *due*: a pending row whose
 ``next_attempt_at <= as_of``. Everything that coordinates live senders runs on the real
@@ -325,6 +326,15 @@ def _update_each(
     *,
     due: bool = False,
 ) -> None:
+    plain = [r.id for r in rows if r.payload is None and getattr(r, text_field) is None]
+    if plain and not due:  # the common case (sent, nothing to note): one statement
+        session.execute(
+            update(TASKS)
+            .where(TASKS.c.id.in_(plain), _owned(token))
+            .values({**values, "last_error": None})
+        )
+        done = set(plain)
+        rows = [r for r in rows if r.id not in done]
     # One executemany per shape: rows with a new payload, rows keeping theirs.
     for new_payload in (False, True):
         group = [r for r in rows if (r.payload is not None) is new_payload]

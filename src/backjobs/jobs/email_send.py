@@ -211,7 +211,7 @@ class _InFlight:
     futures: list[Future[_Outcome]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Drain:
     engine: Engine
     pool: ThreadPoolExecutor
@@ -221,6 +221,7 @@ class _Drain:
     transport: Transport
     rng: random.Random
     halt: _Halt
+    last_renewal: float = field(default_factory=time.monotonic)
 
     @property
     def lease(self) -> timedelta:
@@ -263,11 +264,11 @@ class _Drain:
         return self._record(in_flight.token, [future.result() for future in in_flight.futures])
 
     def _renew_due(self, every: float) -> bool:
-        last = getattr(self, "_last_renewal", None)
+        # wait() returns at every finished send: renew at most once per interval.
         current = time.monotonic()
-        if last is not None and current - last < every:
+        if current - self.last_renewal < every:
             return False
-        object.__setattr__(self, "_last_renewal", current)
+        self.last_renewal = current
         return True
 
     def _record(self, token: str, outcomes: list[_Outcome]) -> _Tally:
@@ -383,7 +384,9 @@ def _acks(
             released.append(task.id)
         elif o.delivery is Delivery.SENT:
             payload = _bookkept(task.payload, o)
-            sent.append(Sent(task.id, _dropped_note(payload, o), _scrubbed(payload)))
+            changed = payload is not task.payload or _secret_fields_in(payload)
+            note = _dropped_note(payload, o)
+            sent.append(Sent(task.id, note, _scrubbed(payload) if changed else None))
         elif o.delivery is Delivery.PERMANENT:
             failures.append(Failure(task.id, o.detail or "", _scrubbed_or_none(task.payload)))
         elif task.attempts >= task.max_attempts:  # PARTIAL or TRANSIENT, nothing left
@@ -408,8 +411,9 @@ def _acks(
 
 
 def _bookkept(payload: Any, outcome: _Outcome) -> Any:
-    """The payload with who has the message now, and who was dropped for good."""
-    if not (outcome.accepted or outcome.refusals) or not isinstance(payload, Mapping):
+    """The payload with who has the message now, and who was dropped for good (the same
+    object when nobody was refused, now or before: nothing to record)."""
+    if not isinstance(payload, Mapping) or not (outcome.refusals or "delivered_to" in payload):
         return payload
     delivered = [*payload.get("delivered_to", ()), *outcome.accepted]
     dropped = [*payload.get("refused", ()), *(r.address for r in outcome.refusals if r.permanent)]
