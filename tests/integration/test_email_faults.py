@@ -6,6 +6,7 @@ Real SQLite and PostgreSQL (``db`` fixtures), a real aiosmtpd server scripted pe
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -359,3 +360,24 @@ def test_non_ascii_sender_uses_smtputf8_or_fails_the_run_clearly(
                 "pending",
                 0,
             )
+
+
+def test_a_server_that_never_answers_is_its_fault(
+    app_env: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout before the message (no greeting) uses no attempt and fails the run."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections complete in the backlog; nobody ever speaks
+        setenv(
+            monkeypatch,
+            email_transport="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=silent.getsockname()[1],
+            smtp_timeout_seconds=0.5,
+        )
+        task_id = enqueue(app_env, "a@example.com")
+        with pytest.raises(EmailServerUnavailable, match="timed out"):
+            drain(app_env, now=real_now())
+    task = row(app_env, task_id)
+    assert (task.status, task.attempts, task.last_error) == ("pending", 0, None)
