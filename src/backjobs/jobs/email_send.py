@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -211,7 +211,7 @@ class _InFlight:
     futures: list[Future[_Outcome]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Drain:
     engine: Engine
     pool: ThreadPoolExecutor
@@ -221,7 +221,6 @@ class _Drain:
     transport: Transport
     rng: random.Random
     halt: _Halt
-    last_renewal: float = field(default_factory=time.monotonic)
 
     @property
     def lease(self) -> timedelta:
@@ -256,20 +255,14 @@ class _Drain:
         tokens = [b.token for b in (in_flight, also_renew) if b is not None]
         every = max(0.05, self.settings.email_lease_seconds / 3)
         pending: set[Future[_Outcome]] = set(in_flight.futures)
-        while pending:
-            _, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
-            if pending and self._renew_due(every):
-                with session_scope(self.engine) as session:
-                    outbox.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
+        while True:
+            # Wakes once the whole batch is done, or every lease/3 to renew the leases.
+            _, pending = wait(pending, timeout=every)
+            if not pending:
+                break
+            with session_scope(self.engine) as session:
+                outbox.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
         return self._record(in_flight.token, [future.result() for future in in_flight.futures])
-
-    def _renew_due(self, every: float) -> bool:
-        # wait() returns at every finished send: renew at most once per interval.
-        current = time.monotonic()
-        if current - self.last_renewal < every:
-            return False
-        self.last_renewal = current
-        return True
 
     def _record(self, token: str, outcomes: list[_Outcome]) -> _Tally:
         at = self.wall()
