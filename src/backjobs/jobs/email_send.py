@@ -45,19 +45,28 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Any
 
 from sqlalchemy import Engine
 
 from backjobs import outbox
 from backjobs.db import session_scope
-from backjobs.mail.render import build_message, check_recipients, render_email, sensitive_fields
+from backjobs.jobs.email_payload import (
+    bookkept,
+    dropped_note,
+    read_payload,
+    scrubbed,
+    scrubbed_or_none,
+    secret_fields_in,
+    still_owed,
+    stored_message_id,
+)
+from backjobs.mail.render import build_message, render_email
 from backjobs.mail.transport import (
     RecipientsRefused,
     Refusal,
@@ -65,7 +74,7 @@ from backjobs.mail.transport import (
     ServerUnavailable,
     Transport,
 )
-from backjobs.outbox import Acks, ClaimedTask, Failure, MalformedPayload, Retry, Sent
+from backjobs.outbox import Acks, ClaimedTask, Failure, Retry, Sent
 from backjobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -285,27 +294,6 @@ def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-def read_payload(payload: Any) -> tuple[list[str], str, dict[str, Any]]:
-    """(recipients, template, context) from a stored payload; ``ValueError`` if malformed."""
-    if isinstance(payload, MalformedPayload):
-        raise ValueError(str(payload))
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"payload is {type(payload).__name__}, not an object")
-    template, context = payload.get("template"), payload.get("context")
-    if not isinstance(template, str) or not isinstance(context, Mapping):
-        raise ValueError("payload needs a 'template' string and a 'context' object")
-    to = payload.get("to")
-    if not isinstance(to, str | list) or not all(isinstance(a, str) for a in to):
-        raise ValueError("payload 'to' must be an address or a list of addresses")
-    return check_recipients(to), template, dict(context)
-
-
-def still_owed(payload: Mapping[str, Any], to: list[str]) -> list[str]:
-    """Recipients who neither have the message nor were dropped (payload bookkeeping)."""
-    done = {a.lower() for a in (*payload.get("delivered_to", ()), *payload.get("refused", ()))}
-    return [address for address in to if address.lower() not in done]
-
-
 def _deliver(
     task: ClaimedTask,
     *,
@@ -330,7 +318,7 @@ def _deliver(
             to=to,
             sender=settings.email_from,
             date=wall(),  # the real time of sending, whatever the job's as_of
-            message_id=_stored_message_id(task.payload),
+            message_id=stored_message_id(task.payload),
             envelope_to=still_owed(task.payload, to),
         )
     except (ValueError, TypeError) as exc:
@@ -359,11 +347,6 @@ def _deliver(
     return _Outcome(task, delivery, note, accepted=accepted, refusals=tuple(refusals))
 
 
-def _stored_message_id(payload: Any) -> str | None:
-    value = payload.get("message_id")
-    return value if isinstance(value, str) and value else None
-
-
 def _acks(
     outcomes: list[_Outcome], *, at: datetime, settings: Settings, rng: random.Random
 ) -> tuple[Acks, _Tally]:
@@ -373,19 +356,19 @@ def _acks(
     released: list[int] = []
     for o in outcomes:
         task = o.task
+        # Who has it now (a new payload only when a recipient was refused, now or before).
+        payload = bookkept(task.payload, accepted=o.accepted, refusals=o.refusals)
+        news = payload is not task.payload
         if o.delivery is Delivery.UNTRIED:
             released.append(task.id)
         elif o.delivery is Delivery.SENT:
-            payload = _bookkept(task.payload, o)
-            changed = payload is not task.payload or _secret_fields_in(payload)
-            note = _dropped_note(payload, o)
-            sent.append(Sent(task.id, note, _scrubbed(payload) if changed else None))
+            ended = scrubbed(payload) if news or secret_fields_in(payload) else None
+            sent.append(Sent(task.id, dropped_note(payload, o.detail), ended))
         elif o.delivery is Delivery.PERMANENT:
-            failures.append(Failure(task.id, o.detail or "", _scrubbed_or_none(task.payload)))
+            failures.append(Failure(task.id, o.detail or "", scrubbed_or_none(task.payload)))
         elif task.attempts >= task.max_attempts:  # PARTIAL or TRANSIENT, nothing left
-            payload = _bookkept(task.payload, o)
             error = f"attempts exhausted ({task.attempts}): {o.detail or ''}"
-            failures.append(Failure(task.id, error, _scrubbed(payload)))
+            failures.append(Failure(task.id, error, scrubbed(payload)))
         else:
             delay = backoff_seconds(
                 attempt=task.attempts,
@@ -393,54 +376,11 @@ def _acks(
                 cap=settings.email_backoff_max_seconds,
                 rng=rng,
             )
-            payload = _bookkept(task.payload, o) if o.accepted or o.refusals else None
-            retries.append(Retry(task.id, o.detail or "", at + timedelta(seconds=delay), payload))
+            due = at + timedelta(seconds=delay)
+            retries.append(Retry(task.id, o.detail or "", due, payload if news else None))
     for failure in failures:
         logger.error("app task %s failed: %s", failure.id, failure.error)
     tally = _Tally(
         sent=len(sent), retried=len(retries), failed=len(failures), released=len(released)
     )
     return Acks(sent=sent, retries=retries, failures=failures, released=released), tally
-
-
-def _bookkept(payload: Any, outcome: _Outcome) -> Any:
-    """The payload with who has the message now, and who was dropped for good (the same
-    object when nobody was refused, now or before: nothing to record)."""
-    if not isinstance(payload, Mapping) or not (outcome.refusals or "delivered_to" in payload):
-        return payload
-    delivered = [*payload.get("delivered_to", ()), *outcome.accepted]
-    dropped = [*payload.get("refused", ()), *(r.address for r in outcome.refusals if r.permanent)]
-    updated = {**payload, "delivered_to": delivered}
-    if dropped:
-        updated["refused"] = dropped
-    return updated
-
-
-def _dropped_note(payload: Any, outcome: _Outcome) -> str | None:
-    if outcome.detail:
-        return outcome.detail
-    dropped = payload.get("refused") if isinstance(payload, Mapping) else None
-    return f"not delivered to: {', '.join(dropped)}" if dropped else None
-
-
-def _secret_fields_in(payload: Any) -> frozenset[str]:
-    if not isinstance(payload, Mapping) or not isinstance(payload.get("context"), Mapping):
-        return frozenset()
-    template = payload.get("template")
-    if not isinstance(template, str):
-        return frozenset()
-    return sensitive_fields(template) & set(payload["context"])
-
-
-def _scrubbed(payload: Any) -> Any:
-    """``payload`` without its template's secret fields (the row has ended)."""
-    secrets = _secret_fields_in(payload)
-    if not secrets:
-        return payload
-    context = {key: None if key in secrets else value for key, value in payload["context"].items()}
-    return {**payload, "context": context}
-
-
-def _scrubbed_or_none(payload: Any) -> Any:
-    # None: keep the stored payload as it is (nothing secret in it).
-    return _scrubbed(payload) if _secret_fields_in(payload) else None
