@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
-LEASE = 5  # seconds, on the real clock; renewed by a live sender, not by a killed one
+LEASE = 10  # seconds, on the real clock; renewed by a live sender, not by a killed one
 
 
 def run(db: Database, *, now: datetime = NOW) -> EmailSendResult:
