@@ -1,0 +1,1 @@
+"""Prefect-facing parts: the job base, prefect.yaml, the dashboard gate, the local stack."""
