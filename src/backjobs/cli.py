@@ -190,6 +190,8 @@ def _dashboard(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     _prefect_defaults()
+    # The server process has no flow run to send its own logs to.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     config = dashboard_config(settings, host=args.host, port=args.port)
     engine = make_engine(config.database_url)
     try:

@@ -92,13 +92,15 @@ class Settings(BaseSettings):
     dashboard_token_minutes: Annotated[int, Field(gt=0, le=1440)] = 60
 
     # Dashboard gate (backjobs dashboard): where it listens, the URL browsers use to reach
-    # it (default http://HOST:PORT), the app's sign-in page for its 401 page, and the
-    # machine credential Prefect clients send as PREFECT_API_AUTH_STRING.
+    # it (default http://HOST:PORT), the app's sign-in page for its 401 page, the machine
+    # credential Prefect clients send as PREFECT_API_AUTH_STRING, and how long "is this
+    # user an admin" is remembered (at most 30 s: a demoted admin is out within that).
     dashboard_host: str = "127.0.0.1"
     dashboard_port: Annotated[int, Field(ge=0, lt=65536)] = 4200
     dashboard_public_url: str | None = None
     dashboard_login_url: str | None = None
     dashboard_auth_string: SecretStr | None = None
+    dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
 
     @field_validator("database_url")
     @classmethod

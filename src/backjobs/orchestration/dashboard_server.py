@@ -44,6 +44,7 @@ class DashboardConfig:
     auth_string: str | None
     login_url: str | None
     database_url: str
+    admin_cache_seconds: float = 30.0
 
 
 def dashboard_config(settings: Settings, *, host: str | None, port: int | None) -> DashboardConfig:
@@ -61,6 +62,7 @@ def dashboard_config(settings: Settings, *, host: str | None, port: int | None) 
         ),
         login_url=settings.dashboard_login_url,
         database_url=settings.database_url,
+        admin_cache_seconds=settings.dashboard_admin_cache_seconds,
     )
 
 
@@ -152,9 +154,7 @@ class _NoQueryString(logging.Filter):
         return True
 
 
-def serve_dashboard(
-    config: DashboardConfig, *, engine: Engine, admin_cache_seconds: float = 30.0
-) -> None:
+def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
     """Check, bind, and serve until SIGINT/SIGTERM. Raises :class:`DashboardError`."""
     check_secret(config)
     check_prefect_auth_setting()
@@ -165,6 +165,10 @@ def serve_dashboard(
 
         warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
+    # Prefect re-applies its logging config whenever it builds an in-process client, at
+    # PREFECT_SERVER_LOGGING_LEVEL (WARNING): keep uvicorn's access log (query strings
+    # dropped by _NoQueryString) and start-up lines at INFO.
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_UVICORN_LEVEL", "INFO")
     import prefect.settings
     import uvicorn
     from prefect.server.api.server import create_app
@@ -179,7 +183,7 @@ def serve_dashboard(
         gate = DashboardGate(
             create_app(final=True),
             secret=config.secret,
-            admins=AdminDirectory(engine, cache_seconds=admin_cache_seconds),
+            admins=AdminDirectory(engine, cache_seconds=config.admin_cache_seconds),
             auth_string=config.auth_string,
             public_url=config.public_url,
             login_url=config.login_url,
@@ -188,5 +192,6 @@ def serve_dashboard(
             uvicorn.Config(gate, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
         )
         logging.getLogger("uvicorn.access").addFilter(_NoQueryString())
+        logging.getLogger("backjobs.orchestration").setLevel(logging.INFO)
         print(f"backjobs dashboard: serving {config.public_url} (API {config.public_url}/api)")
         server.run(sockets=[sock])
