@@ -51,9 +51,7 @@ def test_expired_refresh_tokens_are_deleted_in_batches(db: Database, batch_size:
         )
         s.commit()
     batches = list(
-        iter_delete_batches(
-            db.engine, RefreshToken.expires_at, before=NOW, batch_size=batch_size
-        )
+        iter_delete_batches(db.engine, RefreshToken.expires_at, before=NOW, batch_size=batch_size)
     )
     assert sum(batches) == 10
     assert max(batches) <= batch_size
