@@ -1,7 +1,7 @@
 .PHONY: test run lint
-test:  ## set up .venv and run every test
+test:  ## set up .venv and run every test (lint first)
 	./scripts/test
-run:   ## set up .venv, migrate the embedded database, run cleanup-job
+run:   ## set up .venv and start the system
 	./scripts/run
-lint:  ## ruff and mypy (strict on src/)
-	bash -c "source scripts/_venv.sh && .venv/bin/ruff check . && .venv/bin/mypy"
+lint:  ## ruff check, ruff format --check, mypy strict (src, flows, tasks)
+	bash -c "source scripts/_venv.sh && .venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy"

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, make_url, text
 
 from backjobs.db import make_engine
-from backjobs.migrate import upgrade_engine
+from backjobs.db.migrate import upgrade_engine
 
 ADMIN_URL = os.environ.get(
     "BACKJOBS_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from _pg import bench_database
 from sqlalchemy import Engine, text
 
-from backjobs.batched_delete import iter_delete_batches
+from backjobs.db.batched_delete import iter_delete_batches
 from backjobs.models import RefreshToken
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

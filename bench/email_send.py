@@ -39,11 +39,11 @@ from _pg import bench_database
 from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.orm import Session
 
-from backjobs.email_send import send_due_emails
-from backjobs.emails import build_message, render_email, validate_context
+from backjobs.jobs.email_send import send_due_emails
+from backjobs.mail.render import build_message, render_email, validate_context
+from backjobs.mail.transport import make_transport
 from backjobs.models import AppTask
 from backjobs.settings import load_settings
-from backjobs.transport import make_transport
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 SENDER = "bench@backjobs.test"

@@ -6,10 +6,11 @@ Creates its own database through the admin URL ``BACKJOBS_BENCH_DATABASE_URL`` (
 ``postgresql://postgres@127.0.0.1:5432/test``) and drops it at the end.
 
 1. *due today*: ``--n`` definitions (weekly, monthly, yearly) each due once today. The job
-   (``backjobs.recurring.process_recurring``, the domain function the flow's task calls,
-   without Prefect's fixed per-run overhead) against the best hand-written single
-   ``INSERT ... SELECT`` creating the same rows (the baseline of ``ratio``), and against
-   one statement that also advances last_processed_date (the job's full work).
+   (``backjobs.jobs.recurring_transactions.process_recurring_transactions``, the domain
+   function the flow's task calls, without Prefect's fixed per-run overhead) against the
+   best hand-written single ``INSERT ... SELECT`` creating the same rows (the baseline of
+   ``ratio``), and against one statement that also advances last_processed_date (the
+   job's full work).
 2. *catch-up*: ``--catch-up-n`` monthly definitions never processed, started
    ``--years`` years ago, against a ``generate_series`` ``INSERT ... SELECT``.
 
@@ -30,8 +31,9 @@ from datetime import UTC, date, datetime, timedelta
 from _pg import bench_database
 from sqlalchemy import Engine, text
 
-from backjobs.recurrence import add_months
-from backjobs.recurring import DEFAULT_BATCH_SIZE, process_recurring
+from backjobs.jobs.recurrence import add_months
+from backjobs.jobs.recurring_transactions import process_recurring_transactions
+from backjobs.settings import Settings, load_settings
 
 COLUMNS = "(owner_id, amount, currency, description, occurred_on, recurring_transaction_id)"
 DUE = (
@@ -228,7 +230,9 @@ def main() -> None:
     parser.add_argument("--catch-up-n", type=int, default=10_000, help="catch-up definitions")
     parser.add_argument("--years", type=int, default=10, help="years of missed occurrences")
     parser.add_argument("--rounds", type=int, default=3, help="runs per method; best counts")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--batch-size", type=int, default=Settings.model_fields["recurring_batch_size"].default
+    )
     args = parser.parse_args()
     now = datetime.now(UTC)
     today = now.date()
@@ -242,7 +246,8 @@ def run_scenarios(
     engine: Engine, *, args: argparse.Namespace, now: datetime, today: date
 ) -> list[dict[str, object]]:
     def job() -> object:
-        return process_recurring(engine, as_of=now, batch_size=args.batch_size)
+        settings = load_settings(recurring_batch_size=args.batch_size)
+        return process_recurring_transactions(engine, now=now, settings=settings)
 
     seed_due_today(engine, n=args.n, today=today)
     results = measure(
@@ -252,7 +257,7 @@ def run_scenarios(
         rounds=args.rounds,
         reset=lambda: reset_due_today(engine, today=today),
         methods={
-            "job (process_recurring)": job,
+            "job (process_recurring_transactions)": job,
             "baseline: INSERT ... SELECT": sql(engine, BASELINE_INSERT, today=today),
             "hand-written insert + advance": sql(engine, BASELINE_INSERT_AND_ADVANCE, today=today),
         },
@@ -266,7 +271,7 @@ def run_scenarios(
         rounds=args.rounds,
         reset=lambda: reset_catch_up(engine),
         methods={
-            "job (process_recurring)": job,
+            "job (process_recurring_transactions)": job,
             "baseline: generate_series INSERT": sql(
                 engine, BASELINE_CATCH_UP, today=today, max_k=12 * args.years + 1
             ),
@@ -280,10 +285,10 @@ def run_scenarios(
 def summarize(results: list[dict[str, object]], *, args: argparse.Namespace) -> None:
     by = {(r["scenario"], r["method"]): r for r in results}
     catch = f"catch-up {args.years}y monthly"
-    job = float(by["due today", "job (process_recurring)"]["definitions_per_s"])  # type: ignore[arg-type]
+    job = float(by["due today", "job (process_recurring_transactions)"]["definitions_per_s"])  # type: ignore[arg-type]
     base = float(by["due today", "baseline: INSERT ... SELECT"]["definitions_per_s"])  # type: ignore[arg-type]
     full = float(by["due today", "hand-written insert + advance"]["definitions_per_s"])  # type: ignore[arg-type]
-    cjob = float(by[catch, "job (process_recurring)"]["rows_per_s"])  # type: ignore[arg-type]
+    cjob = float(by[catch, "job (process_recurring_transactions)"]["rows_per_s"])  # type: ignore[arg-type]
     cbase = float(by[catch, "baseline: generate_series INSERT"]["rows_per_s"])  # type: ignore[arg-type]
     print(
         json.dumps(
@@ -295,8 +300,10 @@ def summarize(results: list[dict[str, object]], *, args: argparse.Namespace) -> 
                 "insert_and_advance_definitions_per_s": full,
                 "catch_up_definitions": args.catch_up_n,
                 "catch_up_years": args.years,
-                "catch_up_rows": by[catch, "job (process_recurring)"]["rows"],
-                "catch_up_job_seconds": by[catch, "job (process_recurring)"]["seconds"],
+                "catch_up_rows": by[catch, "job (process_recurring_transactions)"]["rows"],
+                "catch_up_job_seconds": by[catch, "job (process_recurring_transactions)"][
+                    "seconds"
+                ],
                 "catch_up_job_rows_per_s": cjob,
                 "catch_up_baseline_rows_per_s": cbase,
                 "catch_up_ratio": round(cjob / cbase, 3),

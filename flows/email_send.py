@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from backjobs.email_send import EmailSendResult
-from backjobs.jobbase import job_flow
-from tasks.email_send import send_due_emails_task
+from backjobs.jobs.email_send import EmailSendResult
+from backjobs.orchestration.jobbase import job_flow
+from tasks.email_send import send_due_emails
 
 
-def _email_send(as_of: datetime) -> EmailSendResult:
+@job_flow("EmailSendJob")
+def email_send_job(as_of: datetime) -> EmailSendResult:
     """Send the due emails of the outbox (priority, then age), retrying transient failures."""
-    counts = send_due_emails_task(as_of)
-    return EmailSendResult(**counts)
-
-
-email_send_job = job_flow("EmailSendJob")(_email_send)
+    return send_due_emails(as_of)

@@ -7,23 +7,19 @@ still completes, so one bad row never blocks everybody else's transactions.
 
 A disabled definition is skipped; re-enabled, it catches up from its last_processed_date,
 disabled period included (the app sets last_processed_date on re-enabling to skip it).
-See :mod:`backjobs.recurring` for the exactly-once argument.
+See :mod:`backjobs.jobs.recurring_transactions` for the exactly-once argument.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from backjobs.jobbase import job_flow
-from backjobs.recurring import RecurringResult
-from tasks.recurring_transactions import create_recurring_transactions
+from backjobs.jobs.recurring_transactions import RecurringTransactionsResult
+from backjobs.orchestration.jobbase import job_flow
+from tasks.recurring_transactions import process_recurring_transactions
 
 
-def _process_recurring_transactions(as_of: datetime) -> RecurringResult:
+@job_flow("ProcessRecurringTransactionsJob")
+def process_recurring_transactions_job(as_of: datetime) -> RecurringTransactionsResult:
     """Create the due transactions of every enabled recurring definition up to as_of."""
-    return create_recurring_transactions(as_of)
-
-
-process_recurring_transactions_job = job_flow("ProcessRecurringTransactionsJob")(
-    _process_recurring_transactions
-)
+    return process_recurring_transactions(as_of)

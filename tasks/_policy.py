@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
 from backjobs.db import is_transient_error
@@ -19,7 +18,8 @@ from backjobs.db import is_transient_error
 DB_RETRIES = 3
 
 
-def retry_on_transient(_task: Any, _task_run: TaskRun, state: State[Any]) -> bool:
+def retry_on_transient(task_obj: Any, run: TaskRun, state: State[Any]) -> bool:
+    """Retry only a transient database error (the task and its run are not consulted)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:

@@ -11,24 +11,21 @@ from datetime import datetime
 from prefect import task
 
 from backjobs.db import get_engine
-from backjobs.email_send import send_due_emails
+from backjobs.jobs import email_send
+from backjobs.jobs.email_send import EmailSendResult
+from backjobs.mail.transport import make_transport
 from backjobs.settings import get_settings
-from backjobs.transport import make_transport
 from tasks._policy import DB_TASK_OPTIONS
 
 
-@task(name="send-due-emails", **DB_TASK_OPTIONS)
-def send_due_emails_task(as_of: datetime) -> dict[str, int]:
-    """Send the emails due at as_of, within the time budget; return the counts."""
+@task(**DB_TASK_OPTIONS)
+def send_due_emails(as_of: datetime) -> EmailSendResult:
+    """Send the emails due at as_of, within the time budget."""
     settings = get_settings()
     transport = make_transport(settings)
     try:
-        result = send_due_emails(get_engine(), now=as_of, settings=settings, transport=transport)
+        return email_send.send_due_emails(
+            get_engine(), now=as_of, settings=settings, transport=transport
+        )
     finally:
         transport.close()
-    return {
-        "sent": result.sent,
-        "retried": result.retried,
-        "failed": result.failed,
-        "left": result.left,
-    }

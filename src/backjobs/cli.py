@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_as_of(value: str) -> datetime:
     """ISO-8601; ``Z`` accepted; a value without offset is UTC."""
-    from backjobs.jobbase import to_utc
+    from backjobs.orchestration.jobbase import to_utc
 
     try:
         return to_utc(datetime.fromisoformat(value))
@@ -89,7 +89,7 @@ def parse_as_of(value: str) -> datetime:
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from backjobs.db import normalize_url
-    from backjobs.migrate import upgrade
+    from backjobs.db.migrate import upgrade
     from backjobs.settings import get_settings
 
     url = get_settings().database_url
@@ -101,8 +101,8 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from backjobs.deployments import find_project_file, load_job_flow
-    from backjobs.jobbase import result_rows
+    from backjobs.orchestration.jobbase import result_rows
+    from backjobs.orchestration.prefect_yaml import find_project_file, load_job_flow
     from backjobs.settings import get_settings
 
     get_settings()  # fail on a bad setting before starting Prefect
@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _trigger(args: argparse.Namespace) -> int:
     """Deployments are named after their flow: ``cleanup-job/cleanup-job``."""
-    from backjobs.deployments import find_deployment, find_project_file
+    from backjobs.orchestration.prefect_yaml import find_deployment, find_project_file
 
     deployment = find_deployment(find_project_file(args.project_dir), args.job)
     if not os.environ.get("PREFECT_API_URL"):
@@ -148,7 +148,7 @@ def _trigger(args: argparse.Namespace) -> int:
 
 
 def _deployments_check(args: argparse.Namespace) -> int:
-    from backjobs.deployments import check_project_file, find_project_file
+    from backjobs.orchestration.prefect_yaml import check_project_file, find_project_file
 
     path = find_project_file(None) if args.file is None else args.file
     problems = check_project_file(path)

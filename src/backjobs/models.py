@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from backjobs.types import Money, UTCDateTime
+from backjobs.db.types import Money, UTCDateTime
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",

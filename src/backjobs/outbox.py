@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement
 
-from backjobs.emails import check_recipients, render_email, validate_context
+from backjobs.mail.render import check_recipients, render_email, validate_context
 from backjobs.models import AppTask, TaskStatus, TaskType
 from backjobs.settings import Settings, get_settings
 

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     email_connections: Annotated[int, Field(gt=0, le=64)] = 4
     email_time_budget_seconds: PositiveFloat = 90.0
 
+    # ProcessRecurringTransactionsJob.
+    recurring_batch_size: PositiveInt = 5000
+
     # Registration jobs.
     pending_user_notification_days: PositiveInt = 3
     registration_confirmation_days: PositiveInt = 7
@@ -128,7 +131,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(_explain(exc)) from None
 
 
 @lru_cache(maxsize=1)
@@ -137,7 +140,7 @@ def get_settings() -> Settings:
     return load_settings()
 
 
-def _describe(exc: ValidationError) -> str:
+def _explain(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])

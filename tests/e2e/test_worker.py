@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from backjobs.models import RefreshToken, User
-from tests.conftest import Database
+from tests.support.databases import Database
 
 pytestmark = pytest.mark.slow
 

@@ -3,65 +3,20 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from sqlalchemy import func, select
 
-from backjobs.models import Marker, RefreshToken, StoredFile, User
+from backjobs.jobs.cleanup import CleanupResult
 from backjobs.settings import get_settings
-from flows.cleanup import CleanupResult, cleanup_job
-from tests.conftest import Database
+from flows.cleanup import cleanup_job
+from tests.support.databases import Database
+from tests.support.seeding import CLEANUP_AS_OF as AS_OF
+from tests.support.seeding import cleanup_counts as counts
+from tests.support.seeding import seed_cleanup as seed
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-AS_OF = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-def seed(db: Database, storage_root: Path, *, stuck: bool = False) -> None:
-    """Two rows to delete and one to keep in each table."""
-    (storage_root / "up").mkdir(parents=True, exist_ok=True)
-    for name in ("old-a", "old-b", "new"):
-        (storage_root / "up" / name).write_bytes(b"x")
-    with db.session() as s:
-        user = User(email="owner@example.com")
-        s.add(user)
-        s.flush()
-        old, new = AS_OF - timedelta(days=40), AS_OF - timedelta(hours=1)
-        s.add_all(
-            [
-                RefreshToken(user_id=user.id, token_hash=f"t{i}", expires_at=t)
-                for i, t in enumerate([old, new, AS_OF + timedelta(days=1)])
-            ]
-        )
-        s.add_all(
-            [
-                Marker(owner_id=user.id, title=f"m{i}", deleted_at=t)
-                for i, t in enumerate([old, old, new])
-            ]
-        )
-        s.add_all(
-            [
-                StoredFile(owner_id=user.id, storage_key=f"up/{k}", created_at=t)
-                for k, t in [("old-a", old), ("old-b", old), ("new", new)]
-            ]
-        )
-        if stuck:
-            (storage_root / "up" / "stuck").mkdir()
-            (storage_root / "up" / "stuck" / "f").write_bytes(b"x")
-            s.add(StoredFile(owner_id=user.id, storage_key="up/stuck", created_at=old))
-        s.commit()
-
-
-def counts(db: Database) -> tuple[int, int, int]:
-    with db.session() as s:
-        return tuple(  # type: ignore[return-value]
-            s.scalar(select(func.count()).select_from(m))
-            for m in (RefreshToken, Marker, StoredFile)
-        )
 
 
 def artifacts_of(flow_run_id: object) -> dict[str, object]:
@@ -92,10 +47,10 @@ def test_a_failing_part_fails_the_run_by_name_and_spares_the_others(app_env: Dat
     seed(app_env, get_settings().storage_root, stuck=True)
     state = cleanup_job(as_of=AS_OF, return_state=True)
     assert state.is_failed()
-    assert "orphaned-files" in (state.message or "")
+    assert "remove_orphaned_files" in (state.message or "")
     with pytest.raises(ExceptionGroup) as raised:
         state.result()
-    assert "1 of 3 parts failed: orphaned-files" in str(raised.value)
+    assert "cleanup-job: 1 of 3 parts failed: remove_orphaned_files" in str(raised.value)
     # Tokens and markers were deleted; of the files only the stuck one is left.
     assert counts(app_env) == (1, 1, 2)
 

@@ -6,14 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from backjobs.email_send import EmailSendResult
+from backjobs.jobs.email_send import EmailSendResult
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from flows.email_send import email_send_job
-from tests.conftest import Database
-from tests.smtp_server import SmtpServer, smtp_env_fixture, smtp_server_fixture
-
-__all__ = ["smtp_env_fixture", "smtp_server_fixture"]
+from tests.support.databases import Database
+from tests.support.smtp import SmtpServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from backjobs.jobbase import job_flow
+from backjobs.orchestration.jobbase import job_flow
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

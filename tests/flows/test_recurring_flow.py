@@ -11,10 +11,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from sqlalchemy import select
 
+from backjobs.jobs.recurring_transactions import RecurringTransactionsResult
 from backjobs.models import RecurringTransaction, Transaction, User
-from backjobs.recurring import RecurringResult
 from flows.recurring_transactions import process_recurring_transactions_job
-from tests.conftest import Database
+from tests.support.databases import Database
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -52,7 +52,7 @@ def test_the_flow_creates_each_occurrence_once(app_env: Database) -> None:
     seed(app_env)
     state = process_recurring_transactions_job(as_of=AS_OF, return_state=True)
     assert state.is_completed()
-    assert state.result() == RecurringResult(
+    assert state.result() == RecurringTransactionsResult(
         through="2028-03-01",
         definitions_processed=2,
         transactions_created=10,

@@ -8,7 +8,7 @@ import pytest
 from prefect import flow, task
 
 from tasks._policy import DB_TASK_OPTIONS
-from tests.integration.test_transient_errors import error_of
+from tests.support.db_errors import error_of
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

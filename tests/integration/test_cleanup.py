@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from backjobs import cleanup
-from backjobs.batched_delete import iter_delete_batches
+from backjobs.db.batched_delete import iter_delete_batches
+from backjobs.jobs import cleanup
 from backjobs.models import Marker, RefreshToken, StoredFile, User
-from backjobs.storage import LocalFileStorage
-from tests.conftest import Database
+from backjobs.settings import load_settings
+from tests.support.databases import Database
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -57,12 +57,15 @@ def test_expired_refresh_tokens_are_deleted_in_batches(db: Database, batch_size:
     assert max(batches) <= batch_size
     with db.session() as s:
         assert set(s.scalars(select(RefreshToken.token_hash))) == {"edge", "live"}
-    assert cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, batch_size=batch_size) == 0
+    settings = load_settings(delete_batch_size=batch_size)
+    again = cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, settings=settings)
+    assert again == cleanup.CleanupResult(refresh_tokens_deleted=0)
 
 
 def test_trash_older_than_the_retention_is_purged(db: Database) -> None:
     uid = _user(db)
     retention = timedelta(days=30)
+    settings = load_settings(trash_retention_days=30, delete_batch_size=2)
     with db.session() as s:
         s.add_all(
             [
@@ -76,7 +79,8 @@ def test_trash_older_than_the_retention_is_purged(db: Database) -> None:
             ]
         )
         s.commit()
-    assert cleanup.empty_trash_bin(db.engine, now=NOW, retention=retention, batch_size=2) == 1
+    result = cleanup.empty_trash_bin(db.engine, now=NOW, settings=settings)
+    assert result == cleanup.CleanupResult(markers_deleted=1)
     with db.session() as s:
         assert set(s.scalars(select(Marker.title))) == {"recent", "alive"}
 
@@ -122,19 +126,23 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
             ("up/ready", "ready", 10 * day),
         ],
     )
-    result = cleanup.remove_orphaned_files(
-        db.engine, now=NOW, upload_timeout=day, storage=LocalFileStorage(root), batch_size=2
+    settings = load_settings(upload_timeout_hours=24, delete_batch_size=2, storage_root=root)
+    with pytest.raises(cleanup.OrphanedFilesError) as raised:
+        cleanup.remove_orphaned_files(db.engine, now=NOW, settings=settings)
+    report = raised.value.report
+    assert (report.removed, report.already_gone) == (3, 1)
+    assert set(report.failed) == {ids["up/stuck"]}
+    assert set(report.bad_keys) == {ids["../outside"]}
+    assert raised.value.partial_result == cleanup.CleanupResult(
+        orphaned_files_removed=3, orphaned_files_bad_keys=1
     )
-    assert (result.removed, result.already_gone) == (3, 1)
-    assert set(result.failed) == {ids["up/stuck"]}
-    assert set(result.bad_keys) == {ids["../outside"]}
     with db.session() as s:
         left = set(s.scalars(select(StoredFile.storage_key)))
     assert left == {"up/stuck", "../outside", "up/fresh", "up/ready"}
     assert not (root / "up" / "old1").exists() and not (root / "up" / "old2").exists()
     assert (root / "up" / "fresh").exists() and (root / "up" / "ready").exists()
     assert (tmp_path / "outside").read_text() == "never touched"
-    assert "stored_files id" in str(cleanup.OrphanedFilesError(result))
+    assert f"stored_files id {ids['up/stuck']}" in str(raised.value)
 
 
 def test_a_few_expired_among_many_live_tokens(db: Database) -> None:
@@ -145,6 +153,8 @@ def test_a_few_expired_among_many_live_tokens(db: Database) -> None:
             expires = NOW - timedelta(days=1) if i in (7, 42) else NOW + timedelta(days=i)
             s.add(RefreshToken(user_id=uid, token_hash=f"h{i}", expires_at=expires))
         s.commit()
-    assert cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, batch_size=1) == 2
+    settings = load_settings(delete_batch_size=1)
+    result = cleanup.delete_expired_refresh_tokens(db.engine, now=NOW, settings=settings)
+    assert result.refresh_tokens_deleted == 2
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(RefreshToken)) == 58

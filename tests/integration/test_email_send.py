@@ -10,15 +10,14 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from backjobs.email_send import EmailSendResult, send_due_emails
+from backjobs.jobs.email_send import EmailSendResult, send_due_emails
+from backjobs.mail.transport import make_transport
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings
-from backjobs.transport import make_transport
-from tests.conftest import Database
-from tests.smtp_server import SENDER, SmtpServer, smtp_env_fixture, smtp_server_fixture
-
-__all__ = ["smtp_env_fixture", "smtp_server_fixture"]
+from tests.support.databases import Database
+from tests.support.email_sender import drain
+from tests.support.smtp import SENDER, SmtpServer
 
 NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -32,12 +31,7 @@ def enqueue(db: Database, to: str | list[str], *, template: str = "generic", **k
 
 
 def run(db: Database, *, now: datetime = NOW) -> EmailSendResult:
-    settings = get_settings()
-    transport = make_transport(settings)
-    try:
-        return send_due_emails(db.engine, now=now, settings=settings, transport=transport)
-    finally:
-        transport.close()
+    return drain(db, now=now)
 
 
 def row(db: Database, task_id: int) -> AppTask:

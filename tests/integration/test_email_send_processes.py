@@ -15,20 +15,23 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from backjobs.jobs.email_send import EmailSendResult
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings
-from tests.conftest import Database
-from tests.integration.test_email_send import run
-from tests.smtp_server import SmtpServer, smtp_env_fixture, smtp_server_fixture
-
-__all__ = ["smtp_env_fixture", "smtp_server_fixture"]
+from tests.support.databases import Database
+from tests.support.email_sender import drain
+from tests.support.smtp import SmtpServer
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30
+
+
+def run(db: Database, *, now: datetime = NOW) -> EmailSendResult:
+    return drain(db, now=now)
 
 
 def enqueue_many(db: Database, n: int) -> list[int]:
@@ -47,9 +50,9 @@ def enqueue_many(db: Database, n: int) -> list[int]:
 def sender(now: datetime = NOW) -> subprocess.Popen[str]:
     """A sender process with this test's settings (the environment, as a worker has it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.email_sender", now.isoformat()],
-        cwd=ROOT,
-        env=dict(os.environ),
+        [sys.executable, "-m", "tests.support.email_sender", now.isoformat()],
+        cwd=Path.cwd(),  # the test's own folder: no developer .env
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from backjobs.models import AppTask, User
 from backjobs.outbox import enqueue_email
 from backjobs.settings import load_settings
-from tests.conftest import Database
+from tests.support.databases import Database
 
 NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
 GENERIC = {"subject": "Hello", "body": "Text"}

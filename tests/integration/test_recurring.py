@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 
+from backjobs.jobs.recurring_transactions import process_recurring_transactions
 from backjobs.models import RecurringTransaction, Transaction, User
-from backjobs.recurring import process_recurring
-from tests.conftest import Database
+from backjobs.settings import load_settings
+from tests.support.databases import Database
 
 D = date.fromisoformat
 
@@ -73,9 +74,10 @@ def _count(db: Database) -> int:
         return s.scalar(select(func.count()).select_from(Transaction)) or 0
 
 
-def _run(db: Database, as_of: str, **kwargs: Any) -> Any:
+def _run(db: Database, as_of: str, *, batch_size: int = 5000) -> Any:
     when = datetime.fromisoformat(as_of).replace(tzinfo=UTC)
-    return process_recurring(db.engine, as_of=when, **kwargs)
+    settings = load_settings(recurring_batch_size=batch_size)
+    return process_recurring_transactions(db.engine, now=when, settings=settings)
 
 
 def test_catch_up_copies_the_definition_and_a_rerun_creates_nothing(db: Database) -> None:
@@ -205,7 +207,7 @@ def test_invalid_definitions_are_skipped_counted_and_logged(
                 {"id": garbage},
             )
         bad[garbage] = "amount 'abc' is not a number"
-    with caplog.at_level(logging.WARNING, logger="backjobs.recurring"):
+    with caplog.at_level(logging.WARNING, logger="backjobs.jobs.recurring_transactions"):
         result = _run(db, "2024-04-01T00:05:00")
     assert (result.definitions_processed, result.transactions_created) == (1, 2)
     assert (result.invalid, sorted(result.invalid_ids)) == (len(bad), sorted(bad))
@@ -228,7 +230,7 @@ def test_small_batches_process_every_definition(db: Database) -> None:
 def test_long_catch_ups_are_written_in_chunks(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("backjobs.recurring.CHUNK_ROWS", 100)
+    monkeypatch.setattr("backjobs.jobs.recurring_transactions.CHUNK_ROWS", 100)
     rid = _define(db, frequency="weekly", start_date=D("2000-01-03"))
     result = _run(db, "2024-01-01T00:00:00")
     assert result.transactions_created == len(_days(db, rid)) == 1253
@@ -238,11 +240,13 @@ RUN_ONE = """
 import json, sys, time
 from datetime import date
 from backjobs.db import make_engine
-from backjobs.recurring import process_recurring
+from backjobs.jobs.recurring_transactions import process_recurring_transactions
+from backjobs.settings import load_settings
 engine = make_engine(sys.argv[1])
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start at the same instant
 began = time.time()
-r = process_recurring(engine, as_of=date(2024, 6, 1), batch_size=20)
+settings = load_settings(recurring_batch_size=20)
+r = process_recurring_transactions(engine, now=date(2024, 6, 1), settings=settings)
 print(json.dumps([r.definitions_processed, r.transactions_created, began, time.time()]))
 """
 

@@ -13,8 +13,8 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from backjobs import models
-from backjobs.migrate import alembic_config, current_revision, upgrade
-from tests.conftest import Database
+from backjobs.db.migrate import alembic_config, current_revision, upgrade
+from tests.support.databases import Database
 
 CONTRACT = {
     "users": {
@@ -162,7 +162,7 @@ def test_naive_datetimes_are_refused(db: Database) -> None:
 
 @pytest.mark.postgres
 def test_upgrade_on_an_empty_postgres_database(pg_template: str) -> None:
-    from tests.conftest import drop_pg_database, new_pg_database
+    from tests.support.databases import drop_pg_database, new_pg_database
 
     name, url = new_pg_database("template0")
     try:

@@ -10,21 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from backjobs.db import is_transient_error, make_engine
-from tests.conftest import Database
-
-
-def error_of(engine_url: str, sql: str, *, setup: str | None = None) -> DBAPIError:
-    engine = make_engine(engine_url)
-    try:
-        with engine.begin() as conn:
-            if setup:
-                conn.execute(text(setup))
-            conn.execute(text(sql))
-    except DBAPIError as exc:
-        return exc
-    finally:
-        engine.dispose()
-    raise AssertionError(f"{sql!r} did not fail")
+from tests.support.databases import Database
+from tests.support.db_errors import error_of
 
 
 def test_a_refused_connection_is_transient() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from backjobs.cli import main
-from backjobs.deployments import check_project_file, cron_problem, find_deployment
+from backjobs.orchestration.prefect_yaml import check_project_file, cron_problem, find_deployment
 
 ROOT = Path(__file__).resolve().parents[2]
 

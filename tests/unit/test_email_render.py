@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from backjobs.email_send import backoff_seconds, read_payload
-from backjobs.emails import (
+from backjobs.jobs.email_send import backoff_seconds, read_payload
+from backjobs.mail.render import (
     TEMPLATES,
     build_message,
     check_address,

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
-from backjobs.emails import OutgoingEmail
+from backjobs.mail.render import OutgoingEmail
 from backjobs.settings import EmailTransportKind, Settings, SmtpSecurity
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class SmtpTransport:
             _quietly_quit(connection)
             raise TransientSendError(f"SMTP error: {type(exc).__name__}: {exc}") from None
         self._release(connection)
-        return [_describe(addr, code, text) for addr, (code, text) in refused.items()]
+        return [_describe_refusal(addr, code, text) for addr, (code, text) in refused.items()]
 
     def _acquire(self) -> tuple[smtplib.SMTP, bool]:
         with self._lock:
@@ -276,7 +276,9 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def _refused_error(recipients: dict[str, tuple[int, bytes]]) -> SendError:
-    reasons = "; ".join(_describe(addr, code, text) for addr, (code, text) in recipients.items())
+    reasons = "; ".join(
+        _describe_refusal(addr, code, text) for addr, (code, text) in recipients.items()
+    )
     if all(code >= 500 for code, _ in recipients.values()):
         return PermanentSendError(f"all recipients refused: {reasons}")
     return TransientSendError(f"recipients refused (temporarily): {reasons}")
@@ -288,7 +290,7 @@ def _response_error(code: int, text: bytes | str) -> SendError:
     return kind(f"SMTP {code} {detail}")
 
 
-def _describe(address: str, code: int, text: bytes | str) -> str:
+def _describe_refusal(address: str, code: int, text: bytes | str) -> str:
     detail = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     return f"{address}: {code} {detail}"
 

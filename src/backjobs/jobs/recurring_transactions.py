@@ -1,7 +1,7 @@
 """ProcessRecurringTransactionsJob's domain: turn due recurring definitions into transactions.
 
 For every **enabled** definition, one ``transactions`` row per occurrence (see
-:mod:`backjobs.recurrence`) after ``last_processed_date`` (from ``start_date`` when it is
+:mod:`backjobs.jobs.recurrence`) after ``last_processed_date`` (from ``start_date`` when it is
 null) up to the as_of date, copying owner, amount, currency and description;
 ``last_processed_date`` then moves to the as_of date (or to ``end_date`` once that has
 passed, so a later extension of ``end_date`` still catches up). Missed days are caught
@@ -41,25 +41,25 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import Engine, String, cast, or_, select, text
 from sqlalchemy.orm import Session
 
 from backjobs.db import is_postgres, session_scope
+from backjobs.jobs.recurrence import Rule, iter_occurrences, problem
 from backjobs.models import RecurringTransaction as RT
-from backjobs.recurrence import Rule, iter_occurrences, problem
+from backjobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 5000
 # Occurrences buffered before a group is written: bounds memory when a batch catches up
 # years (one definition alone may exceed it: weekly since year 1 is about 105,000 rows).
 CHUNK_ROWS = 50_000
 
 
 @dataclass(frozen=True)
-class RecurringResult:
+class RecurringTransactionsResult:
     """What a run did: the date it processed through, and counts."""
 
     through: str
@@ -78,14 +78,16 @@ class _Batch:
     invalid_ids: list[int] = field(default_factory=list)
 
 
-def process_recurring(
-    engine: Engine, *, as_of: datetime | date, batch_size: int = DEFAULT_BATCH_SIZE
-) -> RecurringResult:
-    """Create the transactions of every enabled definition due up to ``as_of``'s date.
+def process_recurring_transactions(
+    engine: Engine, *, now: datetime | date, settings: Settings
+) -> RecurringTransactionsResult:
+    """Create the transactions of every enabled definition due up to ``now``'s date.
 
-    ``as_of`` is an aware datetime (its UTC date is used) or a date. Commits batch by batch.
+    ``now`` is an aware datetime (its UTC date is used) or a date. Commits batch by batch
+    of ``BACKJOBS_RECURRING_BATCH_SIZE`` definitions.
     """
-    through = as_of.astimezone(UTC).date() if isinstance(as_of, datetime) else as_of
+    through = now.astimezone(UTC).date() if isinstance(now, datetime) else now
+    batch_size = settings.recurring_batch_size
     processed = created = 0
     invalid: list[int] = []
     after = 0
@@ -106,12 +108,26 @@ def process_recurring(
         created,
         len(invalid),
     )
-    return RecurringResult(through.isoformat(), processed, created, len(invalid), tuple(invalid))
+    return RecurringTransactionsResult(
+        through.isoformat(), processed, created, len(invalid), tuple(invalid)
+    )
+
+
+class DueDefinition(NamedTuple):
+    """A due definition's schedule as stored (unchecked: SQLite's types are loose)."""
+
+    id: int
+    frequency: str
+    interval: int
+    start_date: date
+    end_date: date | None
+    last_processed_date: date | None
+    amount: str | None
 
 
 def due_definitions(
     session: Session, *, after_id: int, through: date, limit: int
-) -> list[tuple[Any, ...]]:
+) -> list[DueDefinition]:
     """The next ``limit`` due definitions with id above ``after_id``, claimed on PostgreSQL."""
     query = (
         select(
@@ -142,25 +158,27 @@ def due_definitions(
     if is_postgres(session):
         # Another run holding a definition is processing it: skip, do not wait or redo.
         query = query.with_for_update(skip_locked=True, of=RT)
-    # Core, not ORM, execution, and plain tuples: attribute access on result rows would
-    # cost more than the date arithmetic.
-    return [tuple(row) for row in session.connection().execute(query)]
+    # Core, not ORM, execution, and named tuples: attribute access on SQLAlchemy rows
+    # would cost more than the date arithmetic.
+    make = DueDefinition._make
+    return [make(row) for row in session.connection().execute(query)]
 
 
 def process_batch(session: Session, *, after_id: int, through: date, limit: int) -> _Batch:
     """Process one keyset batch inside the caller's transaction (the caller commits)."""
     rows = due_definitions(session, after_id=after_id, through=through, limit=limit)
-    batch = _Batch(last_id=rows[-1][0] if rows else after_id, scanned=len(rows))
+    batch = _Batch(last_id=rows[-1].id if rows else after_id, scanned=len(rows))
     plans: list[_Plan] = []
-    for def_id, frequency, interval, start, end, last, amount in rows:
-        rule = Rule(frequency, interval, start, end)
-        reason = problem(rule) or _amount_problem(amount)
+    for row in rows:
+        rule = Rule(row.frequency, row.interval, row.start_date, row.end_date)
+        reason = problem(rule) or _amount_problem(row.amount)
         if reason is not None:
-            log.warning("Skipping recurring transaction %s: %s", def_id, reason)
-            batch.invalid_ids.append(def_id)
+            log.warning("Skipping recurring transaction %s: %s", row.id, reason)
+            batch.invalid_ids.append(row.id)
             continue
-        first = last + timedelta(days=1) if last is not None else start
-        plans.append(_Plan(def_id, rule, first, min(through, end or through)))
+        last, end = row.last_processed_date, row.end_date
+        first = last + timedelta(days=1) if last is not None else row.start_date
+        plans.append(_Plan(row.id, rule, first, min(through, end or through)))
     for group in _groups(plans):
         processed, created = write_group(session, group)
         batch.processed += processed

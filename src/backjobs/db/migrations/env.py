@@ -1,4 +1,4 @@
-"""Alembic environment: migrates the connection or URL handed over by ``backjobs.migrate``."""
+"""Alembic environment: migrates the connection or URL handed over by ``backjobs.db.migrate``."""
 
 from alembic import context
 from sqlalchemy import Connection

@@ -4,8 +4,8 @@
 451 twice, then accept it; ``server.answer("b@example.com", 550, times=None)`` refuses it
 for good. Every accepted message is kept, parsed, in ``server.messages``.
 
-Fixtures (import them into a test module: ``from tests.smtp_server import smtp_env_fixture``):
-``smtp_server`` and ``smtp_env`` (``app_env`` plus SMTP settings pointing at the server).
+Fixtures (loaded by ``tests/conftest.py``): ``smtp_server`` and ``smtp_env`` (``app_env``
+plus SMTP settings pointing at the server).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from backjobs.settings import get_settings
-from tests.conftest import Database
+from tests.support.databases import Database
 
 REASONS = {
     451: "4.3.0 try again later",

@@ -5,7 +5,7 @@ Each template ``<name>`` is three files in ``backjobs/templates/``: ``<name>.sub
 checked by a pydantic model (unknown keys refused), and rendering uses ``StrictUndefined``,
 so a context that does not fit fails loudly instead of sending a half-empty email.
 
-Rendering (:func:`render_email`) is separate from sending (:mod:`backjobs.transport`);
+Rendering (:func:`render_email`) is separate from sending (:mod:`backjobs.mail.transport`);
 :func:`build_message` turns a rendered email into the MIME bytes a transport sends.
 """
 
@@ -229,7 +229,7 @@ def _brief(exc: ValidationError) -> str:
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
     env = Environment(
-        loader=PackageLoader("backjobs", "templates"),
+        loader=PackageLoader("backjobs.mail", "templates"),
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=True),
         undefined=StrictUndefined,
         keep_trailing_newline=True,

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-FREQUENCIES = ("weekly", "monthly", "yearly")
+from backjobs.models import Frequency
+
+FREQUENCIES = tuple(Frequency)
 
 # Months per period for the month-based frequencies.
-_MONTHS = {"monthly": 1, "yearly": 12}
+_MONTHS: dict[str, int] = {Frequency.MONTHLY: 1, Frequency.YEARLY: 12}
 _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
@@ -63,7 +65,7 @@ def month_length(year: int, month: int) -> int:
 
 def nth(rule: Rule, n: int) -> date:
     """The n-th occurrence (n = 0 is start_date), ignoring end_date."""
-    if rule.frequency == "weekly":
+    if rule.frequency == Frequency.WEEKLY:
         return rule.start_date + timedelta(weeks=n * rule.interval)
     return add_months(rule.start_date, n * rule.interval * _MONTHS[rule.frequency])
 
@@ -72,7 +74,7 @@ def _first_index(rule: Rule, first: date) -> int:
     """A lower bound on the index of the first occurrence on or after ``first``."""
     if first <= rule.start_date:
         return 0
-    if rule.frequency == "weekly":
+    if rule.frequency == Frequency.WEEKLY:
         return (first - rule.start_date).days // (7 * rule.interval)
     months = (first.year - rule.start_date.year) * 12 + first.month - rule.start_date.month
     # One period early at most: the anchor day may lie after first's day of month.

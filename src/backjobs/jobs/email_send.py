@@ -27,11 +27,11 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from functools import partial
 from typing import Any
 
@@ -40,10 +40,10 @@ from sqlalchemy.orm import Session
 
 from backjobs import outbox
 from backjobs.db import session_scope
-from backjobs.emails import build_message, check_recipients, render_email, sensitive_fields
+from backjobs.mail.render import build_message, check_recipients, render_email, sensitive_fields
+from backjobs.mail.transport import SendError, ServerUnavailable, Transport
 from backjobs.outbox import ClaimedTask, Failure, Retry
 from backjobs.settings import Settings
-from backjobs.transport import SendError, ServerUnavailable, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,35 @@ class EmailSendResult:
     left: int
 
 
+class Delivery(StrEnum):
+    """What became of one claimed email."""
+
+    SENT = "sent"
+    TRANSIENT = "transient"  # retry later, with backoff
+    PERMANENT = "permanent"  # failed for good
+    UNTRIED = "untried"  # never handed to the server: back to pending, attempt handed back
+
+
 @dataclass(frozen=True)
 class _Outcome:
     task: ClaimedTask
-    kind: str  # "sent", "transient", "permanent" or "untried"
+    delivery: Delivery
     detail: str | None = None
     server_down: bool = False
+
+
+@dataclass
+class _Tally:
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    server_down: bool = False
+
+    def add(self, other: _Tally) -> None:
+        self.sent += other.sent
+        self.retried += other.retried
+        self.failed += other.failed
+        self.server_down = self.server_down or other.server_down
 
 
 def send_due_emails(
@@ -82,7 +105,7 @@ def send_due_emails(
     def clock() -> datetime:
         return now + timedelta(seconds=monotonic() - started)
 
-    tally: Counter[str] = Counter()
+    tally = _Tally()
     workers = settings.email_connections
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="email-send") as pool:
         drain = _Drain(engine, pool, clock, settings, transport, rng)
@@ -93,9 +116,9 @@ def send_due_emails(
             # so the database round trips overlap with SMTP instead of adding to it.
             while True:
                 go_on = monotonic() - started < settings.email_time_budget_seconds
-                claimed = drain.claim() if go_on and not tally["server_down"] else None
+                claimed = drain.claim() if go_on and not tally.server_down else None
                 if in_flight is not None:
-                    tally += drain.finish(in_flight)
+                    tally.add(drain.finish(in_flight))
                 in_flight, claimed = claimed, None
                 if in_flight is None:
                     break
@@ -106,9 +129,7 @@ def send_due_emails(
                         future.cancel()
     with session_scope(engine) as session:
         left = outbox.count_due(session, now=clock())
-    return EmailSendResult(
-        sent=tally["sent"], retried=tally["retried"], failed=tally["failed"], left=left
-    )
+    return EmailSendResult(sent=tally.sent, retried=tally.retried, failed=tally.failed, left=left)
 
 
 @dataclass(frozen=True)
@@ -139,7 +160,7 @@ class _Drain:
         send = partial(_deliver, transport=self.transport, settings=self.settings, at=at)
         return _InFlight(lease_until, [self.pool.submit(send, task) for task in batch])
 
-    def finish(self, in_flight: _InFlight) -> Counter[str]:
+    def finish(self, in_flight: _InFlight) -> _Tally:
         """Wait for the batch's sends and record every outcome in one transaction."""
         outcomes = [future.result() for future in in_flight.futures]
         with session_scope(self.engine) as session:
@@ -177,7 +198,9 @@ def _deliver(
 ) -> _Outcome:
     if task.attempts > task.max_attempts:
         # Claimed that often without an answer: earlier senders died while sending it.
-        return _Outcome(task, "permanent", "attempts exhausted (earlier sends never finished)")
+        return _Outcome(
+            task, Delivery.PERMANENT, "attempts exhausted (earlier sends never finished)"
+        )
     try:
         to, template, context = read_payload(task.payload)
         rendered = render_email(template, context)
@@ -185,18 +208,20 @@ def _deliver(
             rendered, task_id=task.id, to=to, sender=settings.email_from, date=at
         )
     except (ValueError, TypeError) as exc:
-        return _Outcome(task, "permanent", f"payload does not render: {exc}")
+        return _Outcome(task, Delivery.PERMANENT, f"payload does not render: {exc}")
     try:
         refused = transport.send(message)
     except ServerUnavailable as exc:
-        return _Outcome(task, "transient" if exc.attempted else "untried", str(exc), True)
+        delivery = Delivery.TRANSIENT if exc.attempted else Delivery.UNTRIED
+        return _Outcome(task, delivery, str(exc), server_down=True)
     except SendError as exc:
-        return _Outcome(task, "permanent" if exc.permanent else "transient", str(exc))
+        delivery = Delivery.PERMANENT if exc.permanent else Delivery.TRANSIENT
+        return _Outcome(task, delivery, str(exc))
     except Exception as exc:  # a transport bug must not stop the batch; retry it later
         logger.exception("unexpected error sending app task %s", task.id)
-        return _Outcome(task, "transient", f"{type(exc).__name__}: {exc}")
+        return _Outcome(task, Delivery.TRANSIENT, f"{type(exc).__name__}: {exc}")
     note = f"not delivered to: {'; '.join(refused)}" if refused else None
-    return _Outcome(task, "sent", note)
+    return _Outcome(task, Delivery.SENT, note)
 
 
 def _record(
@@ -207,11 +232,13 @@ def _record(
     lease_until: datetime,
     settings: Settings,
     rng: random.Random,
-) -> Counter[str]:
-    sent = [o for o in outcomes if o.kind == "sent"]
+) -> _Tally:
+    sent = [o for o in outcomes if o.delivery is Delivery.SENT]
     retries: list[Retry] = []
-    failures = [Failure(o.task.id, o.detail or "") for o in outcomes if o.kind == "permanent"]
-    for outcome in (o for o in outcomes if o.kind == "transient"):
+    failures = [
+        Failure(o.task.id, o.detail or "") for o in outcomes if o.delivery is Delivery.PERMANENT
+    ]
+    for outcome in (o for o in outcomes if o.delivery is Delivery.TRANSIENT):
         task, error = outcome.task, outcome.detail or ""
         if task.attempts >= task.max_attempts:
             failures.append(Failure(task.id, f"attempts exhausted ({task.attempts}): {error}"))
@@ -234,23 +261,23 @@ def _record(
     )
     outbox.mark_retry(session, retries=retries, lease_until=lease_until)
     outbox.mark_failed(session, failures=failures, lease_until=lease_until)
-    untried = [o.task.id for o in outcomes if o.kind == "untried"]
+    untried = [o.task.id for o in outcomes if o.delivery is Delivery.UNTRIED]
     outbox.release(session, ids=untried, lease_until=lease_until)
-    down = sum(o.server_down for o in outcomes)
-    return Counter(sent=len(sent), retried=len(retries), failed=len(failures), server_down=down)
+    down = any(o.server_down for o in outcomes)
+    return _Tally(sent=len(sent), retried=len(retries), failed=len(failures), server_down=down)
 
 
 def _touch(outcome: _Outcome) -> bool:
     # Rows needing their own UPDATE: a note to keep or a secret to clear.
-    return outcome.detail is not None or bool(_secrets_in(outcome.task.payload))
+    return outcome.detail is not None or bool(_secret_fields_in(outcome.task.payload))
 
 
-def _secrets_in(payload: Any) -> frozenset[str]:
+def _secret_fields_in(payload: Any) -> frozenset[str]:
     return sensitive_fields(payload.get("template", "")) & set(payload.get("context", {}))
 
 
 def _scrubbed(payload: Any) -> Any:
-    secrets = _secrets_in(payload)
+    secrets = _secret_fields_in(payload)
     if not secrets:
         return payload
     context = {key: None if key in secrets else value for key, value in payload["context"].items()}

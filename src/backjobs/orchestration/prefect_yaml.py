@@ -49,7 +49,7 @@ def seed_name(flow_name: str) -> str:
 
 def find_deployment(path: Path, job: str) -> dict[str, Any]:
     """The deployment of ``job``, given as flow name or seed name (any case)."""
-    from backjobs.jobbase import kebab
+    from backjobs.orchestration.jobbase import kebab
 
     wanted = job.strip()
     wanted = wanted.lower() if "-" in wanted else kebab(wanted)
@@ -82,7 +82,7 @@ def check_project_file(path: str | Path) -> list[str]:
         deployments = load_deployments(path)
     except (OSError, yaml.YAMLError, ValueError) as exc:
         return [f"cannot read: {exc}"]
-    problems = _secrets_in(yaml.safe_load(text))
+    problems = _secrets_written_in(yaml.safe_load(text))
     if not deployments:
         problems.append("no deployments")
     seen: set[str] = set()
@@ -158,7 +158,7 @@ def _top_level_names(script: Path) -> set[str]:
     return names
 
 
-def _secrets_in(document: Any, where: str = "") -> list[str]:
+def _secrets_written_in(document: Any, where: str = "") -> list[str]:
     problems = []
     if isinstance(document, dict):
         for key, value in document.items():
@@ -166,8 +166,8 @@ def _secrets_in(document: Any, where: str = "") -> list[str]:
             if SECRET_KEYS.search(str(key)) and isinstance(value, str) and value:
                 if not value.startswith("{{"):
                     problems.append(f"{place}: a secret written into the file; use a Secret block")
-            problems += _secrets_in(value, place)
+            problems += _secrets_written_in(value, place)
     elif isinstance(document, list):
         for position, value in enumerate(document):
-            problems += _secrets_in(value, f"{where}[{position}]")
+            problems += _secrets_written_in(value, f"{where}[{position}]")
     return problems

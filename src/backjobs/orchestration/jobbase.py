@@ -10,7 +10,13 @@ flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
   a warning ``... Job was cancelled`` on cancellation, or an error with the traceback
   ``... Job failed with error`` on failure, re-raising in both cases as the seed does;
 - publishes the body's result (a frozen dataclass of counts) as a table artifact keyed
-  ``<flow-name>-result`` and logs it, so the UI shows what the run did.
+  ``<flow-name>-result`` and logs it, so the UI shows what the run did; when the body
+  fails with an error that carries a ``partial_result`` (:class:`PartsFailed`, or a
+  part's own error), that partial result is published before the run fails.
+
+A job made of independent parts submits one task per part and hands the futures to
+:func:`gather_parts`, which waits for all, merges their results and raises
+:class:`PartsFailed` naming each failed part.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
+from prefect.futures import PrefectFuture, wait
 
 R = TypeVar("R")
 
@@ -84,6 +91,71 @@ def publish_result(job_name: str, result: Any, *, description: str | None = None
     )
 
 
+class PartsFailed(ExceptionGroup[Exception]):
+    """Some of a job's independent parts failed; ``partial_result`` is what all parts did."""
+
+    partial_result: Any
+
+    def __new__(
+        cls, message: str, exceptions: Sequence[Exception], partial_result: Any = None
+    ) -> Self:
+        group = super().__new__(cls, message, exceptions)
+        group.partial_result = partial_result
+        return group
+
+    def __init__(
+        self, message: str, exceptions: Sequence[Exception], partial_result: Any = None
+    ) -> None:
+        super().__init__(message, exceptions)
+
+    def derive(self, excs: Sequence[Exception], /) -> PartsFailed:  # type: ignore[override]
+        return PartsFailed(self.message, list(excs), self.partial_result)
+
+
+class PartResult(Protocol):
+    """A job result made of parts: frozen, with ``failed_parts`` and ``merge``."""
+
+    @property
+    def failed_parts(self) -> tuple[str, ...]: ...
+
+    def merge(self, other: Self) -> Self: ...
+
+
+P = TypeVar("P", bound=PartResult)
+
+
+def gather_parts(parts: Mapping[str, PrefectFuture[P]], *, empty: P) -> P:
+    """Wait for every part and merge their results into ``empty``.
+
+    A part that failed does not stop the others. When any failed, raise
+    :class:`PartsFailed` naming each, carrying the merged result of what every part
+    reported (a failed part's error may carry its own ``partial_result``).
+    """
+    wait(list(parts.values()))
+    result = empty
+    errors: dict[str, Exception] = {}
+    for name, future in parts.items():
+        outcome = future.result(raise_on_failure=False)
+        if future.state.is_completed():
+            result = result.merge(outcome)
+            continue
+        error = outcome if isinstance(outcome, Exception) else None
+        errors[name] = error or RuntimeError(f"{name}: ended without a result ({outcome!r})")
+        partial = getattr(error, "partial_result", None)
+        if partial is not None:
+            result = result.merge(partial)
+    if not errors:
+        return result
+    result = dataclasses.replace(result, failed_parts=tuple(errors))  # type: ignore[type-var]
+    from prefect.runtime import flow_run
+
+    raise PartsFailed(
+        f"{flow_run.flow_name}: {len(errors)} of {len(parts)} parts failed: {', '.join(errors)}",
+        list(errors.values()),
+        result,
+    )
+
+
 def job_flow(
     job_name: str, *, description: str | None = None, **flow_options: Any
 ) -> Callable[[Callable[[datetime], R]], Flow[..., R]]:
@@ -99,7 +171,12 @@ def job_flow(
             except CANCELLED:
                 logger.warning("[%s] Job was cancelled", job_name)
                 raise
-            except BaseException:
+            except BaseException as exc:
+                partial = getattr(exc, "partial_result", None)
+                if partial is not None:
+                    publish_result(
+                        job_name, partial, description=f"What this failed {job_name} run did"
+                    )
                 logger.exception("[%s] Job failed with error", job_name)
                 raise
             publish_result(job_name, result)

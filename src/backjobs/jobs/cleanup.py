@@ -1,0 +1,193 @@
+"""CleanupJob: its independent parts, as plain functions over an engine.
+
+Deletes go in batches of ``BACKJOBS_DELETE_BATCH_SIZE`` rows, **each batch its own
+transaction** (these functions commit: batching is the point; see
+:mod:`backjobs.db.batched_delete`), so a million expired rows never hold one long lock.
+A part interrupted half-way has committed what it deleted; the next run finishes the rest.
+
+- :func:`delete_expired_refresh_tokens`: refresh tokens whose ``expires_at`` is before
+  ``now``. A revoked token that has not expired yet is kept: the app may still want to
+  recognise its reuse.
+- :func:`empty_trash_bin`: markers whose ``deleted_at`` is older than the retention.
+- :func:`remove_orphaned_files`: ``stored_files`` still ``pending`` past the upload
+  timeout. The stored object is deleted first, then the row. An object already gone counts
+  as removed; one that cannot be removed keeps its row (the next run tries again) and is
+  reported; a key outside the storage root is never touched, keeps its row and is reported
+  as bad data.
+
+Each part returns a :class:`CleanupResult` holding its own counts (the others ``None``);
+the flow merges them. A part that fails raises an error carrying what it counted before
+failing (``partial_result``), so the run's summary keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import NamedTuple
+
+from sqlalchemy import Engine, delete, select
+
+from backjobs.db.batched_delete import iter_delete_batches
+from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
+from backjobs.settings import Settings
+from backjobs.storage import FileStorage, UnsafeStorageKey, make_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What a CleanupJob run (or one of its parts) did; ``None``: that part did not report."""
+
+    refresh_tokens_deleted: int | None = None
+    markers_deleted: int | None = None
+    orphaned_files_removed: int | None = None
+    orphaned_files_bad_keys: int | None = None
+    failed_parts: tuple[str, ...] = ()
+
+    def merge(self, other: CleanupResult) -> CleanupResult:
+        """This result with ``other``'s reported counts laid over it."""
+        counts = {
+            f.name: getattr(other, f.name)
+            for f in fields(other)
+            if f.name != "failed_parts" and getattr(other, f.name) is not None
+        }
+        return replace(self, **counts, failed_parts=self.failed_parts + other.failed_parts)
+
+
+def delete_expired_refresh_tokens(
+    engine: Engine, *, now: datetime, settings: Settings
+) -> CleanupResult:
+    """Delete refresh tokens that expired before ``now``."""
+    batches = iter_delete_batches(
+        engine, RefreshToken.expires_at, before=now, batch_size=settings.delete_batch_size
+    )
+    return CleanupResult(refresh_tokens_deleted=sum(batches))
+
+
+def empty_trash_bin(engine: Engine, *, now: datetime, settings: Settings) -> CleanupResult:
+    """Permanently delete markers in the trash for longer than the retention."""
+    retention = timedelta(days=settings.trash_retention_days)
+    batches = iter_delete_batches(
+        engine, Marker.deleted_at, before=now - retention, batch_size=settings.delete_batch_size
+    )
+    return CleanupResult(markers_deleted=sum(batches))
+
+
+class ObjectOutcome(StrEnum):
+    """What happened to one abandoned upload's stored object."""
+
+    REMOVED = "removed"
+    ALREADY_GONE = "already-gone"
+    BAD_KEY = "bad-key"
+    FAILED = "failed"
+
+
+class ObjectRemoval(NamedTuple):
+    outcome: ObjectOutcome
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OrphanedFilesReport:
+    """Every abandoned upload seen by :func:`sweep_orphaned_files`, by what happened to it."""
+
+    removed: int = 0
+    already_gone: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    bad_keys: dict[int, str] = field(default_factory=dict)
+
+    def as_result(self) -> CleanupResult:
+        return CleanupResult(
+            orphaned_files_removed=self.removed, orphaned_files_bad_keys=len(self.bad_keys)
+        )
+
+
+class OrphanedFilesError(RuntimeError):
+    """Some abandoned uploads could not be removed; their rows are kept for the next run."""
+
+    def __init__(self, report: OrphanedFilesReport) -> None:
+        self.report = report
+        self.partial_result = report.as_result()
+        shown = "; ".join(
+            f"stored_files id {i}: {why}" for i, why in list(report.failed.items())[:5]
+        )
+        more = f" (and {len(report.failed) - 5} more)" if len(report.failed) > 5 else ""
+        super().__init__(
+            f"remove_orphaned_files: {len(report.failed)} stored object(s) could not be "
+            f"removed, {report.removed} removed: {shown}{more}"
+        )
+
+
+def remove_orphaned_files(
+    engine: Engine, *, now: datetime, settings: Settings, storage: FileStorage | None = None
+) -> CleanupResult:
+    """Remove uploads still ``pending`` after the upload timeout, object first, then row.
+
+    Raises :class:`OrphanedFilesError` (after every row was tried) when an object could
+    not be removed. ``storage`` defaults to the configured one.
+    """
+    report = sweep_orphaned_files(
+        engine, now=now, settings=settings, storage=storage or make_storage(settings.storage_root)
+    )
+    if report.failed:
+        raise OrphanedFilesError(report)
+    return report.as_result()
+
+
+def sweep_orphaned_files(
+    engine: Engine, *, now: datetime, settings: Settings, storage: FileStorage
+) -> OrphanedFilesReport:
+    """Walk the abandoned uploads in batches; each batch removes objects, then its rows."""
+    cutoff = now - timedelta(hours=settings.upload_timeout_hours)
+    batch_size = settings.delete_batch_size
+    removed = gone = 0
+    failed: dict[int, str] = {}
+    bad: dict[int, str] = {}
+    after = 0
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(
+                select(StoredFile.id, StoredFile.storage_key)
+                .where(
+                    StoredFile.processing_status == ProcessingStatus.PENDING.value,
+                    StoredFile.created_at < cutoff,
+                    StoredFile.id > after,
+                )
+                .order_by(StoredFile.id)
+                .limit(batch_size)
+                # Two cleanup runs never work on the same row; the app finishing an
+                # upload waits for this batch instead of racing it.
+                .with_for_update(skip_locked=True)
+            ).all()
+            deletable = []
+            for file_id, key in rows:
+                removal = _remove_object(storage, file_id, key)
+                if removal.outcome is ObjectOutcome.BAD_KEY:
+                    bad[file_id] = removal.detail
+                elif removal.outcome is ObjectOutcome.FAILED:
+                    failed[file_id] = removal.detail
+                else:
+                    deletable.append(file_id)
+                    gone += removal.outcome is ObjectOutcome.ALREADY_GONE
+            if deletable:
+                conn.execute(delete(StoredFile).where(StoredFile.id.in_(deletable)))
+            removed += len(deletable)
+        if len(rows) < batch_size:
+            return OrphanedFilesReport(removed, gone, failed, bad)
+        after = rows[-1].id
+
+
+def _remove_object(storage: FileStorage, file_id: int, key: str) -> ObjectRemoval:
+    try:
+        removed = storage.delete(key)
+    except UnsafeStorageKey as exc:
+        log.error("stored_files id %s has a bad storage_key, left untouched: %s", file_id, exc)
+        return ObjectRemoval(ObjectOutcome.BAD_KEY, str(exc))
+    except OSError as exc:
+        log.error("stored_files id %s: could not remove %r: %s", file_id, key, exc)
+        return ObjectRemoval(ObjectOutcome.FAILED, f"{type(exc).__name__}: {exc.strerror or exc}")
+    return ObjectRemoval(ObjectOutcome.REMOVED if removed else ObjectOutcome.ALREADY_GONE)

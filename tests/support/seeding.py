@@ -1,0 +1,56 @@
+"""Rows a test starts from, written through the models as the app would."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from backjobs.models import Marker, RefreshToken, StoredFile, User
+from tests.support.databases import Database
+
+CLEANUP_AS_OF = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def seed_cleanup(db: Database, storage_root: Path, *, stuck: bool = False) -> None:
+    """Two rows to delete and one to keep in each table."""
+    (storage_root / "up").mkdir(parents=True, exist_ok=True)
+    for name in ("old-a", "old-b", "new"):
+        (storage_root / "up" / name).write_bytes(b"x")
+    with db.session() as s:
+        user = User(email="owner@example.com")
+        s.add(user)
+        s.flush()
+        old, new = CLEANUP_AS_OF - timedelta(days=40), CLEANUP_AS_OF - timedelta(hours=1)
+        s.add_all(
+            [
+                RefreshToken(user_id=user.id, token_hash=f"t{i}", expires_at=t)
+                for i, t in enumerate([old, new, CLEANUP_AS_OF + timedelta(days=1)])
+            ]
+        )
+        s.add_all(
+            [
+                Marker(owner_id=user.id, title=f"m{i}", deleted_at=t)
+                for i, t in enumerate([old, old, new])
+            ]
+        )
+        s.add_all(
+            [
+                StoredFile(owner_id=user.id, storage_key=f"up/{k}", created_at=t)
+                for k, t in [("old-a", old), ("old-b", old), ("new", new)]
+            ]
+        )
+        if stuck:
+            (storage_root / "up" / "stuck").mkdir()
+            (storage_root / "up" / "stuck" / "f").write_bytes(b"x")
+            s.add(StoredFile(owner_id=user.id, storage_key="up/stuck", created_at=old))
+        s.commit()
+
+
+def cleanup_counts(db: Database) -> tuple[int, int, int]:
+    with db.session() as s:
+        return tuple(  # type: ignore[return-value]
+            s.scalar(select(func.count()).select_from(m))
+            for m in (RefreshToken, Marker, StoredFile)
+        )
