@@ -217,7 +217,11 @@ def _dashboard_token(args: argparse.Namespace) -> int:
     try:
         token = admin_token(args.email, settings=settings, minutes=args.minutes)
     except SQLAlchemyError as exc:
-        raise LookupError(f"cannot read the app database: {type(exc).__name__}") from None
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+        raise LookupError(
+            f"cannot read the users of the app database ({first}); is BACKJOBS_DATABASE_URL "
+            "right and migrated (backjobs db upgrade)?"
+        ) from None
     print(sign_in_url(public_url(settings), token) if args.url else token)
     return 0
 
