@@ -140,7 +140,7 @@ def gated_dashboard(
     *,
     app_db_url: str,
     extra_env: Mapping[str, str] | None = None,
-    startup_timeout: float = 90,
+    startup_timeout: float = 300,  # a fresh Prefect DB takes 5 s idle, 90 s on a busy machine
 ) -> Iterator[GatedDashboard]:
     """``backjobs dashboard`` on a free port, healthy; terminated on exit."""
     folder.mkdir(parents=True, exist_ok=True)
