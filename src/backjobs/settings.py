@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     registration_expiry_warning_days: NonNegativeInt = 2
     app_base_url: str = "http://localhost:8000"
 
+    # Every job: an as_of more than 5 minutes ahead is refused unless this is true
+    # (rehearsals and test rigs; see backjobs.orchestration.jobbase).
+    allow_future_as_of: bool = False
+
     # Dashboard.
     jwt_secret: SecretStr = SecretStr("change-me-in-production")
     dashboard_token_minutes: PositiveInt = 60

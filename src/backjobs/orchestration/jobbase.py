@@ -5,10 +5,19 @@ flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
 
 - resolves ``as_of``: the parameter (a naive value is read as UTC), else the run's
   scheduled start time (the exact cron time even when the run starts late), else now;
-  always an aware UTC datetime. The clock is read here and nowhere else;
+  always an aware UTC datetime. The clock is read here and nowhere else. An ``as_of``
+  more than 5 minutes in the future is refused (:class:`FutureAsOfRefused`): a job run
+  "from the future" deletes tokens still valid and markers still in their retention.
+  ``BACKJOBS_ALLOW_FUTURE_AS_OF=true`` allows it, for rehearsals and test rigs;
+- sends the domain's warnings and errors (``logging.getLogger("backjobs...")``) to the
+  run's logs in the UI (:func:`route_domain_logs_to_runs`), whatever the environment of
+  the worker or of ``backjobs run``;
 - logs ``[CleanupJob] Starting job execution``, then ``... Job completed successfully``,
   a warning ``... Job was cancelled`` on cancellation, or an error with the traceback
-  ``... Job failed with error`` on failure, re-raising in both cases as the seed does;
+  ``... Job failed with error`` on failure, re-raising in both cases as the seed does.
+  Each failure's traceback appears once in the run's logs (:class:`OneTracebackPerFailure`):
+  a part's where its task failed, the job's own where the job base logs it; Prefect's
+  engine repeats only the message;
 - publishes the body's result (a frozen dataclass of counts) as a table artifact keyed
   ``<flow-name>-result`` and logs it, so the UI shows what the run did; when the body
   fails with an error that carries a ``partial_result`` (:class:`PartsFailed`, or a
@@ -23,9 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
 from prefect import Flow, flow, get_run_logger
@@ -33,9 +43,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 
+from backjobs.settings import get_settings
+
 R = TypeVar("R")
 
 CANCELLED = (TerminationSignal, KeyboardInterrupt, asyncio.CancelledError)
+FUTURE_AS_OF_TOLERANCE = timedelta(minutes=5)
+DOMAIN_LOGGER = "backjobs"
+
+
+class FutureAsOfRefused(ValueError):
+    """An ``as_of`` too far in the future, without ``BACKJOBS_ALLOW_FUTURE_AS_OF=true``."""
 
 
 def kebab(name: str) -> str:
@@ -62,6 +80,85 @@ def resolve_as_of(as_of: datetime | None) -> datetime:
     return datetime.now(UTC)
 
 
+def check_as_of(as_of: datetime, *, now: datetime, allow_future: bool) -> None:
+    """Refuse an ``as_of`` more than 5 minutes after ``now`` unless ``allow_future``."""
+    ahead = as_of - now
+    if ahead <= FUTURE_AS_OF_TOLERANCE or allow_future:
+        return
+    raise FutureAsOfRefused(
+        f"as_of {as_of.isoformat()} is {_duration(ahead)} in the future: a job run on a "
+        "future clock deletes what is still live (refresh tokens still valid, markers "
+        "still in their retention). Use a past or present as_of, or set "
+        "BACKJOBS_ALLOW_FUTURE_AS_OF=true where the job runs (rehearsals, test rigs only)"
+    )
+
+
+def _duration(delta: timedelta) -> str:
+    if delta >= timedelta(days=2):
+        return f"{delta.days} days"
+    if delta >= timedelta(hours=2):
+        return f"{delta // timedelta(hours=1)} hours"
+    return f"{delta // timedelta(minutes=1)} minutes"
+
+
+def route_domain_logs_to_runs() -> None:
+    """Send the ``backjobs`` loggers' records to the current run's logs (idempotent).
+
+    Prefect configures logging once, when ``prefect`` is first imported: only then does
+    ``PREFECT_LOGGING_EXTRA_LOGGERS=backjobs`` attach its API handler. A worker started
+    without it, or ``backjobs run`` (whose imports come first), would leave the domain's
+    warnings on stderr, unattributed. So the job base attaches Prefect's ``APILogHandler``
+    itself at every flow start, unless one is there already (the variable was set in
+    time): never twice. The records still propagate to the console as before.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    domain = logging.getLogger(DOMAIN_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in domain.handlers):
+        domain.addHandler(APILogHandler())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        engine_logger = logging.getLogger(name)
+        if not any(isinstance(f, OneTracebackPerFailure) for f in engine_logger.filters):
+            engine_logger.addFilter(ONE_TRACEBACK_PER_FAILURE)
+
+
+class OneTracebackPerFailure(logging.Filter):
+    """Keep the traceback of an exception the first time a run logger logs it.
+
+    A part's error used to be printed three times: by the task engine ("Task run failed
+    with exception"), by the job base ("Job failed with error") and by the flow engine
+    ("Encountered exception during execution"). The first record keeps the traceback and
+    marks the exception; later records of the same exception (or of a group all of whose
+    exceptions are marked) keep their message and lose only the repeated traceback.
+    """
+
+    MARK = "_backjobs_traceback_logged"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        if self._logged(exc):
+            record.exc_info = None
+            record.exc_text = None
+        else:
+            try:
+                setattr(exc, self.MARK, True)
+            except AttributeError:  # pragma: no cover - exceptions take attributes
+                pass
+        return True
+
+    def _logged(self, exc: BaseException) -> bool:
+        if getattr(exc, self.MARK, False):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return all(self._logged(e) for e in exc.exceptions)
+        return False
+
+
+ONE_TRACEBACK_PER_FAILURE = OneTracebackPerFailure()
+
+
 def result_rows(result: Any) -> list[dict[str, str]]:
     """A result dataclass as ``[{"count": field, "value": value}]`` rows."""
     items: list[tuple[str, Any]] = [("result", result)]
@@ -71,10 +168,14 @@ def result_rows(result: Any) -> list[dict[str, str]]:
 
 
 def _show(value: Any) -> str:
+    # The UI renders table cells as markdown: "-" alone became a bullet. Empty is "none",
+    # a count a part never reported (it failed before) is "not reported".
+    if value is None:
+        return "not reported"
     if isinstance(value, list | tuple) and len(value) > 20:
         return f"{', '.join(map(str, value[:20]))}, … ({len(value)} in all)"
     if isinstance(value, list | tuple):
-        return ", ".join(map(str, value)) or "-"
+        return ", ".join(map(str, value)) or "none"
     return str(value)
 
 
@@ -163,10 +264,16 @@ def job_flow(
 
     def decorate(body: Callable[[datetime], R]) -> Flow[..., R]:
         def run(as_of: datetime | None = None) -> R:
+            route_domain_logs_to_runs()
             logger = get_run_logger()
             when = resolve_as_of(as_of)
             logger.info("[%s] Starting job execution (as_of %s)", job_name, when.isoformat())
             try:
+                check_as_of(
+                    when,
+                    now=datetime.now(UTC),
+                    allow_future=get_settings().allow_future_as_of,
+                )
                 result = body(when)
             except CANCELLED:
                 logger.warning("[%s] Job was cancelled", job_name)
@@ -177,7 +284,7 @@ def job_flow(
                     publish_result(
                         job_name, partial, description=f"What this failed {job_name} run did"
                     )
-                logger.exception("[%s] Job failed with error", job_name)
+                logger.error("[%s] Job failed with error: %s", job_name, exc, exc_info=True)
                 raise
             publish_result(job_name, result)
             logger.info("[%s] Job completed successfully", job_name)
