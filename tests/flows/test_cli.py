@@ -92,7 +92,7 @@ def test_run_refuses_an_as_of_in_the_future_naming_the_setting(
 ) -> None:
     seed(app_env, Path(cli_env["BACKJOBS_STORAGE_ROOT"]))
     env = {k: v for k, v in cli_env.items() if k != "BACKJOBS_ALLOW_FUTURE_AS_OF"}
-    future = (datetime.now(UTC) + timedelta(days=7)).isoformat()
+    future = (datetime.now(UTC) + timedelta(days=7, hours=1)).isoformat()
     done = backjobs("run", "cleanup-job", "--as-of", future, env=env)
     assert done.returncode == 1
     assert "7 days in the future" in done.stderr
