@@ -178,7 +178,7 @@ def test_trigger_wait_names_the_failed_part_with_counts_and_one_traceback(
 def test_trigger_wait_gives_up_after_its_timeout(deployed: Deployed) -> None:
     start_worker(deployed)
     done = deployed.server.backjobs(
-        "trigger", "email-send-job", "--wait", "--timeout", "0.5", env=deployed.env
+        "trigger", "cleanup-job", "--wait", "--timeout", "0.5", env=deployed.env
     )
     assert done.returncode == 4, done.stdout + done.stderr
     assert "after 0.5 s; the run goes on" in done.stderr

@@ -115,11 +115,34 @@ def route_domain_logs_to_runs() -> None:
 
     domain = logging.getLogger(DOMAIN_LOGGER)
     if not any(isinstance(h, APILogHandler) for h in domain.handlers):
-        domain.addHandler(APILogHandler())
+        domain.addHandler(_run_log_handler())
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         engine_logger = logging.getLogger(name)
         if not any(isinstance(f, OneTracebackPerFailure) for f in engine_logger.filters):
             engine_logger.addFilter(ONE_TRACEBACK_PER_FAILURE)
+
+
+def _run_log_handler() -> logging.Handler:
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLogHandler(APILogHandler):
+        """Prefect's API handler, for records logged inside a run only.
+
+        The domain also logs outside runs (the app enqueueing, ``backjobs outbox``) and
+        from its own threads, where no run is known: those stay on the console instead of
+        making Prefect warn that a log had no flow run id.
+        """
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if (
+                getattr(record, "flow_run_id", None)
+                or FlowRunContext.get() is not None
+                or TaskRunContext.get() is not None
+            ):
+                super().emit(record)
+
+    return RunLogHandler()
 
 
 class OneTracebackPerFailure(logging.Filter):
@@ -177,6 +200,15 @@ def _show(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ", ".join(map(str, value)) or "none"
     return str(value)
+
+
+ATTENTION_COUNTS = ("failed", "invalid", "lost")
+
+
+def _needs_attention(result: Any) -> str:
+    """``failed=1, invalid=2``: the counts of a completed run that ops should look at."""
+    counts = [(name, getattr(result, name, None)) for name in ATTENTION_COUNTS]
+    return ", ".join(f"{name}={n}" for name, n in counts if isinstance(n, int) and n > 0)
 
 
 def publish_result(job_name: str, result: Any, *, description: str | None = None) -> None:
@@ -287,6 +319,13 @@ def job_flow(
                 logger.error("[%s] Job failed with error: %s", job_name, exc, exc_info=True)
                 raise
             publish_result(job_name, result)
+            attention = _needs_attention(result)
+            if attention:
+                logger.warning(
+                    "[%s] Job completed with %s; the reasons are in the log lines above",
+                    job_name,
+                    attention,
+                )
             logger.info("[%s] Job completed successfully", job_name)
             return result
 

@@ -109,7 +109,7 @@ def _follow(
                 file=err,
             )
             return TIMED_OUT
-        time.sleep(poll_seconds)
+        time.sleep(poll_seconds if timeout is None else min(poll_seconds, timeout - elapsed))
     rows = result_table(client, run_id, f"{name}-result")
     for row in rows:
         print(f"  {row['count']:<28} {row['value']}", file=out)
