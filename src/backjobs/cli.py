@@ -5,6 +5,9 @@
     backjobs trigger <job> [--as-of] [--wait [--timeout S]]
                                               create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
+    backjobs outbox status                    the email outbox's counts
+    backjobs outbox retry --id N… | --failed-since ISO   failed rows back to pending
+    backjobs outbox show N                    one outbox row (never its secrets)
 
 ``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
 found through prefect.yaml's entrypoints, as a worker finds them, so prefect.yaml stays
@@ -16,11 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from backjobs.settings import SettingsError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,10 +82,31 @@ def _parser() -> argparse.ArgumentParser:
     check = dep_commands.add_parser("check", help="validate prefect.yaml")
     check.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
     check.set_defaults(handler=_deployments_check)
+    _outbox_parser(commands)
     return parser
 
 
-def parse_as_of(value: str) -> datetime:
+def _outbox_parser(commands: Any) -> None:
+    outbox = commands.add_parser("outbox", help="the email outbox (app_tasks) for ops")
+    actions = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    status = actions.add_parser("status", help="counts by status, due now, failed in 24 h")
+    status.set_defaults(handler=_outbox_status)
+    retry = actions.add_parser("retry", help="failed rows back to pending with fresh attempts")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="ids", type=int, nargs="+", metavar="N", help="row ids")
+    which.add_argument(
+        "--failed-since",
+        type=_iso_argument("--failed-since"),
+        metavar="ISO",
+        help="every row that failed at or after this ISO-8601 time",
+    )
+    retry.set_defaults(handler=_outbox_retry)
+    show = actions.add_parser("show", help="one row: status, attempts, error, recipients")
+    show.add_argument("id", type=int, metavar="N")
+    show.set_defaults(handler=_outbox_show)
+
+
+def parse_as_of(value: str, *, option: str = "--as-of") -> datetime:
     """ISO-8601; ``Z`` accepted; a value without offset is UTC."""
     from backjobs.orchestration.jobbase import to_utc
 
@@ -86,8 +114,12 @@ def parse_as_of(value: str) -> datetime:
         return to_utc(datetime.fromisoformat(value))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--as-of {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
+            f"{option} {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
         ) from None
+
+
+def _iso_argument(option: str) -> Callable[[str], datetime]:
+    return lambda value: parse_as_of(value, option=option)
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -158,6 +190,91 @@ def _deployments_check(args: argparse.Namespace) -> int:
         return 1
     print(f"{path}: ok")
     return 0
+
+
+def _outbox_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from backjobs.outbox_admin import outbox_status
+
+    with _outbox_session() as session:
+        status = outbox_status(session, now=datetime.now(UTC))
+    for name, value in asdict(status).items():
+        print(f"{name:<24} {'-' if value is None else value}")
+    return 0
+
+
+def _outbox_retry(args: argparse.Namespace) -> int:
+    import logging
+
+    from backjobs.outbox_admin import retry_failed
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with _outbox_session() as session:
+        retried = retry_failed(
+            session, ids=args.ids, failed_since=args.failed_since, now=datetime.now(UTC)
+        )
+    if not retried:
+        print("no failed outbox rows to retry")
+    else:
+        print(f"retried {len(retried)} outbox row(s): {', '.join(map(str, retried))}")
+    return 0
+
+
+def _outbox_show(args: argparse.Namespace) -> int:
+    from backjobs.outbox_admin import describe_task
+
+    with _outbox_session() as session:
+        view = describe_task(session, args.id)
+    lines = [
+        ("status", view.status),
+        ("attempts", f"{view.attempts} of {view.max_attempts}"),
+        ("priority", view.priority),
+        ("created", view.created_at),
+        ("next attempt", view.next_attempt_at),
+        ("completed", view.completed_at),
+        ("lease until", view.locked_until),
+        ("dedup key", view.dedup_key),
+        ("last error", view.last_error),
+        ("template", view.template),
+        ("recipients", ", ".join(view.recipients)),
+        ("delivered to", None if view.delivered is None else ", ".join(view.delivered) or "-"),
+        ("refused", None if view.refused is None else ", ".join(view.refused) or "-"),
+        *((f"context.{key}", _one_line(value)) for key, value in view.context.items()),
+        *((f"context.{key}", "(sensitive, not shown)") for key in view.omitted),
+        ("payload problem", view.payload_error),
+    ]
+    print(f"outbox row {view.id}")
+    for label, value in lines:
+        if value is not None:
+            print(f"  {label:<16} {value}")
+    return 0
+
+
+@contextmanager
+def _outbox_session() -> Iterator[Session]:
+    """One committed transaction; a database error becomes one line naming the database."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import normalize_url, session_scope
+    from backjobs.settings import get_settings
+
+    url = get_settings().database_url
+    try:
+        with session_scope() as session:
+            yield session
+    except SQLAlchemyError as exc:
+        shown = normalize_url(url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise LookupError(
+            f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
+        ) from None
+
+
+def _one_line(value: Any, limit: int = 100) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _prefect_defaults() -> None:

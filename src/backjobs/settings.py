@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     trash_retention_days: PositiveInt = 30
     upload_timeout_hours: PositiveInt = 24
     delete_batch_size: PositiveInt = 1000
+    outbox_retention_days: PositiveInt = 30
 
     # Email transport.
     email_transport: EmailTransportKind = EmailTransportKind.PICKUP

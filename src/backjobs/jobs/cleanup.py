@@ -14,6 +14,11 @@ A part interrupted half-way has committed what it deleted; the next run finishes
   as removed; one that cannot be removed keeps its row (the next run tries again) and is
   reported; a key outside the storage root is never touched, keeps its row and is reported
   as bad data.
+- :func:`delete_ended_outbox_rows`: ``app_tasks`` rows of the task types backjobs runs
+  (``email_send``) that ended (``completed`` or ``failed``) longer than
+  ``BACKJOBS_OUTBOX_RETENTION_DAYS`` ago; when a row ended is
+  :func:`backjobs.outbox_admin.ended_at`. ``pending`` and ``processing`` rows are never
+  deleted, however old: they are mail still to send.
 
 Each part returns a :class:`CleanupResult` holding its own counts (the others ``None``);
 the flow merges them. A part that fails raises an error carrying what it counted before
@@ -30,8 +35,16 @@ from typing import NamedTuple
 
 from sqlalchemy import Engine, delete, select
 
-from backjobs.db.batched_delete import iter_delete_batches
-from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
+from backjobs.db.batched_delete import iter_delete_batches, iter_delete_where
+from backjobs.models import (
+    Marker,
+    ProcessingStatus,
+    RefreshToken,
+    StoredFile,
+    TaskStatus,
+    TaskType,
+)
+from backjobs.outbox_admin import TASKS, ended_at
 from backjobs.settings import Settings
 from backjobs.storage import FileStorage, UnsafeStorageKey, make_storage
 
@@ -46,6 +59,7 @@ class CleanupResult:
     markers_deleted: int | None = None
     orphaned_files_removed: int | None = None
     orphaned_files_bad_keys: int | None = None
+    outbox_rows_deleted: int | None = None
     failed_parts: tuple[str, ...] = ()
 
     def merge(self, other: CleanupResult) -> CleanupResult:
@@ -75,6 +89,23 @@ def empty_trash_bin(engine: Engine, *, now: datetime, settings: Settings) -> Cle
         engine, Marker.deleted_at, before=now - retention, batch_size=settings.delete_batch_size
     )
     return CleanupResult(markers_deleted=sum(batches))
+
+
+ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
+
+
+def delete_ended_outbox_rows(engine: Engine, *, now: datetime, settings: Settings) -> CleanupResult:
+    """Delete outbox rows that ended (completed or failed) longer than the retention ago."""
+    cutoff = now - timedelta(days=settings.outbox_retention_days)
+    ended_long_ago = (
+        TASKS.c.task_type.in_([t.value for t in TaskType])
+        & TASKS.c.status.in_(ENDED)
+        & (ended_at() < cutoff)
+    )
+    batches = iter_delete_where(
+        engine, TASKS, ended_long_ago, batch_size=settings.delete_batch_size
+    )
+    return CleanupResult(outbox_rows_deleted=sum(batches))
 
 
 class ObjectOutcome(StrEnum):
