@@ -182,19 +182,22 @@ class OneTracebackPerFailure(logging.Filter):
 ONE_TRACEBACK_PER_FAILURE = OneTracebackPerFailure()
 
 
-def result_rows(result: Any) -> list[dict[str, str]]:
-    """A result dataclass as ``[{"count": field, "value": value}]`` rows."""
+def result_rows(result: Any, *, missing: str = "not reported") -> list[dict[str, str]]:
+    """A result dataclass as ``[{"count": field, "value": value}]`` rows.
+
+    ``None`` shows as ``missing`` (in a job's result: a part that never reported).
+    """
     items: list[tuple[str, Any]] = [("result", result)]
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         items = list(dataclasses.asdict(result).items())
-    return [{"count": key, "value": _show(value)} for key, value in items]
+    return [{"count": key, "value": _show(value, missing)} for key, value in items]
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, missing: str = "not reported") -> str:
     # The UI renders table cells as markdown: "-" alone became a bullet. Empty is "none",
     # a count a part never reported (it failed before) is "not reported".
     if value is None:
-        return "not reported"
+        return missing
     if isinstance(value, list | tuple) and len(value) > 20:
         return f"{', '.join(map(str, value[:20]))}, … ({len(value)} in all)"
     if isinstance(value, list | tuple):
@@ -221,6 +224,13 @@ def publish_result(job_name: str, result: Any, *, description: str | None = None
         table=rows,
         key=f"{kebab(job_name)}-result",
         description=description or f"What this {job_name} run did",
+    )
+
+
+def publish_table(key: str, record: Any, *, description: str, missing: str = "none") -> None:
+    """Attach a record (a dataclass of counts) to the run as one more table artifact."""
+    create_table_artifact(
+        table=result_rows(record, missing=missing), key=key, description=description
     )
 
 
