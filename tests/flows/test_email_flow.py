@@ -56,7 +56,7 @@ def test_flow_sends_the_outbox_and_reports_counts(
         assert s.get_one(AppTask, bad).status == "failed"
     # What ops see: the queue after the run, and why the run was not all green.
     run_id = state.state_details.flow_run_id
-    APILogHandler.flush()
+    APILogHandler().flush()  # sends every queued log
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))

@@ -95,7 +95,7 @@ def test_the_domains_warnings_reach_the_runs_logs_in_the_api(app_env: Database) 
     assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in os.environ
     seed(app_env)
     state = process_recurring_transactions_job(as_of=AS_OF, return_state=True)
-    APILogHandler.flush()
+    APILogHandler().flush()  # sends every queued log
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(
