@@ -166,7 +166,7 @@ def test_trigger_wait_names_the_failed_part_with_counts_and_one_traceback(
     assert re.search(r"refresh_tokens_deleted\s+2\n", done.stdout), done.stdout
     assert re.search(r"orphaned_files_removed\s+2\n", done.stdout), done.stdout
     assert "failed parts: remove_orphaned_files" in done.stderr
-    assert "1 of 3 parts failed: remove_orphaned_files" in done.stderr
+    assert re.search(r"1 of \d parts failed: remove_orphaned_files", done.stderr)
     run_id = run_id_in(done.stdout)
     wait_for_log(deployed.server, run_id, "Job failed with error")
     logs = deployed.server.logs_of(run_id)
