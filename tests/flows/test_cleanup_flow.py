@@ -81,6 +81,7 @@ def test_a_failed_run_shows_every_parts_counts_and_one_traceback_per_failure(
         "markers_deleted": "2",
         "orphaned_files_removed": "2",
         "orphaned_files_bad_keys": "0",
+        "outbox_rows_deleted": "0",
         "failed_parts": "remove_orphaned_files",
     }
     # The part's traceback once, in the job base's "Job failed" line; the flow engine (and
@@ -93,7 +94,7 @@ def test_a_failed_run_shows_every_parts_counts_and_one_traceback_per_failure(
     assert len(with_traceback) == 1, [r.getMessage() for r in with_traceback]
     assert "[CleanupJob] Job failed with error" in with_traceback[0].getMessage()
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "[CleanupJob] Job failed with error: cleanup-job: 1 of 3 parts failed" in text
+    assert "[CleanupJob] Job failed with error: cleanup-job: 1 of 4 parts failed" in text
     assert "Encountered exception during execution" in text
 
 
