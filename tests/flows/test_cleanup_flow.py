@@ -81,7 +81,7 @@ def test_a_failed_run_shows_every_parts_counts_and_one_traceback_per_failure(
         "markers_deleted": "2",
         "orphaned_files_removed": "2",
         "orphaned_files_bad_keys": "0",
-        "outbox_rows_deleted": "0",
+        "outbox_rows_deleted": "2",
         "failed_parts": "remove_orphaned_files",
     }
     # The part's traceback once, in the job base's "Job failed" line; the flow engine (and
