@@ -21,8 +21,9 @@ from backjobs.settings import get_settings
 
 pytest_plugins = [
     "tests.support.databases",
-    "tests.support.smtp",
+    "tests.support.files",
     "tests.support.prefect_server",
+    "tests.support.smtp",
 ]
 
 

@@ -12,6 +12,10 @@
 ``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
 found through prefect.yaml's entrypoints, as a worker finds them, so prefect.yaml stays
 the one list of jobs and the installed package never imports ``flows/``.
+
+Errors are one line on stderr saying what is wrong and what to do — exit status 2 for a
+usage error (a bad argument or setting), 1 for anything else; ``--debug`` (anywhere on
+the line) adds the traceback. :func:`main` is the one place that turns errors into lines.
 """
 
 from __future__ import annotations
@@ -19,30 +23,76 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+import traceback
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
 from backjobs.settings import SettingsError
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
+DEBUG_FLAG = "--debug"
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be: exit status 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global and accepted anywhere, so it can be added to any command line.
+    debug = DEBUG_FLAG in words
+    args = _parser().parse_args([w for w in words if w != DEBUG_FLAG])
     try:
         code: int = args.handler(args)
-    except (SettingsError, LookupError, ValueError) as exc:
-        print(f"backjobs: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        message, code = explain_error(exc)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or code == 2 else f" (run again with {DEBUG_FLAG} for the traceback)"
+        print(f"backjobs: error: {message}{hint}", file=sys.stderr)
     return code
+
+
+def explain_error(exc: BaseException) -> tuple[str, int]:
+    """One line for ``exc`` (what is wrong, what to do) and the exit status."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    if isinstance(exc, SettingsError | UsageError | LookupError | ValueError):
+        return str(exc), 2
+    if isinstance(exc, ArgumentError):
+        return f"BACKJOBS_DATABASE_URL is not a usable database URL: {exc}", 2
+    if isinstance(exc, DBAPIError):
+        reason = _first_line(exc.orig) if exc.orig is not None else _first_line(exc)
+        return (
+            f"database {_database_shown()}: {reason} — check BACKJOBS_DATABASE_URL and that "
+            "the database server is running and reachable",
+            1,
+        )
+    if isinstance(exc, CommandError):
+        return f"migration failed: {_first_line(exc)}", 1
+    return f"{type(exc).__name__}: {_first_line(exc)}", 1
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _database_shown() -> str:
+    from backjobs.db import normalize_url
+    from backjobs.settings import get_settings
+
+    try:
+        return normalize_url(get_settings().database_url).render_as_string(hide_password=True)
+    except Exception:
+        return "(BACKJOBS_DATABASE_URL)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backjobs", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help="on an error, show the traceback (any position)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = commands.add_parser("db", help="database migrations")
@@ -96,7 +146,7 @@ def _outbox_parser(commands: Any) -> None:
     which.add_argument("--id", dest="ids", type=int, nargs="+", metavar="N", help="row ids")
     which.add_argument(
         "--failed-since",
-        type=_iso_argument("--failed-since"),
+        type=lambda value: parse_as_of(value, option="--failed-since"),
         metavar="ISO",
         help="every row that failed at or after this ISO-8601 time",
     )
@@ -111,23 +161,30 @@ def parse_as_of(value: str, *, option: str = "--as-of") -> datetime:
     from backjobs.orchestration.jobbase import to_utc
 
     try:
-        return to_utc(datetime.fromisoformat(value))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{option} {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
         ) from None
-
-
-def _iso_argument(option: str) -> Callable[[str], datetime]:
-    return lambda value: parse_as_of(value, option=option)
+    try:
+        return to_utc(parsed)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is outside years 1-9999 once converted to UTC"
+        ) from None
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from backjobs.db import normalize_url
-    from backjobs.db.migrate import upgrade
+    from backjobs.db.migrate import revision_exists, upgrade
     from backjobs.settings import get_settings
 
     url = get_settings().database_url
+    if not revision_exists(args.revision):
+        raise UsageError(
+            f"--revision {args.revision!r} is not a migration of backjobs; use 'head' "
+            "(the default) or a revision id from src/backjobs/db/migrations/versions"
+        )
     upgrade(url, args.revision)
     print(
         f"database {normalize_url(url).render_as_string(hide_password=True)} is at {args.revision}"
@@ -192,13 +249,28 @@ def _deployments_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_defaults() -> None:
+    # Offline machines: no telemetry. (Domain logs reach the run's logs through the job
+    # base, which attaches Prefect's API handler itself: by now Prefect may have been
+    # imported and PREFECT_LOGGING_EXTRA_LOGGERS would be read too late.)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
+
+
 def _outbox_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
+    from datetime import UTC
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import outbox_status
 
-    with _outbox_session() as session:
-        status = outbox_status(session, now=datetime.now(UTC))
+    try:
+        with session_scope() as session:
+            status = outbox_status(session, now=datetime.now(UTC))
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     for name, value in asdict(status).items():
         print(f"{name:<24} {'-' if value is None else value}")
     return 0
@@ -206,14 +278,20 @@ def _outbox_status(args: argparse.Namespace) -> int:
 
 def _outbox_retry(args: argparse.Namespace) -> int:
     import logging
+    from datetime import UTC
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import retry_failed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with _outbox_session() as session:
-        retried = retry_failed(
-            session, ids=args.ids, failed_since=args.failed_since, now=datetime.now(UTC)
-        )
+    try:
+        with session_scope() as session:
+            now = datetime.now(UTC)
+            retried = retry_failed(session, ids=args.ids, failed_since=args.failed_since, now=now)
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     if not retried:
         print("no failed outbox rows to retry")
     else:
@@ -222,10 +300,16 @@ def _outbox_retry(args: argparse.Namespace) -> int:
 
 
 def _outbox_show(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import session_scope
     from backjobs.outbox_admin import describe_task
 
-    with _outbox_session() as session:
-        view = describe_task(session, args.id)
+    try:
+        with session_scope() as session:
+            view = describe_task(session, args.id)
+    except SQLAlchemyError as exc:
+        raise _outbox_unreadable(exc) from None
     lines = [
         ("status", view.status),
         ("attempts", f"{view.attempts} of {view.max_attempts}"),
@@ -240,7 +324,7 @@ def _outbox_show(args: argparse.Namespace) -> int:
         ("recipients", ", ".join(view.recipients)),
         ("delivered to", None if view.delivered is None else ", ".join(view.delivered) or "-"),
         ("refused", None if view.refused is None else ", ".join(view.refused) or "-"),
-        *((f"context.{key}", _one_line(value)) for key, value in view.context.items()),
+        *((f"context.{key}", _context_value(key, value)) for key, value in view.context.items()),
         *((f"context.{key}", "(sensitive, not shown)") for key in view.omitted),
         ("payload problem", view.payload_error),
     ]
@@ -251,38 +335,29 @@ def _outbox_show(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _outbox_session() -> Iterator[Session]:
-    """One committed transaction; a database error becomes one line naming the database."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from backjobs.db import normalize_url, session_scope
+def _outbox_unreadable(exc: Exception) -> LookupError:
+    """A database error as one line naming the database (password hidden)."""
+    from backjobs.db import normalize_url
     from backjobs.settings import get_settings
 
-    url = get_settings().database_url
-    try:
-        with session_scope() as session:
-            yield session
-    except SQLAlchemyError as exc:
-        shown = normalize_url(url).render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise LookupError(
-            f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
-        ) from None
+    shown = normalize_url(get_settings().database_url).render_as_string(hide_password=True)
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return LookupError(
+        f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
+    )
+
+
+def _context_value(key: str, value: Any) -> str:
+    # A message body is the mail itself: its size tells ops enough.
+    if key == "body" and isinstance(value, str):
+        return f"({len(value)} characters, not shown)"
+    return _one_line(value)
 
 
 def _one_line(value: Any, limit: int = 100) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text.replace("\r", "\\r").replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _prefect_defaults() -> None:
-    # Offline machines: no telemetry. (Domain logs reach the run's logs through the job
-    # base, which attaches Prefect's API handler itself: by now Prefect may have been
-    # imported and PREFECT_LOGGING_EXTRA_LOGGERS would be read too late.)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from backjobs.db.batched_delete import iter_delete_batches
 from backjobs.jobs import cleanup
 from backjobs.models import AppTask, Marker, RefreshToken, StoredFile, User
 from backjobs.settings import load_settings
 from tests.support.databases import Database
+from tests.support.files import make_unremovable
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -109,8 +112,9 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
     (root / "up").mkdir(parents=True)
     for name in ("old1", "old2", "fresh", "ready"):
         (root / "up" / name).write_bytes(b"data")
-    (root / "up" / "stuck").mkdir()
-    (root / "up" / "stuck" / "inner").write_bytes(b"x")
+    (root / "locked").mkdir()
+    (root / "locked" / "stuck").write_bytes(b"x")
+    make_unremovable(root / "locked" / "stuck")
     (tmp_path / "outside").write_text("never touched")
     day = timedelta(hours=24)
     ids = _files(
@@ -120,7 +124,7 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
             ("up/old1", "pending", day + timedelta(minutes=1)),
             ("up/old2", "pending", 3 * day),
             ("up/gone", "pending", 2 * day),  # object already missing
-            ("up/stuck", "pending", 2 * day),  # cannot be removed
+            ("locked/stuck", "pending", 2 * day),  # cannot be removed
             ("../outside", "pending", 2 * day),  # bad data
             ("up/fresh", "pending", day - timedelta(minutes=1)),
             ("up/ready", "ready", 10 * day),
@@ -131,18 +135,18 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
         cleanup.remove_orphaned_files(db.engine, now=NOW, settings=settings)
     report = raised.value.report
     assert (report.removed, report.already_gone) == (3, 1)
-    assert set(report.failed) == {ids["up/stuck"]}
+    assert set(report.failed) == {ids["locked/stuck"]}
     assert set(report.bad_keys) == {ids["../outside"]}
     assert raised.value.partial_result == cleanup.CleanupResult(
         orphaned_files_removed=3, orphaned_files_bad_keys=1
     )
     with db.session() as s:
         left = set(s.scalars(select(StoredFile.storage_key)))
-    assert left == {"up/stuck", "../outside", "up/fresh", "up/ready"}
+    assert left == {"locked/stuck", "../outside", "up/fresh", "up/ready"}
     assert not (root / "up" / "old1").exists() and not (root / "up" / "old2").exists()
     assert (root / "up" / "fresh").exists() and (root / "up" / "ready").exists()
     assert (tmp_path / "outside").read_text() == "never touched"
-    assert f"stored_files id {ids['up/stuck']}" in str(raised.value)
+    assert f"stored_files id {ids['locked/stuck']}" in str(raised.value)
 
 
 def test_a_few_expired_among_many_live_tokens(db: Database) -> None:
@@ -222,3 +226,31 @@ def test_open_outbox_rows_are_never_deleted_however_old(db: Database) -> None:
     result = cleanup.delete_ended_outbox_rows(db.engine, now=NOW, settings=settings)
     assert result.outbox_rows_deleted == 0
     assert _count(db, AppTask) == 7
+
+
+def test_a_row_retried_while_the_prune_runs_is_kept(pg_db: Database) -> None:
+    """The prune waits for the app's open transaction, then re-checks: a pending row stays."""
+    old = NOW - timedelta(days=90)
+    with pg_db.session() as s:
+        rows = [
+            AppTask(task_type="email_send", status="failed", payload={}, created_at=old)
+            for _ in range(3)
+        ]
+        s.add_all(rows)
+        s.commit()
+        ids = [row.id for row in rows]
+    settings = load_settings(outbox_retention_days=30, delete_batch_size=10)
+    with pg_db.engine.connect() as app:
+        # The app (or `backjobs outbox retry`) holds the row, changed but not committed yet.
+        app.execute(update(AppTask).where(AppTask.id == ids[1]).values(status="pending"))
+        with ThreadPoolExecutor(1) as pool:
+            pruning = pool.submit(
+                cleanup.delete_ended_outbox_rows, pg_db.engine, now=NOW, settings=settings
+            )
+            time.sleep(0.5)
+            assert not pruning.done()  # waiting for the app's row lock
+            app.commit()
+            result = pruning.result(timeout=30)
+    assert result.outbox_rows_deleted == 2
+    with pg_db.session() as s:
+        assert list(s.execute(select(AppTask.id, AppTask.status))) == [(ids[1], "pending")]

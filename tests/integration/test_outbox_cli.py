@@ -146,6 +146,19 @@ def test_show_prints_the_row_but_never_its_secrets(outbox: Database) -> None:
     assert "<html" not in out.lower()
 
 
+def test_show_never_prints_the_body(outbox: Database) -> None:
+    with outbox.session() as s:
+        task_id = enqueue_email(
+            s, to="a@example.com", template="generic", context={"subject": "Hi", "body": "PRIVATE"}
+        )
+        s.commit()
+    done = backjobs(outbox, "show", str(task_id))
+    assert done.returncode == 0, done.stderr
+    assert "context.subject  Hi" in done.stdout
+    assert "context.body     (7 characters, not shown)" in done.stdout
+    assert "PRIVATE" not in done.stdout
+
+
 def test_show_of_an_unknown_row_says_so(outbox: Database) -> None:
     done = backjobs(outbox, "show", "12345")
     assert done.returncode == 2
