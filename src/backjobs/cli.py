@@ -5,6 +5,9 @@
     backjobs trigger <job> [--as-of] [--wait [--timeout S]]
                                               create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
+    backjobs dashboard [--host] [--port]      the Prefect server and UI behind the admin gate
+    backjobs dashboard-token EMAIL [--minutes M] [--url]
+                                              a short-lived admin token, or a sign-in link
     backjobs outbox status                    the email outbox's counts
     backjobs outbox retry --id N… | --failed-since ISO   failed rows back to pending
     backjobs outbox show N                    one outbox row (never its secrets)
@@ -132,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     check = dep_commands.add_parser("check", help="validate prefect.yaml")
     check.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
     check.set_defaults(handler=_deployments_check)
+    _add_dashboard_commands(commands)
     _outbox_parser(commands)
     return parser
 
@@ -246,6 +250,72 @@ def _deployments_check(args: argparse.Namespace) -> int:
     if problems:
         return 1
     print(f"{path}: ok")
+    return 0
+
+
+def _add_dashboard_commands(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the Prefect server and UI behind the admin-only gate"
+    )
+    dashboard.add_argument("--host", help="interface (default BACKJOBS_DASHBOARD_HOST, 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, help="port (default BACKJOBS_DASHBOARD_PORT, 4200)")
+    dashboard.set_defaults(handler=_dashboard)
+
+    token = commands.add_parser(
+        "dashboard-token", help="a short-lived dashboard token for an admin, or a sign-in link"
+    )
+    token.add_argument("email", help="the admin's email in the app's users table")
+    token.add_argument(
+        "--minutes", type=int, help="lifetime (default BACKJOBS_DASHBOARD_TOKEN_MINUTES, 60)"
+    )
+    token.add_argument("--url", action="store_true", help="print a one-time sign-in link")
+    token.set_defaults(handler=_dashboard_token)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from backjobs.db import make_engine
+    from backjobs.orchestration.dashboard_server import (
+        DashboardError,
+        dashboard_config,
+        serve_dashboard,
+    )
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    _prefect_defaults()
+    # The server process has no flow run to send its own logs to.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    config = dashboard_config(settings, host=args.host, port=args.port)
+    engine = make_engine(config.database_url)
+    try:
+        serve_dashboard(config, engine=engine)
+    except DashboardError as exc:
+        print(f"backjobs dashboard: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _dashboard_token(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.orchestration.dashboard_server import public_url
+    from backjobs.orchestration.tokens import admin_token, sign_in_url
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    if args.minutes is not None and not 1 <= args.minutes <= 7 * 24 * 60:
+        raise ValueError("--minutes must be between 1 and 10080 (a week)")
+    try:
+        token = admin_token(args.email, settings=settings, minutes=args.minutes)
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+        raise LookupError(
+            f"cannot read the users of the app database ({first}); is BACKJOBS_DATABASE_URL "
+            "right and migrated (backjobs db upgrade)?"
+        ) from None
+    print(sign_in_url(public_url(settings), token) if args.url else token)
     return 0
 
 

@@ -38,6 +38,10 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # finite: no inf, 
 DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg", "postgres")
 NON_EMPTY = ("database_url", "storage_root", "email_pickup_dir", "smtp_host")
 
+# The default BACKJOBS_JWT_SECRET: good for local development only (the dashboard refuses
+# it when it listens beyond the loopback interface).
+DEVELOPMENT_JWT_SECRET = "change-me-in-production"
+
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names its environment variable."""
@@ -115,8 +119,19 @@ class Settings(BaseSettings):
     outbox_retention_days: Days = 30
 
     # Dashboard.
-    jwt_secret: SecretStr = SecretStr("change-me-in-production")
+    jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
     dashboard_token_minutes: Annotated[int, Field(gt=0, le=7 * DAY // MINUTE)] = 60
+
+    # Dashboard gate (backjobs dashboard): where it listens, the URL browsers use to reach
+    # it (default http://HOST:PORT), the app's sign-in page for its 401 page, the machine
+    # credential Prefect clients send as PREFECT_API_AUTH_STRING, and how long "is this
+    # user an admin" is remembered (at most 30 s: a demoted admin is out within that).
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: Annotated[int, Field(ge=0, lt=65536)] = 4200
+    dashboard_public_url: str | None = None
+    dashboard_login_url: str | None = None
+    dashboard_auth_string: SecretStr | None = None
+    dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
 
     @field_validator(*NON_EMPTY, mode="before")
     @classmethod
