@@ -7,6 +7,9 @@ per row (retried with backoff or failed with the reason) and never fail the run.
 fails when the database does, or when the SMTP server does (unreachable, TLS, AUTH, a
 refused sender, 421/530/535): then its message carries the server's reply, the rows wait
 without using an attempt, and the result artifact shows what was sent before.
+
+Every run, failed or not, also publishes the outbox after it (``email-send-job-queue``):
+pending, due now, waiting for a retry, the oldest due row's age, failed in the last 24 h.
 """
 
 from __future__ import annotations
@@ -14,11 +17,24 @@ from __future__ import annotations
 from datetime import datetime
 
 from backjobs.jobs.email_send import EmailSendResult
-from backjobs.orchestration.jobbase import job_flow
-from tasks.email_send import send_due_emails
+from backjobs.orchestration.jobbase import job_flow, publish_table
+from tasks.email_send import outbox_status, send_due_emails
 
 
 @job_flow("EmailSendJob")
 def email_send_job(as_of: datetime) -> EmailSendResult:
     """Send the due emails of the outbox (priority, then age), retrying transient failures."""
-    return send_due_emails(as_of)
+    try:
+        result = send_due_emails(as_of)
+    except Exception:
+        publish_queue(as_of)
+        raise
+    publish_queue(as_of)
+    return result
+
+
+def publish_queue(as_of: datetime) -> None:
+    """The outbox after the run, as the run's second table (``email-send-job-queue``)."""
+    publish_table(
+        "email-send-job-queue", outbox_status(as_of), description="The outbox after this run"
+    )

@@ -13,10 +13,12 @@ from datetime import datetime
 
 from prefect import task
 
-from backjobs.db import get_engine
+from backjobs import outbox_admin
+from backjobs.db import get_engine, session_scope
 from backjobs.jobs import email_send
 from backjobs.jobs.email_send import EmailSendResult
 from backjobs.mail.transport import make_transport
+from backjobs.outbox_admin import OutboxStatus
 from backjobs.settings import get_settings
 from tasks._policy import DB_TASK_OPTIONS
 
@@ -32,3 +34,10 @@ def send_due_emails(as_of: datetime) -> EmailSendResult:
         )
     finally:
         transport.close()
+
+
+@task(**DB_TASK_OPTIONS)
+def outbox_status(as_of: datetime) -> OutboxStatus:
+    """The outbox at as_of: pending, due now, waiting for a retry, failed in the last 24 h."""
+    with session_scope(get_engine()) as session:
+        return outbox_admin.outbox_status(session, now=as_of)

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
@@ -20,7 +19,12 @@ import pytest
 
 from backjobs.settings import get_settings
 
-pytest_plugins = ["tests.support.databases", "tests.support.files", "tests.support.smtp"]
+pytest_plugins = [
+    "tests.support.databases",
+    "tests.support.files",
+    "tests.support.prefect_server",
+    "tests.support.smtp",
+]
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,8 @@
 
     backjobs db upgrade                       migrate the configured database
     backjobs run <job> [--as-of ISO-8601]     run a job's flow now, in this process
-    backjobs trigger <job> [--as-of] [--wait] create a run of the job's deployment
+    backjobs trigger <job> [--as-of] [--wait [--timeout S]]
+                                              create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
     backjobs dashboard [--host] [--port]      the Prefect server and UI behind the admin gate
     backjobs dashboard-token EMAIL [--minutes M] [--url]
@@ -118,7 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         "--as-of", type=parse_as_of, help="the job's clock (default: the run's time)"
     )
     trigger.add_argument(
-        "--wait", action="store_true", help="wait for the run; non-zero if it fails"
+        "--wait",
+        action="store_true",
+        help="check a worker polls the pool, follow the run, print its counts; "
+        "non-zero if it does not complete",
+    )
+    trigger.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long"
     )
     trigger.add_argument("--project-dir", help="folder of prefect.yaml (default: found upwards)")
     trigger.set_defaults(handler=_trigger)
@@ -200,13 +207,17 @@ def _run(args: argparse.Namespace) -> int:
     job = load_job_flow(project_file, args.job)
     state = job(as_of=args.as_of, return_state=True)
     if not state.is_completed():
-        print(f"{job.name}: run {state.name}: {state.message}", file=sys.stderr)
+        print(
+            f"{job.name}: run {state.name} (flow run {state.state_details.flow_run_id}): "
+            f"{state.message}",
+            file=sys.stderr,
+        )
         error = state.result(raise_on_failure=False)
         for part in getattr(error, "exceptions", ()):
             print(f"  {part}", file=sys.stderr)
         return 1
     result: Any = state.result()
-    print(f"{job.name}: completed")
+    print(f"{job.name}: completed (flow run {state.state_details.flow_run_id})")
     for row in result_rows(result):
         print(f"  {row['count']:<28} {row['value']}")
     return 0
@@ -219,21 +230,14 @@ def _trigger(args: argparse.Namespace) -> int:
     deployment = find_deployment(find_project_file(args.project_dir), args.job)
     if not os.environ.get("PREFECT_API_URL"):
         raise LookupError("set PREFECT_API_URL to the Prefect server that holds the deployments")
+    if args.timeout is not None and not args.wait:
+        raise ValueError("--timeout needs --wait")
     _prefect_defaults()
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.deployments import run_deployment
+    from backjobs.orchestration.trigger import trigger_deployment
 
-    name = f"{deployment['name']}/{deployment['name']}"
-    parameters = {} if args.as_of is None else {"as_of": args.as_of.isoformat()}
-    run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: a FlowRun
-        name=name, parameters=parameters, timeout=None if args.wait else 0, as_subflow=False
+    return trigger_deployment(
+        str(deployment["name"]), as_of=args.as_of, wait=args.wait, timeout=args.timeout
     )
-    state = run.state
-    print(f"{name}: flow run {run.name} ({run.id}): {state.name if state else 'unknown'}")
-    if args.wait and (state is None or not state.is_completed()):
-        print(f"{name}: run {run.name} ended {state.name if state else 'unknown'}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _deployments_check(args: argparse.Namespace) -> int:
@@ -316,8 +320,9 @@ def _dashboard_token(args: argparse.Namespace) -> int:
 
 
 def _prefect_defaults() -> None:
-    # Offline machines: no telemetry; domain logs (logging.getLogger("backjobs...")) go to
-    # the run's logs in the UI.
+    # Offline machines: no telemetry. (Domain logs reach the run's logs through the job
+    # base, which attaches Prefect's API handler itself: by now Prefect may have been
+    # imported and PREFECT_LOGGING_EXTRA_LOGGERS would be read too late.)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
 

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     confirmation_path: str = "/confirm-email?token="
     registration_batch_size: Batch = 1000
 
+    # Every job: an as_of more than 5 minutes ahead is refused unless this is true
+    # (rehearsals and test rigs; see backjobs.orchestration.jobbase).
+    allow_future_as_of: bool = False
+
     # CleanupJob: ended outbox rows are kept this long.
     outbox_retention_days: Days = 30
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL
 
+from backjobs.models import RecurringTransaction, User
 from tests.support.databases import Database
 from tests.support.seeding import cleanup_counts as counts
 from tests.support.seeding import seed_cleanup as seed
@@ -79,3 +86,50 @@ def test_db_upgrade_migrates_an_empty_database(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "fresh" / "app.db").stat().st_size > 0
     assert "is at head" in done.stdout
+
+
+def test_run_refuses_an_as_of_in_the_future_naming_the_setting(
+    app_env: Database, cli_env: dict[str, str]
+) -> None:
+    seed(app_env, Path(cli_env["BACKJOBS_STORAGE_ROOT"]))
+    env = {k: v for k, v in cli_env.items() if k != "BACKJOBS_ALLOW_FUTURE_AS_OF"}
+    future = (datetime.now(UTC) + timedelta(days=7, hours=1)).isoformat()
+    done = backjobs("run", "cleanup-job", "--as-of", future, env=env)
+    assert done.returncode == 1
+    assert "7 days in the future" in done.stderr
+    assert "BACKJOBS_ALLOW_FUTURE_AS_OF=true" in done.stderr
+    assert counts(app_env) == (3, 3, 3)  # nothing deleted
+
+
+def test_run_sends_the_domains_warnings_to_the_runs_logs(
+    app_env: Database, cli_env: dict[str, str]
+) -> None:
+    # The variable a worker or shell might lack is not set: the run must not depend on it.
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in cli_env
+    with app_env.session() as s:
+        user = User(email="payer@example.com")
+        s.add(user)
+        s.flush()
+        s.add(
+            RecurringTransaction(
+                owner_id=user.id,
+                amount=Decimal("1.0000"),
+                currency="EUR",
+                frequency="monthly",
+                interval=0,
+                start_date=date(2026, 1, 1),
+            )
+        )
+        s.commit()
+    done = backjobs(
+        "run", "ProcessRecurringTransactionsJob", "--as-of", "2026-03-01T00:05:00Z", env=cli_env
+    )
+    assert done.returncode == 0, done.stderr
+    run_id = re.search(r"flow run ([0-9a-f-]{36})", done.stdout)
+    assert run_id, done.stdout
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id[1])]))
+        )
+    warned = [log.message for log in logs if "Skipping recurring transaction 1" in log.message]
+    assert warned and "interval" in warned[0], [log.message for log in logs]

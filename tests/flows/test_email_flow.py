@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
 
 from backjobs.jobs.email_send import EmailSendResult, EmailServerUnavailable
 from backjobs.models import AppTask
@@ -50,6 +59,21 @@ def test_flow_sends_the_outbox_and_reports_counts(
     with smtp_env.session() as s:
         assert s.get_one(AppTask, good).status == "completed"
         assert s.get_one(AppTask, bad).status == "failed"
+    # What ops see: the queue after the run, and why the run was not all green.
+    run_id = state.state_details.flow_run_id
+    APILogHandler().flush()  # sends every queued log
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    queue = {a.key: json.loads(str(a.data)) for a in artifacts}["email-send-job-queue"]
+    shown = {row["count"]: row["value"] for row in queue}
+    assert shown["pending"] == "0" and shown["due_now"] == "0"
+    assert shown["failed_last_24h"] == "1" and shown["oldest_due_age_seconds"] == "none"
+    messages = [log.message for log in logs]
+    assert any(f"{bad}" in m and "550" in m for m in messages if "failed" in m), messages
+    assert any("[EmailSendJob] Job completed with failed=1" in m for m in messages), messages
 
 
 def test_flow_with_nothing_due_sends_nothing(smtp_env: Database, smtp_server: SmtpServer) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from backjobs.orchestration.jobbase import job_flow
+from backjobs.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -38,7 +39,10 @@ def messages(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records)
 
 
-def test_a_job_flow_is_named_logs_and_gets_its_clock(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_job_flow_is_named_logs_and_gets_its_clock(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACKJOBS_ALLOW_FUTURE_AS_OF", "true")
     caplog.set_level(logging.INFO)
     assert example_job.name == "example-job"
     assert example_job(as_of=datetime(2030, 5, 1, 12)).as_of == datetime(2030, 5, 1, 12, tzinfo=UTC)
@@ -62,3 +66,19 @@ def test_a_cancellation_is_a_warning_and_re_raised(caplog: pytest.LogCaptureFixt
         interrupted_job()
     warned = [r for r in caplog.records if "[InterruptedJob] Job was cancelled" in r.getMessage()]
     assert warned and warned[0].levelno == logging.WARNING
+
+
+def test_an_as_of_in_the_future_is_refused_unless_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    state = example_job(as_of=tomorrow, return_state=True)
+    assert state.is_failed()
+    assert "in the future" in (state.message or "")
+    assert "BACKJOBS_ALLOW_FUTURE_AS_OF" in (state.message or "")
+    # A clock a little ahead (two minutes) is not the future.
+    soon = datetime.now(UTC) + timedelta(minutes=2)
+    assert example_job(as_of=soon).as_of == soon
+    monkeypatch.setenv("BACKJOBS_ALLOW_FUTURE_AS_OF", "true")
+    get_settings.cache_clear()
+    assert example_job(as_of=tomorrow).as_of == tomorrow

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler
 from sqlalchemy import select
 
 from backjobs.jobs.recurring_transactions import RecurringTransactionsResult
@@ -80,3 +88,21 @@ def test_the_flow_creates_each_occurrence_once(app_env: Database) -> None:
     again = process_recurring_transactions_job(as_of=AS_OF)
     assert (again.definitions_processed, again.transactions_created) == (0, 0)
     assert len(occurred(app_env)) == 10
+
+
+def test_the_domains_warnings_reach_the_runs_logs_in_the_api(app_env: Database) -> None:
+    # conftest no longer presets PREFECT_LOGGING_EXTRA_LOGGERS: the job base must do it.
+    assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in os.environ
+    seed(app_env)
+    state = process_recurring_transactions_job(as_of=AS_OF, return_state=True)
+    APILogHandler().flush()  # sends every queued log
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    skipped = [log for log in logs if "Skipping recurring transaction 3" in log.message]
+    assert len(skipped) == 1, [log.message for log in logs]
+    assert skipped[0].name == "backjobs.jobs.recurring_transactions"
+    assert skipped[0].level == logging.WARNING

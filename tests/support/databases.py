@@ -154,9 +154,11 @@ def app_env(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     """Point the process's settings (as a worker reads them) at this test's database.
 
     Flows read their settings from the environment, as a deployed worker does; this sets
-    the environment, not a patched object.
+    the environment, not a patched object. Tests replay fixed dates, many of them in the
+    future, so ``BACKJOBS_ALLOW_FUTURE_AS_OF`` is on.
     """
     monkeypatch.setenv("BACKJOBS_DATABASE_URL", db.url)
+    monkeypatch.setenv("BACKJOBS_ALLOW_FUTURE_AS_OF", "true")
     monkeypatch.setenv("BACKJOBS_STORAGE_ROOT", str(tmp_path / "files"))
     monkeypatch.setenv("BACKJOBS_EMAIL_PICKUP_DIR", str(tmp_path / "mail"))
     get_settings.cache_clear()

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from backjobs.cli import main
-from backjobs.orchestration.prefect_yaml import check_project_file, cron_problem, find_deployment
+from backjobs.orchestration.prefect_yaml import (
+    check_project_file,
+    cron_problem,
+    describe_cron,
+    find_deployment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,3 +83,59 @@ def test_trigger_without_a_server_says_what_to_set(
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["trigger", "cleanup-job", "--project-dir", str(ROOT)]) == 2
     assert "PREFECT_API_URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cron", "words"),
+    [
+        ("0 23 * * *", "daily at 23:00 UTC"),
+        ("5 0 * * *", "daily at 00:05 UTC"),
+        ("*/2 * * * *", "every 2 minutes"),
+        ("15 * * * *", "hourly at minute 15"),
+        ("30 6 * * 1", "weekly on Monday at 06:30 UTC"),
+        ("0 3 1 * *", "monthly on day 1 at 03:00 UTC"),
+        ("0 9-17 * * 1-5", None),
+    ],
+)
+def test_a_cron_in_words(cron: str, words: str | None) -> None:
+    assert describe_cron(cron) == words
+
+
+def test_a_description_that_drifted_from_its_schedule_is_named(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+deployments:
+  - name: a-job
+    description: "Daily at 23:00 UTC — `0 23 * * *`. Does things."
+    entrypoint: flows/job.py:job_flow
+    schedules:
+      - cron: "0 22 * * *"
+  - name: b-job
+    description: "Sends things every few minutes — `*/5 * * * *`."
+    entrypoint: flows/job.py:job_flow
+    schedules:
+      - cron: "*/5 * * * *"
+  - name: c-job
+    description: "Does things."
+    entrypoint: flows/job.py:job_flow
+  - name: d-job
+    description: "Daily at 01:00 UTC — `0 1 * * *`."
+    entrypoint: flows/job.py:job_flow
+    schedules:
+      - cron: "0 1 * * *"
+        active: false
+  - name: e-job
+    description: "No schedule: triggered by hand."
+    entrypoint: flows/job.py:job_flow
+""",
+    )
+    problems = check_project_file(path)
+    assert problems == [
+        "a-job: description states `0 23 * * *` but the schedule is `0 22 * * *`; write the "
+        "cron in backticks, e.g. 'daily at 22:00 UTC — `0 22 * * *`'",
+        "a-job: description must state `0 22 * * *` in words: 'daily at 22:00 UTC'",
+        "b-job: description must state `*/5 * * * *` in words: 'every 5 minutes'",
+        "c-job: description must say 'no schedule' (the deployment has none)",
+        "d-job: schedule `0 1 * * *` is inactive: say 'paused'",
+    ]

@@ -82,7 +82,7 @@ def test_both_jobs_are_deployed_with_the_seeds_cron(job: str, flow_name: str, cr
         {"cron": cron, "timezone": "UTC", "slug": f"{flow_name}-cron"}
     ]
     assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-    assert deployment["work_pool"] == {"name": "backjobs"}
+    assert deployment["work_pool"]["name"] == "backjobs"
 
 
 def test_prefect_yaml_holds_the_five_seed_jobs() -> None:

@@ -5,10 +5,19 @@ flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
 
 - resolves ``as_of``: the parameter (a naive value is read as UTC), else the run's
   scheduled start time (the exact cron time even when the run starts late), else now;
-  always an aware UTC datetime. The clock is read here and nowhere else;
+  always an aware UTC datetime. The clock is read here and nowhere else. An ``as_of``
+  more than 5 minutes in the future is refused (:class:`FutureAsOfRefused`): a job run
+  "from the future" deletes tokens still valid and markers still in their retention.
+  ``BACKJOBS_ALLOW_FUTURE_AS_OF=true`` allows it, for rehearsals and test rigs;
+- sends the domain's warnings and errors (``logging.getLogger("backjobs...")``) to the
+  run's logs in the UI (:func:`route_domain_logs_to_runs`), whatever the environment of
+  the worker or of ``backjobs run``;
 - logs ``[CleanupJob] Starting job execution``, then ``... Job completed successfully``,
   a warning ``... Job was cancelled`` on cancellation, or an error with the traceback
-  ``... Job failed with error`` on failure, re-raising in both cases as the seed does;
+  ``... Job failed with error`` on failure, re-raising in both cases as the seed does.
+  Each failure's traceback appears once in the run's logs (:class:`OneTracebackPerFailure`):
+  a part's where its task failed, the job's own where the job base logs it; Prefect's
+  engine repeats only the message;
 - publishes the body's result (a frozen dataclass of counts) as a table artifact keyed
   ``<flow-name>-result`` and logs it, so the UI shows what the run did; when the body
   fails with an error that carries a ``partial_result`` (:class:`PartsFailed`, or a
@@ -23,9 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
 from prefect import Flow, flow, get_run_logger
@@ -33,9 +43,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 
+from backjobs.settings import get_settings
+
 R = TypeVar("R")
 
 CANCELLED = (TerminationSignal, KeyboardInterrupt, asyncio.CancelledError)
+FUTURE_AS_OF_TOLERANCE = timedelta(minutes=5)
+DOMAIN_LOGGER = "backjobs"
+
+
+class FutureAsOfRefused(ValueError):
+    """An ``as_of`` too far in the future, without ``BACKJOBS_ALLOW_FUTURE_AS_OF=true``."""
 
 
 def kebab(name: str) -> str:
@@ -62,20 +80,138 @@ def resolve_as_of(as_of: datetime | None) -> datetime:
     return datetime.now(UTC)
 
 
-def result_rows(result: Any) -> list[dict[str, str]]:
-    """A result dataclass as ``[{"count": field, "value": value}]`` rows."""
+def check_as_of(as_of: datetime, *, now: datetime, allow_future: bool) -> None:
+    """Refuse an ``as_of`` more than 5 minutes after ``now`` unless ``allow_future``."""
+    ahead = as_of - now
+    if ahead <= FUTURE_AS_OF_TOLERANCE or allow_future:
+        return
+    raise FutureAsOfRefused(
+        f"as_of {as_of.isoformat()} is {_duration(ahead)} in the future: a job run on a "
+        "future clock deletes what is still live (refresh tokens still valid, markers "
+        "still in their retention). Use a past or present as_of, or set "
+        "BACKJOBS_ALLOW_FUTURE_AS_OF=true where the job runs (rehearsals, test rigs only)"
+    )
+
+
+def _duration(delta: timedelta) -> str:
+    if delta >= timedelta(days=2):
+        return f"{delta.days} days"
+    if delta >= timedelta(hours=2):
+        return f"{delta // timedelta(hours=1)} hours"
+    return f"{delta // timedelta(minutes=1)} minutes"
+
+
+def route_domain_logs_to_runs() -> None:
+    """Send the ``backjobs`` loggers' records to the current run's logs (idempotent).
+
+    Prefect configures logging once, when ``prefect`` is first imported: only then does
+    ``PREFECT_LOGGING_EXTRA_LOGGERS=backjobs`` attach its API handler. A worker started
+    without it, or ``backjobs run`` (whose imports come first), would leave the domain's
+    warnings on stderr, unattributed. So the job base attaches Prefect's ``APILogHandler``
+    itself at every flow start, unless one is there already (the variable was set in
+    time): never twice. The records still propagate to the console as before.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    domain = logging.getLogger(DOMAIN_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in domain.handlers):
+        domain.addHandler(_run_log_handler())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        engine_logger = logging.getLogger(name)
+        if not any(isinstance(f, OneTracebackPerFailure) for f in engine_logger.filters):
+            engine_logger.addFilter(ONE_TRACEBACK_PER_FAILURE)
+
+
+def _run_log_handler() -> logging.Handler:
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class RunLogHandler(APILogHandler):
+        """Prefect's API handler, for records logged inside a run only.
+
+        The domain also logs outside runs (the app enqueueing, ``backjobs outbox``) and
+        from its own threads, where no run is known: those stay on the console instead of
+        making Prefect warn that a log had no flow run id.
+        """
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if (
+                getattr(record, "flow_run_id", None)
+                or FlowRunContext.get() is not None
+                or TaskRunContext.get() is not None
+            ):
+                super().emit(record)
+
+    return RunLogHandler()
+
+
+class OneTracebackPerFailure(logging.Filter):
+    """Keep the traceback of an exception the first time a run logger logs it.
+
+    A part's error used to be printed three times: by the task engine ("Task run failed
+    with exception"), by the job base ("Job failed with error") and by the flow engine
+    ("Encountered exception during execution"). The first record keeps the traceback and
+    marks the exception; later records of the same exception (or of a group all of whose
+    exceptions are marked) keep their message and lose only the repeated traceback.
+    """
+
+    MARK = "_backjobs_traceback_logged"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        if self._logged(exc):
+            record.exc_info = None
+            record.exc_text = None
+        else:
+            try:
+                setattr(exc, self.MARK, True)
+            except AttributeError:  # pragma: no cover - exceptions take attributes
+                pass
+        return True
+
+    def _logged(self, exc: BaseException) -> bool:
+        if getattr(exc, self.MARK, False):
+            return True
+        if isinstance(exc, BaseExceptionGroup):
+            return all(self._logged(e) for e in exc.exceptions)
+        return False
+
+
+ONE_TRACEBACK_PER_FAILURE = OneTracebackPerFailure()
+
+
+def result_rows(result: Any, *, missing: str = "not reported") -> list[dict[str, str]]:
+    """A result dataclass as ``[{"count": field, "value": value}]`` rows.
+
+    ``None`` shows as ``missing`` (in a job's result: a part that never reported).
+    """
     items: list[tuple[str, Any]] = [("result", result)]
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         items = list(dataclasses.asdict(result).items())
-    return [{"count": key, "value": _show(value)} for key, value in items]
+    return [{"count": key, "value": _show(value, missing)} for key, value in items]
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, missing: str = "not reported") -> str:
+    # The UI renders table cells as markdown: "-" alone became a bullet. Empty is "none",
+    # a count a part never reported (it failed before) is "not reported".
+    if value is None:
+        return missing
     if isinstance(value, list | tuple) and len(value) > 20:
         return f"{', '.join(map(str, value[:20]))}, … ({len(value)} in all)"
     if isinstance(value, list | tuple):
-        return ", ".join(map(str, value)) or "-"
+        return ", ".join(map(str, value)) or "none"
     return str(value)
+
+
+ATTENTION_COUNTS = ("failed", "invalid", "lost")
+
+
+def _needs_attention(result: Any) -> str:
+    """``failed=1, invalid=2``: the counts of a completed run that ops should look at."""
+    counts = [(name, getattr(result, name, None)) for name in ATTENTION_COUNTS]
+    return ", ".join(f"{name}={n}" for name, n in counts if isinstance(n, int) and n > 0)
 
 
 def publish_result(job_name: str, result: Any, *, description: str | None = None) -> None:
@@ -88,6 +224,13 @@ def publish_result(job_name: str, result: Any, *, description: str | None = None
         table=rows,
         key=f"{kebab(job_name)}-result",
         description=description or f"What this {job_name} run did",
+    )
+
+
+def publish_table(key: str, record: Any, *, description: str, missing: str = "none") -> None:
+    """Attach a record (a dataclass of counts) to the run as one more table artifact."""
+    create_table_artifact(
+        table=result_rows(record, missing=missing), key=key, description=description
     )
 
 
@@ -163,10 +306,16 @@ def job_flow(
 
     def decorate(body: Callable[[datetime], R]) -> Flow[..., R]:
         def run(as_of: datetime | None = None) -> R:
+            route_domain_logs_to_runs()
             logger = get_run_logger()
             when = resolve_as_of(as_of)
             logger.info("[%s] Starting job execution (as_of %s)", job_name, when.isoformat())
             try:
+                check_as_of(
+                    when,
+                    now=datetime.now(UTC),
+                    allow_future=get_settings().allow_future_as_of,
+                )
                 result = body(when)
             except CANCELLED:
                 logger.warning("[%s] Job was cancelled", job_name)
@@ -177,9 +326,16 @@ def job_flow(
                     publish_result(
                         job_name, partial, description=f"What this failed {job_name} run did"
                     )
-                logger.exception("[%s] Job failed with error", job_name)
+                logger.error("[%s] Job failed with error: %s", job_name, exc, exc_info=True)
                 raise
             publish_result(job_name, result)
+            attention = _needs_attention(result)
+            if attention:
+                logger.warning(
+                    "[%s] Job completed with %s; the reasons are in the log lines above",
+                    job_name,
+                    attention,
+                )
             logger.info("[%s] Job completed successfully", job_name)
             return result
 

@@ -3,7 +3,13 @@
 ``check_project_file`` catches before deploying what Prefect would accept silently: a
 cron that can never fire (``0 0 31 2 *`` deploys READY and then logs errors on every
 scheduler pass), an unknown timezone, an entrypoint that does not exist, a duplicate
-name, a secret written into the file.
+name, a secret written into the file, and a description whose schedule has drifted from
+the deployment's schedules.
+
+Each deployment's description states its schedule for the UI (which shows a schedule's
+slug, never its cron): in words where :func:`describe_cron` can say it, and the cron in
+backticks, e.g. ``daily at 23:00 UTC — `0 23 * * *` ``; a deployment without schedules
+says ``no schedule``, an inactive schedule ``paused``. The check compares them.
 """
 
 from __future__ import annotations
@@ -107,9 +113,77 @@ def _check_deployment(root: Path, deployment: dict[str, Any]) -> list[str]:
         problems.append(f"entrypoint file {script} does not exist")
     else:
         problems += _entrypoint_problems(root, script, function)
-    for position, schedule in enumerate(deployment.get("schedules") or []):
+    schedules = deployment.get("schedules") or []
+    for position, schedule in enumerate(schedules):
         problems += [f"schedule {position + 1}: {p}" for p in check_schedule(schedule)]
+    problems += description_problems(str(deployment.get("description") or ""), schedules)
     return problems
+
+
+CRON_IN_BACKTICKS = re.compile(r"`([^`]+)`")
+DAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+
+
+def describe_cron(cron: str, timezone: str = "UTC") -> str | None:
+    """A cron in words for the common shapes (``0 23 * * *`` -> ``daily at 23:00 UTC``).
+
+    None for shapes it does not word (lists, ranges, steps other than minutes); the cron
+    itself, shown beside the words, says those.
+    """
+    fields = cron.split()
+    if len(fields) != 5:
+        return None
+    minute, hour, day, month, weekday = fields
+    if (hour, day, month, weekday) == ("*", "*", "*", "*"):
+        if minute == "*":
+            return "every minute"
+        if minute.startswith("*/") and minute[2:].isdigit():
+            return f"every {int(minute[2:])} minutes"
+        if minute.isdigit():
+            return f"hourly at minute {int(minute)}"
+        return None
+    if not (minute.isdigit() and hour.isdigit() and month == "*"):
+        return None
+    at = f"at {int(hour):02d}:{int(minute):02d} {timezone}"
+    if day == "*" and weekday == "*":
+        return f"daily {at}"
+    if day == "*" and weekday.isdigit() and int(weekday) <= 7:
+        return f"weekly on {DAYS[int(weekday) % 7]} {at}"
+    if weekday == "*" and day.isdigit():
+        return f"monthly on day {int(day)} {at}"
+    return None
+
+
+def description_problems(description: str, schedules: list[Any]) -> list[str]:
+    """Where the description's stated schedule differs from the deployment's schedules."""
+    stated = {c.strip() for c in CRON_IN_BACKTICKS.findall(description) if len(c.split()) == 5}
+    crons = [s for s in schedules if isinstance(s, dict) and "cron" in s]
+    actual = {str(s["cron"]).strip() for s in crons}
+    if not crons:
+        if stated:
+            return [f"description states {_listed(stated)} but the deployment has no schedule"]
+        if "no schedule" not in description.lower():
+            return ["description must say 'no schedule' (the deployment has none)"]
+        return []
+    problems = []
+    if stated != actual:
+        problems.append(
+            f"description states {_listed(stated) or 'no cron'} but the schedule is "
+            f"{_listed(actual)}; write the cron in backticks, e.g. "
+            f"'{describe_cron(str(crons[0]['cron']), str(crons[0].get('timezone', 'UTC')))} "
+            f"— `{crons[0]['cron']}`'"
+        )
+    for schedule in crons:
+        words = describe_cron(str(schedule["cron"]), str(schedule.get("timezone", "UTC")))
+        if words and words.lower() not in description.lower():
+            problems.append(f"description must state `{schedule['cron']}` in words: {words!r}")
+        if schedule.get("active") is False and "paused" not in description.lower():
+            problems.append(f"schedule `{schedule['cron']}` is inactive: say 'paused'")
+    return problems
+
+
+def _listed(crons: set[str]) -> str:
+    return ", ".join(f"`{c}`" for c in sorted(crons))
 
 
 def check_schedule(schedule: Any) -> list[str]:

@@ -1,0 +1,224 @@
+"""A real Prefect server, deploys and workers for end-to-end tests.
+
+``start_server`` runs ``prefect server start`` with its own PREFECT_HOME (SQLite, or the
+PostgreSQL database given); a :class:`PrefectServer` holds the environment that reaches it
+(no PREFECT_* or BACKJOBS_* variable from outside — in particular not
+``PREFECT_LOGGING_EXTRA_LOGGERS``, so tests see what a plain worker does), runs the
+``prefect`` and ``backjobs`` commands against it, starts workers, and reads the API.
+
+Fixture (loaded by ``tests/conftest.py``): ``prefect_server``, one SQLite-backed server
+per test module (share it: a server takes ≈ 5 s to start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any PREFECT_* or BACKJOBS_* variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BACKJOBS_"))}
+
+
+@dataclass
+class PrefectServer:
+    """A running server and the environment that reaches it."""
+
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def api_url(self) -> str:
+        return self.env["PREFECT_API_URL"]
+
+    def prefect(self, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> str:
+        done = subprocess.run(
+            [PREFECT, *args],
+            cwd=cwd,
+            env=self.env | (env or {}),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    def backjobs(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [BACKJOBS, *args],
+            cwd=ROOT,
+            env=self.env | (env or {}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start_worker(
+        self,
+        pool: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
+        log: Path | None = None,
+        limit: int | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """``prefect worker start --pool POOL`` as the README says; returns once it polls."""
+        args = [PREFECT, "worker", "start", "--pool", pool]
+        if limit is not None:
+            args += ["--limit", str(limit)]
+        output = open(log, "ab") if log else subprocess.DEVNULL
+        worker = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=self.env | {"PREFECT_WORKER_QUERY_SECONDS": "2"} | (env or {}),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.workers.append(worker)
+        before = len(self.online_workers(pool))
+        deadline = time.monotonic() + 60
+        while len(self.online_workers(pool)) <= before and time.monotonic() < deadline:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}"
+            time.sleep(0.5)
+        return worker
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+        self.workers.clear()
+
+    def api(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.api_url}/{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def online_workers(self, pool: str) -> list[dict[str, Any]]:
+        try:
+            workers = self.api(f"work_pools/{pool}/workers/filter", {})
+        except OSError:
+            return []
+        return [w for w in workers if w.get("status") == "ONLINE"]
+
+    def flow_runs(self, flow_name: str) -> list[dict[str, Any]]:
+        return list(
+            self.api(
+                "flow_runs/filter",
+                {"flows": {"name": {"any_": [flow_name]}}, "limit": 200},
+            )
+        )
+
+    def wait_until_final(
+        self, run_ids: list[str], *, timeout: float = 120
+    ) -> dict[str, dict[str, Any]]:
+        """The runs once every one is in a final state (fails the test at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.api("flow_runs/filter", {"flow_runs": {"id": {"any_": run_ids}}})
+            by_id = {r["id"]: r for r in runs}
+            if all(by_id.get(i, {}).get("state_type") in FINAL_STATES for i in run_ids):
+                return by_id
+            if time.monotonic() > deadline:
+                states = sorted(str(r.get("state_name")) for r in runs)
+                pytest.fail(f"runs not final after {timeout} s: {states}")
+            time.sleep(1)
+
+    def logs_of(self, run_id: str) -> list[dict[str, Any]]:
+        return list(
+            self.api(
+                "logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [run_id]}},
+                    "limit": 200,
+                    "sort": "TIMESTAMP_ASC",
+                },
+            )
+        )
+
+
+def start_server(home: Path, *, database_url: str | None = None) -> PrefectServer:
+    """``prefect server start`` on a free port, healthy; SQLite under ``home`` by default."""
+    port = free_port()
+    env = clean_env() | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    server_env = dict(env)
+    if database_url:
+        server_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    process = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=open(home / "server.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180  # ≈ 5 s idle; a shared CI machine can be far slower
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"prefect server exited; see {home / 'server.log'}"
+        try:
+            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
+                return PrefectServer(env, process)
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    pytest.fail(f"the Prefect server did not become healthy in 180 s; see {home / 'server.log'}")
+
+
+def stop_server(server: PrefectServer) -> None:
+    server.stop_workers()
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server of the test module's own (own PREFECT_HOME, SQLite)."""
+    server = start_server(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        yield server
+    finally:
+        stop_server(server)
