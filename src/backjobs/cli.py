@@ -4,6 +4,9 @@
     backjobs run <job> [--as-of ISO-8601]     run a job's flow now, in this process
     backjobs trigger <job> [--as-of] [--wait] create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
+    backjobs dashboard [--host] [--port]      the Prefect server and UI behind the admin gate
+    backjobs dashboard-token EMAIL [--minutes M] [--url]
+                                              a short-lived admin token, or a sign-in link
 
 ``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
 found through prefect.yaml's entrypoints, as a worker finds them, so prefect.yaml stays
@@ -68,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     check = dep_commands.add_parser("check", help="validate prefect.yaml")
     check.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
     check.set_defaults(handler=_deployments_check)
+    _add_dashboard_commands(commands)
     return parser
 
 
@@ -153,6 +157,85 @@ def _deployments_check(args: argparse.Namespace) -> int:
     if problems:
         return 1
     print(f"{path}: ok")
+    return 0
+
+
+def _add_dashboard_commands(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the Prefect server and UI behind the admin-only gate"
+    )
+    dashboard.add_argument("--host", help="interface (default BACKJOBS_DASHBOARD_HOST, 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, help="port (default BACKJOBS_DASHBOARD_PORT, 4200)")
+    dashboard.set_defaults(handler=_dashboard)
+
+    token = commands.add_parser(
+        "dashboard-token", help="a short-lived dashboard token for an admin, or a sign-in link"
+    )
+    token.add_argument("email", help="the admin's email in the app's users table")
+    token.add_argument(
+        "--minutes", type=int, help="lifetime (default BACKJOBS_DASHBOARD_TOKEN_MINUTES, 60)"
+    )
+    token.add_argument("--url", action="store_true", help="print a one-time sign-in link")
+    token.set_defaults(handler=_dashboard_token)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from backjobs.db import make_engine
+    from backjobs.orchestration.dashboard_server import (
+        DashboardError,
+        dashboard_config,
+        serve_dashboard,
+    )
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    _prefect_defaults()
+    # The server process has no flow run to send its own logs to.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    config = dashboard_config(settings, host=args.host, port=args.port)
+    engine = make_engine(config.database_url)
+    try:
+        serve_dashboard(config, engine=engine)
+    except DashboardError as exc:
+        print(f"backjobs dashboard: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _dashboard_token(args: argparse.Namespace) -> int:
+    import warnings
+    from datetime import UTC
+
+    from jwt.warnings import InsecureKeyLengthWarning
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.db import make_engine, session_scope
+    from backjobs.orchestration.dashboard_server import public_url
+    from backjobs.orchestration.tokens import mint_admin_token, sign_in_url
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    minutes = settings.dashboard_token_minutes if args.minutes is None else args.minutes
+    if not 1 <= minutes <= 1440:
+        raise ValueError("--minutes must be between 1 and 1440 (a day)")
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session, warnings.catch_warnings():
+            warnings.simplefilter("ignore", InsecureKeyLengthWarning)  # `dashboard` checks it
+            token = mint_admin_token(
+                session,
+                email=args.email,
+                secret=settings.jwt_secret.get_secret_value(),
+                now=datetime.now(UTC),
+                minutes=minutes,
+            )
+    except SQLAlchemyError as exc:
+        raise LookupError(f"cannot read the app database: {type(exc).__name__}") from None
+    finally:
+        engine.dispose()
+    print(sign_in_url(public_url(settings), token) if args.url else token)
     return 0
 
 

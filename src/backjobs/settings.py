@@ -23,6 +23,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+# The default BACKJOBS_JWT_SECRET: good for local development only (the dashboard refuses
+# it when it listens beyond the loopback interface).
+DEVELOPMENT_JWT_SECRET = "change-me-in-production"
+
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names its environment variable."""
@@ -87,8 +91,19 @@ class Settings(BaseSettings):
     app_base_url: str = "http://localhost:8000"
 
     # Dashboard.
-    jwt_secret: SecretStr = SecretStr("change-me-in-production")
-    dashboard_token_minutes: PositiveInt = 60
+    jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
+    dashboard_token_minutes: Annotated[int, Field(gt=0, le=1440)] = 60
+
+    # Dashboard gate (backjobs dashboard): where it listens, the URL browsers use to reach
+    # it (default http://HOST:PORT), the app's sign-in page for its 401 page, the machine
+    # credential Prefect clients send as PREFECT_API_AUTH_STRING, and how long "is this
+    # user an admin" is remembered (at most 30 s: a demoted admin is out within that).
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: Annotated[int, Field(ge=0, lt=65536)] = 4200
+    dashboard_public_url: str | None = None
+    dashboard_login_url: str | None = None
+    dashboard_auth_string: SecretStr | None = None
+    dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
 
     @field_validator("database_url")
     @classmethod

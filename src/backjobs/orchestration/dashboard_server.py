@@ -1,0 +1,197 @@
+"""``backjobs dashboard``: Prefect's server (API, UI, services) behind the gate, one process.
+
+Prefect keeps its own database as Prefect configures it (``PREFECT_HOME``'s SQLite by
+default, ``PREFECT_SERVER_DATABASE_CONNECTION_URL`` for PostgreSQL). The UI is told to
+call the API through the gate (``PREFECT_UI_API_URL``). Before serving, the settings are
+checked and every problem an operator can fix is one line (:class:`DashboardError`).
+
+Local development means listening on the loopback interface only (``127.0.0.1``,
+``localhost`` or ``::1``): there, the development ``BACKJOBS_JWT_SECRET`` is tolerated.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from backjobs.models import User
+from backjobs.orchestration.dashboard import DashboardGate
+from backjobs.orchestration.tokens import AdminDirectory
+from backjobs.settings import DEVELOPMENT_JWT_SECRET, Settings
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MIN_SECRET_BYTES = 32  # RFC 7518: an HS256 key at least as long as the hash
+
+
+class DashboardError(RuntimeError):
+    """A reason the dashboard cannot start, in one line an operator can act on."""
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    host: str
+    port: int
+    public_url: str
+    secret: str
+    auth_string: str | None
+    login_url: str | None
+    database_url: str
+    admin_cache_seconds: float = 30.0
+
+
+def dashboard_config(settings: Settings, *, host: str | None, port: int | None) -> DashboardConfig:
+    host = host or settings.dashboard_host
+    port = settings.dashboard_port if port is None else port
+    return DashboardConfig(
+        host=host,
+        port=port,
+        public_url=public_url(settings, host=host, port=port),
+        secret=settings.jwt_secret.get_secret_value(),
+        auth_string=(
+            settings.dashboard_auth_string.get_secret_value()
+            if settings.dashboard_auth_string
+            else None
+        ),
+        login_url=settings.dashboard_login_url,
+        database_url=settings.database_url,
+        admin_cache_seconds=settings.dashboard_admin_cache_seconds,
+    )
+
+
+def public_url(settings: Settings, *, host: str | None = None, port: int | None = None) -> str:
+    """Where browsers reach the dashboard: BACKJOBS_DASHBOARD_PUBLIC_URL, else http://HOST:PORT."""
+    if settings.dashboard_public_url:
+        return settings.dashboard_public_url.rstrip("/")
+    host = host or settings.dashboard_host
+    port = settings.dashboard_port if port is None else port
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    return f"http://{shown}:{port}"
+
+
+def check_secret(config: DashboardConfig) -> None:
+    if not config.secret:
+        raise DashboardError("BACKJOBS_JWT_SECRET is empty: set a random secret")
+    if config.host in LOOPBACK_HOSTS:
+        return
+    if config.secret == DEVELOPMENT_JWT_SECRET:
+        raise DashboardError(
+            f"BACKJOBS_JWT_SECRET is the development default; set a secret of at least "
+            f"{MIN_SECRET_BYTES} bytes to listen on {config.host} (the default is only "
+            "accepted on 127.0.0.1/localhost)"
+        )
+    if len(config.secret.encode()) < MIN_SECRET_BYTES:
+        raise DashboardError(
+            f"BACKJOBS_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes; use a longer "
+            f"random secret to listen on {config.host}"
+        )
+
+
+def check_prefect_auth_setting() -> None:
+    # Prefect's own basic-auth middleware would refuse every admin (they send a JWT) and
+    # make the UI ask for a password: the gate checks the machine credential instead.
+    if os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise DashboardError(
+            "unset PREFECT_SERVER_API_AUTH_STRING for the dashboard: set the machine "
+            "credential as BACKJOBS_DASHBOARD_AUTH_STRING (clients keep PREFECT_API_AUTH_STRING)"
+        )
+
+
+def check_app_database(engine: Engine) -> None:
+    """The users table must be readable: the gate asks it who is an admin."""
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(User.id).limit(1))
+    except DBAPIError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        if "users" in first and ("exist" in first or "no such table" in first):
+            raise DashboardError(
+                f"the app database {shown} has no users table: run `backjobs db upgrade`"
+            ) from None
+        raise DashboardError(f"cannot reach the app database {shown}: {first}") from None
+    except SQLAlchemyError as exc:
+        raise DashboardError(f"cannot reach the app database {shown}: {exc}") from None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a port in use is one clear line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise DashboardError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise DashboardError(
+                f"port {port} on {host} is already in use: stop what holds it or choose "
+                "another (--port, BACKJOBS_DASHBOARD_PORT)"
+            ) from None
+        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class _NoQueryString(logging.Filter):
+    """Drops the query string from uvicorn's access log: a sign-in link carries a token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+        return True
+
+
+def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
+    """Check, bind, and serve until SIGINT/SIGTERM. Raises :class:`DashboardError`."""
+    check_secret(config)
+    check_prefect_auth_setting()
+    check_app_database(engine)
+    sock = bind_socket(config.host, config.port)
+    if config.host in LOOPBACK_HOSTS and len(config.secret.encode()) < MIN_SECRET_BYTES:
+        from jwt.warnings import InsecureKeyLengthWarning
+
+        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
+
+    # Prefect re-applies its logging config whenever it builds an in-process client, at
+    # PREFECT_SERVER_LOGGING_LEVEL (WARNING): keep uvicorn's access log (query strings
+    # dropped by _NoQueryString) and start-up lines at INFO.
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_UVICORN_LEVEL", "INFO")
+    import prefect.settings
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    updates: dict[Any, object] = {
+        prefect.settings.PREFECT_UI_API_URL: f"{config.public_url}/api",
+        prefect.settings.PREFECT_UI_URL: config.public_url,
+    }
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
+        updates[prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    with prefect.settings.temporary_settings(updates=updates):
+        gate = DashboardGate(
+            create_app(final=True),
+            secret=config.secret,
+            admins=AdminDirectory(engine, cache_seconds=config.admin_cache_seconds),
+            auth_string=config.auth_string,
+            public_url=config.public_url,
+            login_url=config.login_url,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(gate, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
+        )
+        logging.getLogger("uvicorn.access").addFilter(_NoQueryString())
+        logging.getLogger("backjobs.orchestration").setLevel(logging.INFO)
+        print(f"backjobs dashboard: serving {config.public_url} (API {config.public_url}/api)")
+        server.run(sockets=[sock])
