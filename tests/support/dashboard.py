@@ -28,7 +28,7 @@ import httpx
 import jwt
 
 from backjobs.db import make_engine
-from backjobs.migrate import upgrade_engine
+from backjobs.db.migrate import upgrade_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
