@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     dashboard_auth_string: SecretStr | None = None
     dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
 
+    # The local stack (backjobs stack): its folder (app database, files, mail, and
+    # stack/ with the Prefect server's database, logs, pid files), relative to the cwd.
+    stack_dir: Path = Path("var")
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
