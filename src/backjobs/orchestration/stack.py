@@ -183,13 +183,13 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
     seeded = prepare_database(stack, demo=demo)
     if seeded:
         say(f"demo data written to {stack.database_url}")
-    fresh_server = processes.running_pid(stack.folder, DASHBOARD) is None
-    if fresh_server:
+    if processes.running_pid(stack.folder, DASHBOARD) is None:
         processes.check_port_free(stack.host, stack.port)
+        command = ["dashboard", "--host", stack.host, "--port", str(stack.port)]
         processes.spawn(
             stack.folder,
             DASHBOARD,
-            [executable("backjobs"), "dashboard", "--host", stack.host, "--port", str(stack.port)],
+            [executable("backjobs"), *command],
             env=stack.child_env(prefect_home="prefect", client=False),
             cwd=stack.project_file.parent,
         )
@@ -205,28 +205,22 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
         if crashed:
             say(f"{crashed} run(s) left Pending/Running by an earlier stack marked Crashed")
     stack_api.run(stack, stack_api.ensure_work_pools(stack))
+    if fresh_worker:
+        # Started before deploying: it boots while `prefect deploy` runs.
+        command = ["worker", "start", "--pool", WORK_POOL, "--name", "stack-worker"]
+        processes.spawn(
+            stack.folder,
+            WORKER,
+            [executable("prefect"), *command],
+            env=stack.child_env(prefect_home="prefect-client", client=True),
+            cwd=stack.project_file.parent,
+        )
     from backjobs.orchestration.deploy import deploy
 
     changes = deploy(
         stack.project_file, env=stack.child_env(prefect_home="prefect-client", client=True)
     )
     say(f"deployed {len(changes)} deployments from {stack.project_file}")
-    if fresh_worker:
-        processes.spawn(
-            stack.folder,
-            WORKER,
-            [
-                executable("prefect"),
-                "worker",
-                "start",
-                "--pool",
-                WORK_POOL,
-                "--name",
-                "stack-worker",
-            ],
-            env=stack.child_env(prefect_home="prefect-client", client=True),
-            cwd=stack.project_file.parent,
-        )
     stack_api.run(stack, stack_api.wait_worker_online(stack, timeout=90))
     runs = stack_api.run(stack, stack_api.trigger_each(list(changes))) if fresh_worker else []
     return {
