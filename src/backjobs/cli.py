@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from backjobs.settings import SettingsError
@@ -296,9 +297,13 @@ def _stack(args: argparse.Namespace) -> int:
     from backjobs.settings import get_settings
 
     _prefect_defaults()
-    config = stack.load_stack(
-        get_settings(), var_dir=args.var_dir, project_file=find_project_file(args.project_dir)
-    )
+    try:
+        project_file = find_project_file(args.project_dir)
+    except LookupError:
+        if args.stack_command in ("up", "status"):
+            raise
+        project_file = Path.cwd() / "prefect.yaml"  # env and down do not read it
+    config = stack.load_stack(get_settings(), var_dir=args.var_dir, project_file=project_file)
     try:
         if args.stack_command == "env":
             print("\n".join(stack.env_lines(config)))

@@ -121,15 +121,7 @@ class DeploymentStatus:
 
 
 async def deployment_statuses(stack: Stack) -> list[DeploymentStatus]:
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
+    """Each deployment of prefect.yaml as the server holds it; the next run from its crons."""
     from prefect.exceptions import ObjectNotFound
 
     found = []
@@ -142,19 +134,30 @@ async def deployment_statuses(stack: Stack) -> list[DeploymentStatus]:
                 found.append(DeploymentStatus(name, ["not deployed"], None))
                 continue
             schedules = [_describe(s) for s in deployment.schedules]
-            upcoming = await client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(
-                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
-                    )
-                ),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-                limit=1,
-            )
-            next_run = upcoming[0].expected_start_time if upcoming else None
+            upcoming = [_next_fire(s.schedule) for s in deployment.schedules if s.active]
+            next_run = min((t for t in upcoming if t is not None), default=None)
             found.append(DeploymentStatus(name, schedules or ["none (trigger only)"], next_run))
     return found
+
+
+def _next_fire(schedule: Any) -> datetime | None:
+    """When a cron schedule fires next (as the server's scheduler computes it)."""
+    from datetime import UTC
+    from zoneinfo import ZoneInfo
+
+    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
+
+    cron = getattr(schedule, "cron", None)
+    if cron is None:
+        return None
+    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
+    now = datetime.now(zone)
+    try:
+        it = croniter(cron, now, day_or=getattr(schedule, "day_or", True))  # type: ignore[no-untyped-call]
+        fire: datetime = it.get_next(datetime)  # type: ignore[no-untyped-call]
+    except Exception:  # never fires: `deploy` refuses such crons, the server may hold one
+        return None
+    return fire.astimezone(UTC)
 
 
 def _describe(schedule: Any) -> str:
