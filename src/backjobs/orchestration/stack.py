@@ -193,7 +193,7 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
             env=stack.child_env(prefect_home="prefect", client=False),
             cwd=stack.project_file.parent,
         )
-    _wait_healthy(stack, timeout=120)
+    _wait_healthy(stack, timeout=300)  # a busy 2-core machine needs minutes
     say(f"dashboard up at {stack.public_url}")
     fresh_worker = processes.running_pid(stack.folder, WORKER) is None
     from backjobs.orchestration import stack_api
@@ -221,7 +221,7 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
         stack.project_file, env=stack.child_env(prefect_home="prefect-client", client=True)
     )
     say(f"deployed {len(changes)} deployments from {stack.project_file}")
-    stack_api.run(stack, stack_api.wait_worker_online(stack, timeout=90))
+    stack_api.run(stack, stack_api.wait_worker_online(stack, timeout=300))
     runs = stack_api.run(stack, stack_api.trigger_each(list(changes))) if fresh_worker else []
     return {
         "seeded": seeded,
