@@ -20,7 +20,7 @@ import pytest
 
 from backjobs.settings import get_settings
 
-pytest_plugins = ["tests.support.databases", "tests.support.smtp"]
+pytest_plugins = ["tests.support.databases", "tests.support.files", "tests.support.smtp"]
 
 
 @pytest.fixture(autouse=True)

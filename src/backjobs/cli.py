@@ -13,6 +13,10 @@
 ``<job>`` is the flow name (``cleanup-job``) or the seed's name (``CleanupJob``). Jobs are
 found through prefect.yaml's entrypoints, as a worker finds them, so prefect.yaml stays
 the one list of jobs and the installed package never imports ``flows/``.
+
+Errors are one line on stderr saying what is wrong and what to do — exit status 2 for a
+usage error (a bad argument or setting), 1 for anything else; ``--debug`` (anywhere on
+the line) adds the traceback. :func:`main` is the one place that turns errors into lines.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,20 +32,69 @@ from typing import Any
 
 from backjobs.settings import SettingsError
 
+DEBUG_FLAG = "--debug"
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot be: exit status 2."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global and accepted anywhere, so it can be added to any command line.
+    debug = DEBUG_FLAG in words
+    args = _parser().parse_args([w for w in words if w != DEBUG_FLAG])
     try:
         code: int = args.handler(args)
-    except (SettingsError, LookupError, ValueError) as exc:
-        print(f"backjobs: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        message, code = explain_error(exc)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or code == 2 else f" (run again with {DEBUG_FLAG} for the traceback)"
+        print(f"backjobs: error: {message}{hint}", file=sys.stderr)
     return code
+
+
+def explain_error(exc: BaseException) -> tuple[str, int]:
+    """One line for ``exc`` (what is wrong, what to do) and the exit status."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    if isinstance(exc, SettingsError | UsageError | LookupError | ValueError):
+        return str(exc), 2
+    if isinstance(exc, ArgumentError):
+        return f"BACKJOBS_DATABASE_URL is not a usable database URL: {exc}", 2
+    if isinstance(exc, DBAPIError):
+        reason = _first_line(exc.orig) if exc.orig is not None else _first_line(exc)
+        return (
+            f"database {_database_shown()}: {reason} — check BACKJOBS_DATABASE_URL and that "
+            "the database server is running and reachable",
+            1,
+        )
+    if isinstance(exc, CommandError):
+        return f"migration failed: {_first_line(exc)}", 1
+    return f"{type(exc).__name__}: {_first_line(exc)}", 1
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _database_shown() -> str:
+    from backjobs.db import normalize_url
+    from backjobs.settings import get_settings
+
+    try:
+        return normalize_url(get_settings().database_url).render_as_string(hide_password=True)
+    except Exception:
+        return "(BACKJOBS_DATABASE_URL)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backjobs", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help="on an error, show the traceback (any position)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = commands.add_parser("db", help="database migrations")
@@ -84,19 +138,30 @@ def parse_as_of(value: str) -> datetime:
     from backjobs.orchestration.jobbase import to_utc
 
     try:
-        return to_utc(datetime.fromisoformat(value))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--as-of {value!r} is not an ISO-8601 date-time (e.g. 2030-01-01T00:00:00Z)"
+        ) from None
+    try:
+        return to_utc(parsed)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is outside years 1-9999 once converted to UTC"
         ) from None
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from backjobs.db import normalize_url
-    from backjobs.db.migrate import upgrade
+    from backjobs.db.migrate import revision_exists, upgrade
     from backjobs.settings import get_settings
 
     url = get_settings().database_url
+    if not revision_exists(args.revision):
+        raise UsageError(
+            f"--revision {args.revision!r} is not a migration of backjobs; use 'head' "
+            "(the default) or a revision id from src/backjobs/db/migrations/versions"
+        )
     upgrade(url, args.revision)
     print(
         f"database {normalize_url(url).render_as_string(hide_password=True)} is at {args.revision}"

@@ -27,6 +27,19 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 # it when it listens beyond the loopback interface).
 DEVELOPMENT_JWT_SECRET = "change-me-in-production"
 
+# Upper bounds: far above any sensible value, low enough that date and timer arithmetic
+# never overflows (a backoff of 1e300 s, a retention of 1e9 days) — see the README table.
+MINUTE, DAY = 60, 86400
+MAX_DAYS = 36500  # 100 years
+MAX_BATCH = 100_000
+Days = Annotated[int, Field(gt=0, le=MAX_DAYS)]
+Batch = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # finite: no inf, no nan
+
+
+DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg", "postgres")
+NON_EMPTY = ("database_url", "storage_root", "email_pickup_dir", "smtp_host")
+
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names its environment variable."""
@@ -57,9 +70,9 @@ class Settings(BaseSettings):
     storage_root: Path = Path("var/files")
 
     # CleanupJob.
-    trash_retention_days: PositiveInt = 30
-    upload_timeout_hours: PositiveInt = 24
-    delete_batch_size: PositiveInt = 1000
+    trash_retention_days: Days = 30
+    upload_timeout_hours: Annotated[int, Field(gt=0, le=8760)] = 24
+    delete_batch_size: Batch = 1000
 
     # Email transport.
     email_transport: EmailTransportKind = EmailTransportKind.PICKUP
@@ -70,24 +83,24 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
-    smtp_timeout_seconds: PositiveFloat = 30.0
+    smtp_timeout_seconds: Annotated[Seconds, Field(le=600)] = 30.0
 
     # EmailSendJob.
-    email_max_attempts: PositiveInt = 5
-    email_backoff_base_seconds: PositiveFloat = 60.0
-    email_backoff_max_seconds: PositiveFloat = 3600.0
-    email_lease_seconds: PositiveInt = 300
-    email_batch_size: PositiveInt = 100
+    email_max_attempts: Annotated[int, Field(gt=0, le=100)] = 5
+    email_backoff_base_seconds: Annotated[Seconds, Field(le=7 * DAY)] = 60.0
+    email_backoff_max_seconds: Annotated[Seconds, Field(le=7 * DAY)] = 3600.0
+    email_lease_seconds: Annotated[int, Field(gt=0, le=DAY)] = 300
+    email_batch_size: Batch = 100
     email_connections: Annotated[int, Field(gt=0, le=64)] = 4
-    email_time_budget_seconds: PositiveFloat = 90.0
+    email_time_budget_seconds: Annotated[Seconds, Field(le=DAY)] = 90.0
 
     # ProcessRecurringTransactionsJob.
-    recurring_batch_size: PositiveInt = 5000
+    recurring_batch_size: Batch = 5000
 
     # Registration jobs.
-    pending_user_notification_days: PositiveInt = 3
-    registration_confirmation_days: PositiveInt = 7
-    registration_expiry_warning_days: NonNegativeInt = 2
+    pending_user_notification_days: Days = 3
+    registration_confirmation_days: Days = 7
+    registration_expiry_warning_days: Annotated[int, Field(ge=0, le=MAX_DAYS)] = 2
     app_base_url: str = "http://localhost:8000"
 
     # Dashboard.
@@ -109,11 +122,31 @@ class Settings(BaseSettings):
     # stack/ with the Prefect server's database, logs, pid files), relative to the cwd.
     stack_dir: Path = Path("var")
 
+    @field_validator(*NON_EMPTY, mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # An empty path would silently become the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _known_database(cls, value: str) -> str:
-        if not value.startswith(("sqlite", "postgresql", "postgres://")):
-            raise ValueError("must be a sqlite:// or postgresql:// SQLAlchemy URL")
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            driver = make_url(value).drivername
+        except ArgumentError:
+            raise ValueError(
+                "is not a SQLAlchemy URL (e.g. sqlite:///var/backjobs.db, "
+                "postgresql://user@host/db)"
+            ) from None
+        if driver not in DATABASE_DRIVERS:
+            raise ValueError(
+                f"unknown database driver {driver!r}; use one of {', '.join(DATABASE_DRIVERS)}"
+            )
         return value
 
     @model_validator(mode="after")

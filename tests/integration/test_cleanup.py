@@ -13,6 +13,7 @@ from backjobs.jobs import cleanup
 from backjobs.models import Marker, RefreshToken, StoredFile, User
 from backjobs.settings import load_settings
 from tests.support.databases import Database
+from tests.support.files import make_unremovable
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -109,8 +110,9 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
     (root / "up").mkdir(parents=True)
     for name in ("old1", "old2", "fresh", "ready"):
         (root / "up" / name).write_bytes(b"data")
-    (root / "up" / "stuck").mkdir()
-    (root / "up" / "stuck" / "inner").write_bytes(b"x")
+    (root / "locked").mkdir()
+    (root / "locked" / "stuck").write_bytes(b"x")
+    make_unremovable(root / "locked" / "stuck")
     (tmp_path / "outside").write_text("never touched")
     day = timedelta(hours=24)
     ids = _files(
@@ -120,7 +122,7 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
             ("up/old1", "pending", day + timedelta(minutes=1)),
             ("up/old2", "pending", 3 * day),
             ("up/gone", "pending", 2 * day),  # object already missing
-            ("up/stuck", "pending", 2 * day),  # cannot be removed
+            ("locked/stuck", "pending", 2 * day),  # cannot be removed
             ("../outside", "pending", 2 * day),  # bad data
             ("up/fresh", "pending", day - timedelta(minutes=1)),
             ("up/ready", "ready", 10 * day),
@@ -131,18 +133,18 @@ def test_orphaned_uploads_are_removed_object_first(db: Database, tmp_path: Path)
         cleanup.remove_orphaned_files(db.engine, now=NOW, settings=settings)
     report = raised.value.report
     assert (report.removed, report.already_gone) == (3, 1)
-    assert set(report.failed) == {ids["up/stuck"]}
+    assert set(report.failed) == {ids["locked/stuck"]}
     assert set(report.bad_keys) == {ids["../outside"]}
     assert raised.value.partial_result == cleanup.CleanupResult(
         orphaned_files_removed=3, orphaned_files_bad_keys=1
     )
     with db.session() as s:
         left = set(s.scalars(select(StoredFile.storage_key)))
-    assert left == {"up/stuck", "../outside", "up/fresh", "up/ready"}
+    assert left == {"locked/stuck", "../outside", "up/fresh", "up/ready"}
     assert not (root / "up" / "old1").exists() and not (root / "up" / "old2").exists()
     assert (root / "up" / "fresh").exists() and (root / "up" / "ready").exists()
     assert (tmp_path / "outside").read_text() == "never touched"
-    assert f"stored_files id {ids['up/stuck']}" in str(raised.value)
+    assert f"stored_files id {ids['locked/stuck']}" in str(raised.value)
 
 
 def test_a_few_expired_among_many_live_tokens(db: Database) -> None:

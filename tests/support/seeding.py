@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from backjobs.models import Marker, RefreshToken, StoredFile, User
 from tests.support.databases import Database
+from tests.support.files import make_unremovable
 
 CLEANUP_AS_OF = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -41,10 +42,11 @@ def seed_cleanup(db: Database, storage_root: Path, *, stuck: bool = False) -> No
                 for k, t in [("old-a", old), ("old-b", old), ("new", new)]
             ]
         )
-        if stuck:
-            (storage_root / "up" / "stuck").mkdir()
-            (storage_root / "up" / "stuck" / "f").write_bytes(b"x")
-            s.add(StoredFile(owner_id=user.id, storage_key="up/stuck", created_at=old))
+        if stuck:  # an object that cannot be removed (a folder of its own: see files.py)
+            (storage_root / "locked").mkdir()
+            (storage_root / "locked" / "stuck").write_bytes(b"x")
+            make_unremovable(storage_root / "locked" / "stuck")
+            s.add(StoredFile(owner_id=user.id, storage_key="locked/stuck", created_at=old))
         s.commit()
 
 

@@ -53,3 +53,69 @@ def test_a_bad_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as raised:
         load_settings()
     assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "why"),
+    [
+        ("BACKJOBS_SMTP_TIMEOUT_SECONDS", "inf", "finite"),
+        ("BACKJOBS_SMTP_TIMEOUT_SECONDS", "nan", "finite"),
+        ("BACKJOBS_SMTP_TIMEOUT_SECONDS", "601", "less than or equal to 600"),
+        ("BACKJOBS_EMAIL_BACKOFF_BASE_SECONDS", "1e300", "less than or equal to 604800"),
+        ("BACKJOBS_EMAIL_BACKOFF_MAX_SECONDS", "1e300", "less than or equal to 604800"),
+        ("BACKJOBS_EMAIL_BACKOFF_MAX_SECONDS", "-inf", "finite"),
+        ("BACKJOBS_EMAIL_TIME_BUDGET_SECONDS", "0", "greater than 0"),
+        ("BACKJOBS_EMAIL_LEASE_SECONDS", "1000000000000", "less than or equal to 86400"),
+        ("BACKJOBS_EMAIL_MAX_ATTEMPTS", "1000", "less than or equal to 100"),
+        ("BACKJOBS_EMAIL_BATCH_SIZE", "100001", "less than or equal to 100000"),
+        ("BACKJOBS_TRASH_RETENTION_DAYS", "1000000000", "less than or equal to 36500"),
+        ("BACKJOBS_UPLOAD_TIMEOUT_HOURS", "10000000000000", "less than or equal to 8760"),
+        ("BACKJOBS_DELETE_BATCH_SIZE", "100000000000000000000", "less than or equal to 100000"),
+        ("BACKJOBS_DELETE_BATCH_SIZE", "1e20", "integer"),
+        ("BACKJOBS_RECURRING_BATCH_SIZE", "100001", "less than or equal to 100000"),
+        ("BACKJOBS_PENDING_USER_NOTIFICATION_DAYS", "36501", "less than or equal to 36500"),
+        ("BACKJOBS_SMTP_HOST", "", "must not be empty"),
+        ("BACKJOBS_SMTP_HOST", "  ", "must not be empty"),
+        ("BACKJOBS_STORAGE_ROOT", "", "must not be empty"),
+        ("BACKJOBS_EMAIL_PICKUP_DIR", "", "must not be empty"),
+        ("BACKJOBS_DATABASE_URL", "", "must not be empty"),
+        ("BACKJOBS_DATABASE_URL", "postgresqlfoo://x", "unknown database driver 'postgresqlfoo'"),
+        ("BACKJOBS_DATABASE_URL", "postgresql+asyncpg://x/db", "unknown database driver"),
+        ("BACKJOBS_DATABASE_URL", "sqlite", "not a SQLAlchemy URL"),
+    ],
+)
+def test_nonsense_is_refused_with_the_variable_and_the_reason(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, why: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert f"invalid setting {env}:" in str(raised.value)
+    assert why in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///var/app.db",
+        "sqlite+pysqlite:///var/app.db",
+        "postgresql://u@db/app",
+        "postgresql+psycopg://u@db/app",
+        "postgres://u@db/app",
+    ],
+)
+def test_every_supported_database_driver_is_accepted(url: str) -> None:
+    assert load_settings(database_url=url).database_url == url
+
+
+def test_the_upper_bounds_themselves_are_accepted() -> None:
+    settings = load_settings(
+        smtp_timeout_seconds=600,
+        email_backoff_base_seconds=604800,
+        email_backoff_max_seconds=604800,
+        email_lease_seconds=86400,
+        trash_retention_days=36500,
+        upload_timeout_hours=8760,
+        delete_batch_size=100_000,
+    )
+    assert settings.delete_batch_size == 100_000

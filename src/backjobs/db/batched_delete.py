@@ -12,8 +12,13 @@ Two walks, each linear in the work however many rows match:
   heap pages, sized from the table's rows per page to hold about ``batch_size`` rows.
   That is the plain ``DELETE``'s sequential scan cut into short transactions.
 
-A row that the app updates during the walk may move to a page already passed; it is then
-left for the next run, which is also what happens to rows that expire meanwhile.
+**A short batch never ends a walk.** A row the app updates while a batch waits for its
+lock gets a new address, so the batch skips it and deletes fewer rows than it picked; the
+index walk goes on until the key range is exhausted (a batch *picks* fewer than
+``batch_size``), then walks again from the lowest skipped key (up to ``INDEX_PASSES``
+passes). The block walk goes on until the table's last block, re-reading the table's size
+at the end. An updated row that moved to a page the block walk already passed is left for
+the next run, which is also what happens to rows that expire meanwhile.
 On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
 trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
 lost in a crash is deleted again by the next run.
@@ -24,13 +29,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, delete, select, text
 from sqlalchemy.orm import InstrumentedAttribute
 
 BLOCK_WALK_SHARE = 0.1
 """Walk by block range when at least this share of the table matches."""
+
+INDEX_PASSES = 3
+"""Passes of the index walk over rows it picked but could not delete (updated meanwhile)."""
 
 
 def iter_delete_batches(
@@ -54,15 +62,11 @@ def iter_delete_batches(
 def _walk_index(
     engine: Engine, table: Any, key: str, before: datetime, batch_size: int
 ) -> Iterator[int]:
-    lower: datetime | None = None
     if engine.dialect.name == "postgresql":
-        with _autocommit_pg(engine) as conn:
-            while True:
-                count, lower = _index_batch_pg(conn, table.name, key, before, lower, batch_size)
-                if count:
-                    yield count
-                if count < batch_size:
-                    return
+        yield from _walk_index_pg(engine, table.name, key, before, batch_size)
+        return
+    # SQLite: one writer at a time, so a batch deletes every row it picked.
+    lower: datetime | None = None
     while True:
         with engine.begin() as conn:
             count, lower = _index_batch(conn, table, key, before, lower, batch_size)
@@ -70,6 +74,36 @@ def _walk_index(
             yield count
         if count < batch_size:
             return
+
+
+def _walk_index_pg(
+    engine: Engine, table: str, key: str, before: datetime, batch_size: int
+) -> Iterator[int]:
+    """Walk the key range to its end: a batch that deletes fewer rows than it picked (a row
+    updated meanwhile, so its picked address is stale) says nothing about the rest.
+
+    Rows picked but not deleted are picked again by another pass from the lowest such key
+    (up to ``INDEX_PASSES`` passes; what is still left then waits for the next run).
+    """
+    start: datetime | None = None
+    with _autocommit_pg(engine) as conn:
+        for _ in range(INDEX_PASSES):
+            missed_from: datetime | None = None
+            lower, strict = start, False
+            while True:
+                batch = _index_batch_pg(conn, table, key, before, lower, strict, batch_size)
+                if batch.deleted:
+                    yield batch.deleted
+                if batch.deleted < batch.picked and batch.lowest is not None:
+                    missed_from = min(missed_from or batch.lowest, batch.lowest)
+                if batch.picked < batch_size:
+                    break  # the key range is exhausted
+                # A whole batch of one key value, none deletable: step past it this pass.
+                strict = batch.deleted == 0 and batch.highest == lower
+                lower = batch.highest
+            if missed_from is None:
+                return
+            start = missed_from
 
 
 def _index_batch(
@@ -83,17 +117,32 @@ def _index_batch(
     return len(keys), max(keys, default=None)
 
 
+class IndexBatch(NamedTuple):
+    deleted: int
+    picked: int
+    lowest: datetime | None
+    highest: datetime | None
+
+
 def _index_batch_pg(
-    conn: Connection, table: str, key: str, before: datetime, lower: datetime | None, n: int
-) -> tuple[int, datetime | None]:
-    floor = "" if lower is None else f"AND {key} >= :lower"
+    conn: Connection,
+    table: str,
+    key: str,
+    before: datetime,
+    lower: datetime | None,
+    strict: bool,
+    n: int,
+) -> IndexBatch:
+    floor = "" if lower is None else f"AND {key} {'>' if strict else '>='} :lower"
     statement = text(
-        f"WITH gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-        f"SELECT ctid FROM {table} WHERE {key} < :before {floor} ORDER BY {key} LIMIT :n"
-        f")) RETURNING {key}) SELECT count(*), max({key}) FROM gone"
+        f"WITH picked AS MATERIALIZED (SELECT ctid, {key} AS k FROM {table} "
+        f"WHERE {key} < :before {floor} ORDER BY {key} LIMIT :n), "
+        f"gone AS (DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM picked)) "
+        f"RETURNING 1) "
+        f"SELECT (SELECT count(*) FROM gone), count(*), min(k), max(k) FROM picked"
     )
-    count, highest = conn.execute(statement, {"before": before, "lower": lower, "n": n}).one()
-    return int(count), highest
+    row = conn.execute(statement, {"before": before, "lower": lower, "n": n}).one()
+    return IndexBatch(int(row[0]), int(row[1]), row[2], row[3])
 
 
 def _walk_blocks(

@@ -27,6 +27,20 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def revision_exists(revision: str) -> bool:
+    """Whether ``revision`` (an id, a unique prefix, ``head``, ``base``, ``+1``…) resolves."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    if revision in ("head", "heads", "base") or any(c in revision for c in "+-@:"):
+        return True  # a relative or ranged expression: alembic itself judges it
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def upgrade_engine(engine: Engine, revision: str = "head") -> None:
     """Migrate through an existing engine (tests build their databases this way)."""
     config = alembic_config(engine.url.render_as_string(hide_password=False))

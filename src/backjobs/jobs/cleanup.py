@@ -12,8 +12,11 @@ A part interrupted half-way has committed what it deleted; the next run finishes
 - :func:`remove_orphaned_files`: ``stored_files`` still ``pending`` past the upload
   timeout. The stored object is deleted first, then the row. An object already gone counts
   as removed; one that cannot be removed keeps its row (the next run tries again) and is
-  reported; a key outside the storage root is never touched, keeps its row and is reported
-  as bad data.
+  reported; a key that can never be an object of the storage (outside the root, the root
+  itself, a directory, a name over NAME_MAX…; see :mod:`backjobs.storage`) is never
+  touched, keeps its row and is reported as bad data. A storage root that is missing or
+  unreadable fails the part before any row is touched (:class:`StorageRootUnusable`) —
+  when there is an abandoned upload at all: with none the storage is not needed.
 
 Each part returns a :class:`CleanupResult` holding its own counts (the others ``None``);
 the flow merges them. A part that fails raises an error carrying what it counted before
@@ -33,7 +36,7 @@ from sqlalchemy import Engine, delete, select
 from backjobs.db.batched_delete import iter_delete_batches
 from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
 from backjobs.settings import Settings
-from backjobs.storage import FileStorage, UnsafeStorageKey, make_storage
+from backjobs.storage import FileStorage, StorageUnavailable, UnsafeStorageKey, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +125,32 @@ class OrphanedFilesError(RuntimeError):
         )
 
 
+class StorageRootUnusable(RuntimeError):
+    """The storage root (BACKJOBS_STORAGE_ROOT) cannot be used; no row was deleted for it."""
+
+    def __init__(self, problem: StorageUnavailable, *, before_walk: bool) -> None:
+        self.partial_result = CleanupResult()
+        kept = "no stored_files row was deleted" if before_walk else "the walk stopped"
+        super().__init__(
+            f"remove_orphaned_files: BACKJOBS_STORAGE_ROOT: {problem}; {kept} — set "
+            "BACKJOBS_STORAGE_ROOT to the folder that holds the uploads"
+        )
+
+
 def remove_orphaned_files(
     engine: Engine, *, now: datetime, settings: Settings, storage: FileStorage | None = None
 ) -> CleanupResult:
     """Remove uploads still ``pending`` after the upload timeout, object first, then row.
 
     Raises :class:`OrphanedFilesError` (after every row was tried) when an object could
-    not be removed. ``storage`` defaults to the configured one.
+    not be removed, :class:`StorageRootUnusable` (before touching a row) when the storage
+    root is missing or unreadable. ``storage`` defaults to the configured one.
     """
-    report = sweep_orphaned_files(
-        engine, now=now, settings=settings, storage=storage or make_storage(settings.storage_root)
-    )
+    storage = storage or make_storage(settings.storage_root)
+    try:
+        report = sweep_orphaned_files(engine, now=now, settings=settings, storage=storage)
+    except StorageUnavailable as exc:
+        raise StorageRootUnusable(exc, before_walk=False) from exc
     if report.failed:
         raise OrphanedFilesError(report)
     return report.as_result()
@@ -148,6 +166,7 @@ def sweep_orphaned_files(
     failed: dict[int, str] = {}
     bad: dict[int, str] = {}
     after = 0
+    checked = False
     while True:
         with engine.begin() as conn:
             rows = conn.execute(
@@ -163,6 +182,8 @@ def sweep_orphaned_files(
                 # upload waits for this batch instead of racing it.
                 .with_for_update(skip_locked=True)
             ).all()
+            if rows and not checked:
+                checked = _check_storage(storage)
             deletable = []
             for file_id, key in rows:
                 removal = _remove_object(storage, file_id, key)
@@ -181,9 +202,22 @@ def sweep_orphaned_files(
         after = rows[-1].id
 
 
+def _check_storage(storage: FileStorage) -> bool:
+    """Checked before the first row is touched: with a mistyped root every object would look
+    "already gone" and its row be deleted. With no abandoned upload the storage is not
+    needed, so a fresh install without its storage folder cleans up fine."""
+    try:
+        storage.check()
+    except StorageUnavailable as exc:
+        raise StorageRootUnusable(exc, before_walk=True) from exc
+    return True
+
+
 def _remove_object(storage: FileStorage, file_id: int, key: str) -> ObjectRemoval:
     try:
         removed = storage.delete(key)
+    except StorageUnavailable:
+        raise  # the whole storage, not this object: stop (this batch's rows are kept)
     except UnsafeStorageKey as exc:
         log.error("stored_files id %s has a bad storage_key, left untouched: %s", file_id, exc)
         return ObjectRemoval(ObjectOutcome.BAD_KEY, str(exc))

@@ -105,8 +105,8 @@ def _check_deployment(root: Path, deployment: dict[str, Any]) -> list[str]:
         problems.append(f"entrypoint {entrypoint!r} is not 'path/to/file.py:flow_name'")
     elif not (root / script).is_file():
         problems.append(f"entrypoint file {script} does not exist")
-    elif function not in _top_level_names(root / script):
-        problems.append(f"entrypoint {entrypoint}: no top-level {function!r} in {script}")
+    else:
+        problems += _entrypoint_problems(root, script, function)
     for position, schedule in enumerate(deployment.get("schedules") or []):
         problems += [f"schedule {position + 1}: {p}" for p in check_schedule(schedule)]
     return problems
@@ -145,6 +145,18 @@ def cron_problem(cron: str, zone: Any = UTC, *, day_or: bool = True) -> str | No
     except Exception:
         return f"cron {cron!r} never fires (no such date in 8 years)"
     return None
+
+
+def _entrypoint_problems(root: Path, script: str, function: str) -> list[str]:
+    try:
+        names = _top_level_names(root / script)
+    except SyntaxError as exc:
+        return [f"entrypoint file {script} does not parse: {exc.msg} (line {exc.lineno})"]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"entrypoint file {script} cannot be read: {exc}"]
+    if function not in names:
+        return [f"entrypoint {script}:{function}: no top-level {function!r} in {script}"]
+    return []
 
 
 def _top_level_names(script: Path) -> set[str]:

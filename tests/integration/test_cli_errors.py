@@ -1,0 +1,88 @@
+"""``backjobs`` given bad input, as an operator types it: one line, an exit status, no
+traceback unless ``--debug``. Each case runs the real command from the test's own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+UNREACHABLE = "postgresql://postgres@127.0.0.1:9/backjobs"  # the discard port: refused
+
+
+def backjobs(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BACKJOBS, *args],
+        cwd=Path.cwd(),
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_an_unreachable_database_is_one_line_and_exit_1() -> None:
+    done = backjobs("db", "upgrade", BACKJOBS_DATABASE_URL=UNREACHABLE)
+    assert done.returncode == 1
+    line = one_error_line(done)
+    assert "127.0.0.1:9" in line and "Connection refused" in line
+    assert "check BACKJOBS_DATABASE_URL" in line and "--debug" in line
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_debug_shows_the_traceback(position: str) -> None:
+    args = ["--debug", "db", "upgrade"] if position == "before" else ["db", "upgrade", "--debug"]
+    done = backjobs(*args, BACKJOBS_DATABASE_URL=UNREACHABLE)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "OperationalError" in done.stderr
+    assert done.stderr.splitlines()[-1].startswith("backjobs: error: database ")
+
+
+def test_a_database_url_that_is_no_url_is_a_usage_error() -> None:
+    done = backjobs("db", "upgrade", BACKJOBS_DATABASE_URL="sqlite")
+    assert done.returncode == 2
+    assert "invalid setting BACKJOBS_DATABASE_URL" in one_error_line(done)
+
+
+def test_an_unknown_revision_is_a_usage_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/app.db"
+    done = backjobs("db", "upgrade", "--revision", "nope", BACKJOBS_DATABASE_URL=url)
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert "--revision 'nope'" in line and "head" in line
+    assert not (tmp_path / "app.db").exists()
+
+
+@pytest.mark.parametrize("as_of", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:30:00+01:00"])
+def test_an_as_of_beyond_the_calendar_in_utc_is_a_usage_error(as_of: str) -> None:
+    done = backjobs("run", "cleanup-job", "--as-of", as_of)
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert as_of in line and "outside years 1-9999" in line
+
+
+def test_an_entrypoint_with_a_syntax_error_is_a_problem_line() -> None:
+    (Path.cwd() / "flows").mkdir()
+    (Path.cwd() / "flows" / "cleanup.py").write_text("def cleanup_job(:\n    pass\n")
+    (Path.cwd() / "prefect.yaml").write_text(
+        "deployments:\n  - name: cleanup-job\n    entrypoint: flows/cleanup.py:cleanup_job\n"
+    )
+    done = backjobs("deployments", "check")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "cleanup-job: entrypoint file flows/cleanup.py does not parse" in done.stderr
+    assert "(line 1)" in done.stderr
