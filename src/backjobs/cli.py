@@ -274,36 +274,23 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _dashboard_token(args: argparse.Namespace) -> int:
-    import warnings
-    from datetime import UTC
-
-    from jwt.warnings import InsecureKeyLengthWarning
     from sqlalchemy.exc import SQLAlchemyError
 
-    from backjobs.db import make_engine, session_scope
     from backjobs.orchestration.dashboard_server import public_url
-    from backjobs.orchestration.tokens import mint_admin_token, sign_in_url
+    from backjobs.orchestration.tokens import admin_token, sign_in_url
     from backjobs.settings import get_settings
 
     settings = get_settings()
-    minutes = settings.dashboard_token_minutes if args.minutes is None else args.minutes
-    if not 1 <= minutes <= 1440:
+    if args.minutes is not None and not 1 <= args.minutes <= 1440:
         raise ValueError("--minutes must be between 1 and 1440 (a day)")
-    engine = make_engine(settings.database_url)
     try:
-        with session_scope(engine) as session, warnings.catch_warnings():
-            warnings.simplefilter("ignore", InsecureKeyLengthWarning)  # `dashboard` checks it
-            token = mint_admin_token(
-                session,
-                email=args.email,
-                secret=settings.jwt_secret.get_secret_value(),
-                now=datetime.now(UTC),
-                minutes=minutes,
-            )
+        token = admin_token(args.email, settings=settings, minutes=args.minutes)
     except SQLAlchemyError as exc:
-        raise LookupError(f"cannot read the app database: {type(exc).__name__}") from None
-    finally:
-        engine.dispose()
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+        raise LookupError(
+            f"cannot read the users of the app database ({first}); is BACKJOBS_DATABASE_URL "
+            "right and migrated (backjobs db upgrade)?"
+        ) from None
     print(sign_in_url(public_url(settings), token) if args.url else token)
     return 0
 

@@ -65,7 +65,7 @@ def make_token(
     sub: str,
     *,
     secret: str = SECRET,
-    minutes: float = 10,
+    minutes: float = 60,
     algorithm: str = "HS256",
     extra: Mapping[str, object] | None = None,
 ) -> str:
@@ -85,7 +85,7 @@ def unsigned_token(sub: str) -> str:
     def part(data: dict[str, object]) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-    exp = int((datetime.now(UTC) + timedelta(minutes=10)).timestamp())
+    exp = int((datetime.now(UTC) + timedelta(minutes=60)).timestamp())
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({'sub': sub, 'exp': exp})}."
 
 
@@ -140,7 +140,7 @@ def gated_dashboard(
     *,
     app_db_url: str,
     extra_env: Mapping[str, str] | None = None,
-    startup_timeout: float = 90,
+    startup_timeout: float = 300,  # a fresh Prefect DB takes 5 s idle, 90 s on a busy machine
 ) -> Iterator[GatedDashboard]:
     """``backjobs dashboard`` on a free port, healthy; terminated on exit."""
     folder.mkdir(parents=True, exist_ok=True)

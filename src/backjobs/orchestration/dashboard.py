@@ -27,10 +27,8 @@ import base64
 import hmac
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from enum import Enum
-from html import escape
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,6 +36,11 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from backjobs.orchestration.dashboard_pages import (
+    refusal_page,
+    signed_in_response,
+    signed_out_response,
+)
 from backjobs.orchestration.tokens import (
     COOKIE_NAME,
     SIGN_IN_PATH,
@@ -110,7 +113,7 @@ class DashboardGate:
         if path == SIGN_IN_PATH:
             return await self._sign_in(scope, receive, send)
         if path == SIGN_OUT_PATH:
-            return await _sign_out(self._cookie_secure(scope))(scope, receive, send)
+            return await signed_out_response(self._cookie_secure(scope))(scope, receive, send)
         access = await self._authenticate(Headers(scope=scope))
         if access == (200, Via.COOKIE) and method not in SAFE_METHODS:
             if not self._same_origin(scope):
@@ -223,7 +226,8 @@ class DashboardGate:
             response = self._refusal(scope, status, problem, html=True)
             return await response(scope, receive, send)
         logger.info("admin %s signed in to the dashboard", claims.sub)
-        await _signed_in(token, claims.exp, self._cookie_secure(scope))(scope, receive, send)
+        response = signed_in_response(token, claims.exp, self._cookie_secure(scope))
+        await response(scope, receive, send)
 
     def _refusal(
         self, scope: Scope, status: int, problem: str = "", *, html: bool = False
@@ -235,7 +239,7 @@ class DashboardGate:
         if not (html or wants_html):
             message = {401: "Unauthorized", 403: "Forbidden"}.get(status, "Unavailable")
             return JSONResponse({"exception_message": message}, status_code=status)
-        return HTMLResponse(_refusal_page(status, problem, self._login_url), status_code=status)
+        return HTMLResponse(refusal_page(status, problem, self._login_url), status_code=status)
 
     def _same_origin(self, scope: Scope) -> bool:
         origin = Headers(scope=scope).get("origin")
@@ -289,57 +293,3 @@ async def _deny_handshake(scope: Scope, receive: Receive, send: Send, status: in
         await send({"type": "websocket.http.response.body", "body": body.encode()})
     else:  # the server answers 403 to a close before accept
         await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
-
-
-def _signed_in(token: str, exp: int, secure: bool) -> Response:
-    # A page that moves on by itself rather than a 30x: after a link clicked in another
-    # site (a mail, a chat), browsers do not send a SameSite=Strict cookie on the
-    # redirect that follows, but do on a navigation started by this page.
-    response = HTMLResponse(
-        _page(
-            "Signed in",
-            '<meta http-equiv="refresh" content="0; url=/">'
-            '<p>Signed in. <a href="/">Open the dashboard</a>.</p>',
-        )
-    )
-    response.set_cookie(
-        COOKIE_NAME,
-        token,
-        max_age=max(0, exp - int(time.time())),
-        path="/",
-        httponly=True,
-        samesite="strict",
-        secure=secure,
-    )
-    response.headers["cache-control"] = "no-store"
-    response.headers["referrer-policy"] = "no-referrer"
-    return response
-
-
-def _sign_out(secure: bool) -> Response:
-    response = HTMLResponse(_page("Signed out", "<p>Signed out of the dashboard.</p>"))
-    response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict", secure=secure)
-    return response
-
-
-def _refusal_page(status: int, problem: str, login_url: str | None) -> str:
-    if status == 403:
-        text = "<p>Your account is not an admin: the dashboard is for admins only.</p>"
-    elif status == 503:
-        text = "<p>The dashboard cannot check who you are right now; try again shortly.</p>"
-    else:
-        text = f"<p>{escape(problem or 'Sign in to see the dashboard.')}</p>"
-    if login_url:
-        text += f'<p><a href="{escape(login_url)}">Sign in with the application</a>.</p>'
-    text += (
-        "<p>On the server, an admin can get a one-time sign-in link with "
-        "<code>backjobs dashboard-token &lt;admin email&gt; --url</code>.</p>"
-    )
-    return _page("Sign in to the dashboard", text)
-
-
-def _page(title: str, body: str) -> str:
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"</head><body><h1>{title}</h1>{body}</body></html>"
-    )

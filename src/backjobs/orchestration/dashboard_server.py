@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def startup_notes(config: DashboardConfig) -> list[str]:
+    """What works differently than an operator may expect, said once at start."""
+    notes = []
+    if config.auth_string is None:
+        notes.append(
+            "BACKJOBS_DASHBOARD_AUTH_STRING is not set: only admins get in; Prefect "
+            "workers and the CLI (PREFECT_API_AUTH_STRING) are refused"
+        )
+    if config.host in ("0.0.0.0", "::") and "localhost" in config.public_url:
+        notes.append(
+            f"set BACKJOBS_DASHBOARD_PUBLIC_URL to the address browsers use: the UI calls "
+            f"{config.public_url}/api"
+        )
+    return notes
+
+
 class _NoQueryString(logging.Filter):
     """Drops the query string from uvicorn's access log: a sign-in link carries a token."""
 
@@ -194,4 +211,6 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
         logging.getLogger("uvicorn.access").addFilter(_NoQueryString())
         logging.getLogger("backjobs.orchestration").setLevel(logging.INFO)
         print(f"backjobs dashboard: serving {config.public_url} (API {config.public_url}/api)")
+        for note in startup_notes(config):
+            print(f"backjobs dashboard: note: {note}", file=sys.stderr)
         server.run(sockets=[sock])

@@ -13,17 +13,20 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import anyio.to_thread
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from backjobs.models import User
+from backjobs.settings import Settings
 
 ALGORITHM = "HS256"
 COOKIE_NAME = "prefect_jwt"
@@ -84,6 +87,31 @@ def mint_admin_token(
     return mint_token(
         sub=str(find_admin_id(session, email=email)), secret=secret, now=now, minutes=minutes
     )
+
+
+def admin_token(email: str, *, settings: Settings, minutes: int | None = None) -> str:
+    """A dashboard token for the admin with this email in the configured app database.
+
+    ``sign_in_url(public_url(settings), admin_token(email, settings=settings))`` is the
+    one-time sign-in link that ``backjobs dashboard-token EMAIL --url`` prints.
+    LookupError when the email is unknown or not an admin's.
+    """
+    from backjobs.db import make_engine, session_scope
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(engine) as session, warnings.catch_warnings():
+            # A short development secret: `backjobs dashboard` refuses it off loopback.
+            warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+            return mint_admin_token(
+                session,
+                email=email,
+                secret=settings.jwt_secret.get_secret_value(),
+                now=datetime.now(UTC),
+                minutes=settings.dashboard_token_minutes if minutes is None else minutes,
+            )
+    finally:
+        engine.dispose()
 
 
 def sign_in_url(public_url: str, token: str) -> str:
