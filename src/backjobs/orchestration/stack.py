@@ -127,6 +127,13 @@ def load_stack(settings: Settings, *, var_dir: str | Path | None, project_file: 
     from backjobs.orchestration.dashboard_server import public_url
 
     host, port = settings.dashboard_host, settings.dashboard_port
+    # `down`, `status` and `env` address the stack where `up` started it, even from a
+    # shell without the BACKJOBS_DASHBOARD_* that `up` had.
+    started = _started_address(var / "stack")
+    if started and "dashboard_host" not in chosen:
+        host = str(started["host"])
+    if started and "dashboard_port" not in chosen:
+        port = int(started["port"])
     return Stack(
         var_dir=var,
         project_file=project_file.resolve(),
@@ -139,6 +146,16 @@ def load_stack(settings: Settings, *, var_dir: str | Path | None, project_file: 
         jwt_secret=jwt_secret,
         auth_string=auth,
     )
+
+
+def _started_address(folder: Path) -> dict[str, Any] | None:
+    if processes.running_pid(folder, DASHBOARD) is None:
+        return None
+    try:
+        address: dict[str, Any] = json.loads((folder / "address.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return address
 
 
 def _secrets(folder: Path) -> dict[str, str]:
@@ -185,6 +202,8 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
         say(f"demo data written to {stack.database_url}")
     if processes.running_pid(stack.folder, DASHBOARD) is None:
         processes.check_port_free(stack.host, stack.port)
+        address = {"host": stack.host, "port": stack.port}
+        (stack.folder / "address.json").write_text(json.dumps(address))
         command = ["dashboard", "--host", stack.host, "--port", str(stack.port)]
         processes.spawn(
             stack.folder,
