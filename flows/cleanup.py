@@ -11,11 +11,21 @@ from datetime import datetime
 
 from backjobs.jobs.cleanup import CleanupResult
 from backjobs.orchestration.jobbase import gather_parts, job_flow
-from tasks.cleanup import delete_expired_refresh_tokens, empty_trash_bin, remove_orphaned_files
+from tasks.cleanup import (
+    delete_ended_outbox_rows,
+    delete_expired_refresh_tokens,
+    empty_trash_bin,
+    remove_orphaned_files,
+)
 
 
 @job_flow("CleanupJob")
 def cleanup_job(as_of: datetime) -> CleanupResult:
-    """Delete expired refresh tokens, empty the markers trash, remove abandoned uploads."""
-    parts = (delete_expired_refresh_tokens, empty_trash_bin, remove_orphaned_files)
+    """Delete expired tokens, empty the trash, remove abandoned uploads, prune the outbox."""
+    parts = (
+        delete_expired_refresh_tokens,
+        empty_trash_bin,
+        remove_orphaned_files,
+        delete_ended_outbox_rows,
+    )
     return gather_parts({part.name: part.submit(as_of) for part in parts}, empty=CleanupResult())

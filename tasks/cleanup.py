@@ -29,3 +29,9 @@ def empty_trash_bin(as_of: datetime) -> CleanupResult:
 def remove_orphaned_files(as_of: datetime) -> CleanupResult:
     """Remove abandoned uploads; fails (after finishing every row) if any object stayed."""
     return cleanup.remove_orphaned_files(get_engine(), now=as_of, settings=get_settings())
+
+
+@task(**DB_TASK_OPTIONS)
+def delete_ended_outbox_rows(as_of: datetime) -> CleanupResult:
+    """Delete outbox rows that ended (completed, failed) longer than the retention ago."""
+    return cleanup.delete_ended_outbox_rows(get_engine(), now=as_of, settings=get_settings())

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     registration_confirmation_days: Days = 7
     registration_expiry_warning_days: Annotated[int, Field(ge=0, le=MAX_DAYS)] = 2
     app_base_url: str = "http://localhost:8000"
+    # The confirmation link is APP_BASE_URL (without a trailing "/") + this + the token,
+    # appended as is (token_urlsafe needs no escaping): end the path where the token goes.
+    confirmation_path: str = "/confirm-email?token="
+    registration_batch_size: Batch = 1000
+
+    # CleanupJob: ended outbox rows are kept this long.
+    outbox_retention_days: Days = 30
 
     # Dashboard.
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
@@ -147,6 +154,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unknown database driver {driver!r}; use one of {', '.join(DATABASE_DRIVERS)}"
             )
+        return value
+
+    @field_validator("confirmation_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            raise ValueError("must start with '/' and hold no whitespace")
         return value
 
     @model_validator(mode="after")

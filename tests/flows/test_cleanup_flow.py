@@ -14,6 +14,7 @@ from flows.cleanup import cleanup_job
 from tests.support.databases import Database
 from tests.support.seeding import CLEANUP_AS_OF as AS_OF
 from tests.support.seeding import cleanup_counts as counts
+from tests.support.seeding import outbox_rows
 from tests.support.seeding import seed_cleanup as seed
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -36,8 +37,10 @@ def test_cleanup_deletes_exactly_the_expired_rows(app_env: Database) -> None:
         markers_deleted=2,
         orphaned_files_removed=2,
         orphaned_files_bad_keys=0,
+        outbox_rows_deleted=2,
     )
     assert counts(app_env) == (1, 1, 1)
+    assert outbox_rows(app_env) == 2
     assert sorted(p.name for p in (root / "up").iterdir()) == ["new"]
     # Running again finds nothing more.
     assert cleanup_job(as_of=AS_OF).refresh_tokens_deleted == 0
@@ -50,9 +53,10 @@ def test_a_failing_part_fails_the_run_by_name_and_spares_the_others(app_env: Dat
     assert "remove_orphaned_files" in (state.message or "")
     with pytest.raises(ExceptionGroup) as raised:
         state.result()
-    assert "cleanup-job: 1 of 3 parts failed: remove_orphaned_files" in str(raised.value)
-    # Tokens and markers were deleted; of the files only the stuck one is left.
+    assert "cleanup-job: 1 of 4 parts failed: remove_orphaned_files" in str(raised.value)
+    # Tokens, markers and outbox rows were deleted; of the files only the stuck one is left.
     assert counts(app_env) == (1, 1, 2)
+    assert outbox_rows(app_env) == 2
 
 
 def test_the_run_publishes_its_counts_as_an_artifact(app_env: Database) -> None:

@@ -46,6 +46,7 @@ def test_run_cleanup_prints_the_counts(app_env: Database, cli_env: dict[str, str
     assert done.returncode == 0, done.stderr
     assert "refresh_tokens_deleted       2" in done.stdout
     assert "orphaned_files_removed       2" in done.stdout
+    assert "outbox_rows_deleted          2" in done.stdout
     assert counts(app_env) == (1, 1, 1)
 
 
@@ -55,7 +56,7 @@ def test_a_failed_part_exits_non_zero_and_is_named(
     seed(app_env, Path(cli_env["BACKJOBS_STORAGE_ROOT"]), stuck=True)
     done = backjobs("run", "cleanup-job", "--as-of", "2030-01-01T00:00:00Z", env=cli_env)
     assert done.returncode == 1
-    assert "1 of 3 parts failed: remove_orphaned_files" in done.stderr
+    assert "1 of 4 parts failed: remove_orphaned_files" in done.stderr
     assert "remove_orphaned_files: 1 stored object(s) could not be removed" in done.stderr
     assert counts(app_env) == (1, 1, 2)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from backjobs.db.batched_delete import iter_delete_batches
 from backjobs.jobs import cleanup
-from backjobs.models import Marker, RefreshToken, StoredFile, User
+from backjobs.models import AppTask, Marker, RefreshToken, StoredFile, User
 from backjobs.settings import load_settings
 from tests.support.databases import Database
 from tests.support.files import make_unremovable
@@ -160,3 +162,95 @@ def test_a_few_expired_among_many_live_tokens(db: Database) -> None:
     assert result.refresh_tokens_deleted == 2
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(RefreshToken)) == 58
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+def test_ended_outbox_rows_past_the_retention_are_deleted(db: Database, batch_size: int) -> None:
+    day = timedelta(days=1)
+    cutoff = NOW - 30 * day
+    rows = {
+        # (status, created_at, next_attempt_at, completed_at, task_type)
+        "sent-long-ago": ("completed", NOW - 40 * day, NOW - 40 * day, NOW - 31 * day, None),
+        "sent-recently": ("completed", NOW - 40 * day, NOW - 40 * day, NOW - 29 * day, None),
+        "sent-at-cutoff": ("completed", NOW - 40 * day, NOW - 40 * day, cutoff, None),
+        "failed-long-ago": ("failed", NOW - 41 * day, NOW - 40 * day, None, None),
+        "failed-after-retry": ("failed", NOW - 41 * day, NOW - 10 * day, None, None),
+        "failed-stamped": ("failed", NOW - 41 * day, NOW - 41 * day, NOW - 31 * day, None),
+        "pending-ancient": ("pending", NOW - 900 * day, NOW - 900 * day, None, None),
+        "processing-ancient": ("processing", NOW - 900 * day, NOW - 900 * day, None, None),
+        "pending-odd-stamp": ("pending", NOW - 900 * day, NOW - 900 * day, NOW - 900 * day, None),
+        "other-task-type": ("failed", NOW - 900 * day, NOW - 900 * day, NOW - 900 * day, "x"),
+    }
+    with db.session() as s:
+        for key, (status, created, due, completed, kind) in rows.items():
+            s.add(
+                AppTask(
+                    task_type=kind or "email_send",
+                    status=status,
+                    payload={"key": key},
+                    created_at=created,
+                    next_attempt_at=due,
+                    completed_at=completed,
+                    locked_until=NOW - 899 * day if status == "processing" else None,
+                )
+            )
+        s.commit()
+    settings = load_settings(outbox_retention_days=30, delete_batch_size=batch_size)
+    result = cleanup.delete_ended_outbox_rows(db.engine, now=NOW, settings=settings)
+    assert result == cleanup.CleanupResult(outbox_rows_deleted=3)
+    with db.session() as s:
+        left = {task.payload["key"] for task in s.scalars(select(AppTask))}  # type: ignore[index]
+    assert left == set(rows) - {"sent-long-ago", "failed-long-ago", "failed-stamped"}
+    again = cleanup.delete_ended_outbox_rows(db.engine, now=NOW, settings=settings)
+    assert again.outbox_rows_deleted == 0
+
+
+def test_open_outbox_rows_are_never_deleted_however_old(db: Database) -> None:
+    """Only status decides: a pending or processing row of any age is mail still to send."""
+    ancient = datetime(2000, 1, 1, tzinfo=UTC)
+    with db.session() as s:
+        for i in range(7):
+            s.add(
+                AppTask(
+                    task_type="email_send",
+                    status=("pending", "processing")[i % 2],
+                    payload={},
+                    created_at=ancient,
+                    next_attempt_at=ancient,
+                    completed_at=ancient,
+                    locked_until=ancient,
+                )
+            )
+        s.commit()
+    settings = load_settings(outbox_retention_days=1, delete_batch_size=2)
+    result = cleanup.delete_ended_outbox_rows(db.engine, now=NOW, settings=settings)
+    assert result.outbox_rows_deleted == 0
+    assert _count(db, AppTask) == 7
+
+
+def test_a_row_retried_while_the_prune_runs_is_kept(pg_db: Database) -> None:
+    """The prune waits for the app's open transaction, then re-checks: a pending row stays."""
+    old = NOW - timedelta(days=90)
+    with pg_db.session() as s:
+        rows = [
+            AppTask(task_type="email_send", status="failed", payload={}, created_at=old)
+            for _ in range(3)
+        ]
+        s.add_all(rows)
+        s.commit()
+        ids = [row.id for row in rows]
+    settings = load_settings(outbox_retention_days=30, delete_batch_size=10)
+    with pg_db.engine.connect() as app:
+        # The app (or `backjobs outbox retry`) holds the row, changed but not committed yet.
+        app.execute(update(AppTask).where(AppTask.id == ids[1]).values(status="pending"))
+        with ThreadPoolExecutor(1) as pool:
+            pruning = pool.submit(
+                cleanup.delete_ended_outbox_rows, pg_db.engine, now=NOW, settings=settings
+            )
+            time.sleep(0.5)
+            assert not pruning.done()  # waiting for the app's row lock
+            app.commit()
+            result = pruning.result(timeout=30)
+    assert result.outbox_rows_deleted == 2
+    with pg_db.session() as s:
+        assert list(s.execute(select(AppTask.id, AppTask.status))) == [(ids[1], "pending")]

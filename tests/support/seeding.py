@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from backjobs.models import Marker, RefreshToken, StoredFile, User
+from backjobs.models import AppTask, Marker, RefreshToken, StoredFile, User
 from tests.support.databases import Database
 from tests.support.files import make_unremovable
 
@@ -36,6 +36,7 @@ def seed_cleanup(db: Database, storage_root: Path, *, stuck: bool = False) -> No
                 for i, t in enumerate([old, old, new])
             ]
         )
+        s.add_all(_outbox_rows(old, new))
         s.add_all(
             [
                 StoredFile(owner_id=user.id, storage_key=f"up/{k}", created_at=t)
@@ -48,6 +49,27 @@ def seed_cleanup(db: Database, storage_root: Path, *, stuck: bool = False) -> No
             make_unremovable(storage_root / "locked" / "stuck")
             s.add(StoredFile(owner_id=user.id, storage_key="locked/stuck", created_at=old))
         s.commit()
+
+
+def _outbox_rows(old: datetime, new: datetime) -> list[AppTask]:
+    """Two ended rows past the outbox retention; a recent one and an old pending one stay."""
+    rows = [("completed", old), ("failed", old), ("completed", new), ("pending", None)]
+    return [
+        AppTask(
+            task_type="email_send",
+            status=status,
+            payload={},
+            created_at=old,
+            next_attempt_at=old,
+            completed_at=completed,
+        )
+        for status, completed in rows
+    ]
+
+
+def outbox_rows(db: Database) -> int:
+    with db.session() as s:
+        return s.scalar(select(func.count()).select_from(AppTask)) or 0
 
 
 def cleanup_counts(db: Database) -> tuple[int, int, int]:

@@ -22,6 +22,17 @@ the next run, which is also what happens to rows that expire meanwhile.
 On PostgreSQL each batch is one statement in autocommit mode (one transaction, one round
 trip), committed without waiting for the WAL flush (``synchronous_commit = off``): a batch
 lost in a crash is deleted again by the next run.
+
+:func:`iter_delete_where` is the third walk, for conditions that are not "one column before
+X" (a status filter, a computed timestamp): it walks the primary key, one pass per run
+(linear in the table, whatever matches). Each batch takes the next ``batch_size`` matching
+rows in id order and deletes them with the condition checked again, so a row that another
+transaction changed in between (an outbox row retried back to ``pending``) is kept.
+On PostgreSQL a batch is one autocommitted statement, ``DELETE … WHERE ctid =
+ANY(ARRAY(SELECT ctid … ORDER BY id LIMIT n)) AND <condition> RETURNING id`` (a row
+updated meanwhile has a new ctid and fails the recheck): binding the batch's ids as
+parameters cost more than the delete, and ``FOR UPDATE`` doubled it. A batch that the
+recheck shortened ends the walk; the next run goes on from there.
 """
 
 from __future__ import annotations
@@ -31,8 +42,20 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, delete, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    any_,
+    delete,
+    func,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.selectable import Select
 
 BLOCK_WALK_SHARE = 0.1
 """Walk by block range when at least this share of the table matches."""
@@ -57,6 +80,41 @@ def iter_delete_batches(
             yield from _walk_blocks(engine, table.name, column.key, before, step, blocks)
             return
     yield from _walk_index(engine, table, column.key, before, batch_size)
+
+
+def iter_delete_where(
+    engine: Engine, table: Table, where: ColumnElement[bool], *, batch_size: int
+) -> Iterator[int]:
+    """Delete ``table``'s rows matching ``where``, walking ``id``; yields each batch's count."""
+    after: int | None = None
+    if engine.dialect.name == "postgresql":
+        ctid: ColumnElement[Any] = literal_column("ctid")
+        with _autocommit_pg(engine) as conn:
+            while True:
+                batch = _next_batch(table, ctid, where, after, batch_size).scalar_subquery()
+                statement = delete(table).where(ctid == any_(func.array(batch)), where)
+                ids = list(conn.scalars(statement.returning(table.c.id)))
+                if ids:
+                    yield len(ids)
+                if len(ids) < batch_size:
+                    return
+                after = max(ids)
+    while True:
+        with engine.begin() as conn:
+            ids = list(conn.scalars(_next_batch(table, table.c.id, where, after, batch_size)))
+            count = conn.execute(delete(table).where(table.c.id.in_(ids), where)).rowcount
+        if count:
+            yield count
+        if len(ids) < batch_size:
+            return
+        after = ids[-1]
+
+
+def _next_batch(
+    table: Table, key: ColumnElement[Any], where: ColumnElement[bool], after: int | None, n: int
+) -> Select[tuple[Any]]:
+    query = select(key).select_from(table).where(where).order_by(table.c.id).limit(n)
+    return query if after is None else query.where(table.c.id > after)
 
 
 def _walk_index(

@@ -9,6 +9,11 @@ A part interrupted half-way has committed what it deleted; the next run finishes
   ``now``. A revoked token that has not expired yet is kept: the app may still want to
   recognise its reuse.
 - :func:`empty_trash_bin`: markers whose ``deleted_at`` is older than the retention.
+- :func:`delete_ended_outbox_rows`: ``app_tasks`` rows of the task types backjobs runs
+  (``email_send``) that ended (``completed`` or ``failed``) longer than
+  ``BACKJOBS_OUTBOX_RETENTION_DAYS`` ago; when a row ended is
+  :func:`backjobs.outbox_admin.ended_at`. ``pending`` and ``processing`` rows are never
+  deleted, however old: they are mail still to send.
 - :func:`remove_orphaned_files`: ``stored_files`` still ``pending`` past the upload
   timeout. The stored object is deleted first, then the row. An object already gone counts
   as removed; one that cannot be removed keeps its row (the next run tries again) and is
@@ -33,8 +38,16 @@ from typing import NamedTuple
 
 from sqlalchemy import Engine, delete, select
 
-from backjobs.db.batched_delete import iter_delete_batches
-from backjobs.models import Marker, ProcessingStatus, RefreshToken, StoredFile
+from backjobs.db.batched_delete import iter_delete_batches, iter_delete_where
+from backjobs.models import (
+    Marker,
+    ProcessingStatus,
+    RefreshToken,
+    StoredFile,
+    TaskStatus,
+    TaskType,
+)
+from backjobs.outbox_admin import TASKS, ended_at
 from backjobs.settings import Settings
 from backjobs.storage import FileStorage, StorageUnavailable, UnsafeStorageKey, make_storage
 
@@ -49,6 +62,7 @@ class CleanupResult:
     markers_deleted: int | None = None
     orphaned_files_removed: int | None = None
     orphaned_files_bad_keys: int | None = None
+    outbox_rows_deleted: int | None = None
     failed_parts: tuple[str, ...] = ()
 
     def merge(self, other: CleanupResult) -> CleanupResult:
@@ -78,6 +92,23 @@ def empty_trash_bin(engine: Engine, *, now: datetime, settings: Settings) -> Cle
         engine, Marker.deleted_at, before=now - retention, batch_size=settings.delete_batch_size
     )
     return CleanupResult(markers_deleted=sum(batches))
+
+
+ENDED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value)
+
+
+def delete_ended_outbox_rows(engine: Engine, *, now: datetime, settings: Settings) -> CleanupResult:
+    """Delete outbox rows that ended (completed or failed) longer than the retention ago."""
+    cutoff = now - timedelta(days=settings.outbox_retention_days)
+    ended_long_ago = (
+        TASKS.c.task_type.in_([t.value for t in TaskType])
+        & TASKS.c.status.in_(ENDED)
+        & (ended_at() < cutoff)
+    )
+    batches = iter_delete_where(
+        engine, TASKS, ended_long_ago, batch_size=settings.delete_batch_size
+    )
+    return CleanupResult(outbox_rows_deleted=sum(batches))
 
 
 class ObjectOutcome(StrEnum):

@@ -48,10 +48,16 @@ class PendingUser(BaseModel):
     display_name: str | None = None
     email: str
     confirmed_at: datetime
+    days_waiting: int | None = Field(default=None, ge=0)
+
+
+# One reminder lists at most this many users; the rest are counted in ``more_waiting``.
+MAX_LISTED_USERS = 100
 
 
 class PendingUsersReminder(_Context):
-    users: list[PendingUser] = Field(min_length=1)
+    users: list[PendingUser] = Field(min_length=1, max_length=MAX_LISTED_USERS)
+    more_waiting: int = Field(default=0, ge=0)
     review_url: str | None = None
 
 

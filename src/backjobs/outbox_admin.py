@@ -1,0 +1,291 @@
+"""Outbox operations for ops and the app: status, retry of failed rows, one row's story.
+
+The Python side of ``backjobs outbox status | retry | show`` (Hangfire's "Retry" on failed
+jobs). Every function takes the caller's session and flushes at most: the caller commits
+(the CLI does). They look at ``email_send`` rows of ``app_tasks`` only: the outbox.
+
+When a row ended: ``completed_at`` when set (sent rows); a failed row may not have it
+(the sender records the reason, not always the time), so then the latest of
+``next_attempt_at`` (its last attempt was due then; a retry resets it) and ``created_at``.
+That can be earlier than the real failure by the time the row waited to be claimed, never
+later, so "failed in the last 24 h" may miss a row that waited, and retention
+(``CleanupJob``'s ``delete_ended_outbox_rows``) never deletes a row earlier than its
+retention. :func:`ended_at` is that expression.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, Text, and_, case, func, or_, select, update
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement
+
+from backjobs.mail.render import sensitive_fields
+from backjobs.models import AppTask, TaskStatus, TaskType
+
+log = logging.getLogger(__name__)
+
+TASKS = cast(Table, AppTask.__table__)
+EMAIL = TASKS.c.task_type == TaskType.EMAIL_SEND.value
+# Where a row may say who already has the message: a column, or a payload key.
+DELIVERED_COLUMNS = ("delivered_to", "delivered_recipients", "delivered")
+DELIVERED_KEYS = ("delivered_to", "delivered", "delivered_recipients")
+_LAST_ERROR_SHOWN = 200
+# A claim's owner token (migration 0003), when the table has it: a retried row is nobody's.
+_CLEARED_ON_RETRY = {name: None for name in ("claim_token",) if name in TASKS.c}
+
+
+def ended_at() -> ColumnElement[datetime]:
+    """When an ended row ended: ``completed_at``, else the latest of its due time and creation."""
+    latest = case(
+        (TASKS.c.next_attempt_at > TASKS.c.created_at, TASKS.c.next_attempt_at),
+        else_=TASKS.c.created_at,
+    )
+    return func.coalesce(TASKS.c.completed_at, latest)
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """The outbox at ``now``: one flat record (shown by ``backjobs outbox status`` and the UI).
+
+    ``due_now``: pending rows due, plus processing rows whose lease ran out (a crashed
+    sender's): what the next run would send. ``waiting_retry``: pending rows not due yet
+    (a retry's backoff, or a ``not_before`` delay). ``oldest_due_age_seconds``: how long the
+    longest-waiting due row has been due (``None``: nothing due). ``failed_last_24h``: rows
+    that failed within 24 hours before ``now`` (see the module on when a row ended).
+    """
+
+    pending: int
+    processing: int
+    completed: int
+    failed: int
+    due_now: int
+    waiting_retry: int
+    oldest_due_age_seconds: int | None
+    failed_last_24h: int
+
+
+def outbox_status(session: Session, *, now: datetime) -> OutboxStatus:
+    """Count the outbox's rows by status and by what is due at ``now``."""
+    pending = TASKS.c.status == TaskStatus.PENDING.value
+    processing = TASKS.c.status == TaskStatus.PROCESSING.value
+    failed = TASKS.c.status == TaskStatus.FAILED.value
+    due_pending = and_(pending, TASKS.c.next_attempt_at <= now)
+    lapsed = and_(processing, TASKS.c.locked_until < now)
+    due_since = case((due_pending, TASKS.c.next_attempt_at), (lapsed, TASKS.c.locked_until))
+    row: Any = session.execute(
+        select(
+            *(_count(TASKS.c.status == status.value) for status in TaskStatus),
+            _count(or_(due_pending, lapsed)),
+            _count(and_(pending, TASKS.c.next_attempt_at > now)),
+            func.min(due_since),
+            _count(and_(failed, ended_at() >= now - timedelta(hours=24))),
+        ).where(EMAIL)
+    ).one()
+    counts = {status: int(value) for status, value in zip(TaskStatus, row[:4], strict=True)}
+    oldest: datetime | None = row[6]
+    return OutboxStatus(
+        pending=counts[TaskStatus.PENDING],
+        processing=counts[TaskStatus.PROCESSING],
+        completed=counts[TaskStatus.COMPLETED],
+        failed=counts[TaskStatus.FAILED],
+        due_now=int(row[4]),
+        waiting_retry=int(row[5]),
+        oldest_due_age_seconds=None
+        if oldest is None
+        else max(0, int((now - oldest).total_seconds())),
+        failed_last_24h=int(row[7]),
+    )
+
+
+def _count(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+class RetryRefused(ValueError):
+    """Some of the rows asked for cannot be retried; nothing was changed."""
+
+    def __init__(self, refused: Mapping[int, str]) -> None:
+        self.refused = dict(refused)
+        reasons = "; ".join(f"app_tasks id {i}: {why}" for i, why in self.refused.items())
+        super().__init__(f"only failed outbox rows can be retried, nothing retried: {reasons}")
+
+
+def retry_failed(
+    session: Session,
+    *,
+    ids: Sequence[int] | None = None,
+    failed_since: datetime | None = None,
+    now: datetime,
+) -> list[int]:
+    """Put failed outbox rows back to ``pending`` with fresh attempts; return their ids.
+
+    Either ``ids`` (each must be a ``failed`` email row, else :class:`RetryRefused` names
+    every refused one and nothing changes, so a typo never half-applies) or
+    ``failed_since`` (every failed row that ended at or after it; for a row without
+    ``completed_at`` that is when it was last due, so pick a time a little before the
+    trouble began). A retried row gets
+    ``attempts`` 0, ``next_attempt_at`` ``now`` (due at once), no lease, no
+    ``completed_at``, and ``last_error`` prefixed with ``[retried <now>]``, so ``show``
+    still tells why it failed. One log line per row. Flushes; the caller commits.
+    """
+    if (ids is None) == (failed_since is None):
+        raise ValueError("retry_failed takes either ids or failed_since, not both or neither")
+    failed = and_(EMAIL, TASKS.c.status == TaskStatus.FAILED.value)
+    if ids is not None:
+        wanted = sorted(set(ids))
+        if not wanted:
+            raise ValueError("retry_failed: no ids given")
+        _refuse_unless_failed(session, wanted)
+        chosen = and_(failed, TASKS.c.id.in_(wanted))
+    else:
+        since = cast(datetime, failed_since)
+        if since.tzinfo is None or since.utcoffset() is None:
+            raise ValueError("failed_since must be an aware datetime (UTC)")
+        chosen = and_(failed, ended_at() >= since)
+    stamp = f"[retried {now.isoformat(timespec='seconds')}] "
+    statement = (
+        update(TASKS)
+        .where(chosen)
+        .values(
+            status=TaskStatus.PENDING.value,
+            attempts=0,
+            next_attempt_at=now,
+            locked_until=None,
+            completed_at=None,
+            **_CLEARED_ON_RETRY,
+            last_error=func.coalesce(stamp + TASKS.c.last_error, stamp.rstrip()),
+        )
+        .returning(TASKS.c.id, TASKS.c.last_error)
+    )
+    retried = sorted(session.execute(statement).all())
+    for task_id, error in retried:
+        shown = (error or "")[len(stamp) : len(stamp) + _LAST_ERROR_SHOWN]
+        log.info(
+            "outbox task %s: failed -> pending, retried by an operator (was: %s)", task_id, shown
+        )
+    return [task_id for task_id, _ in retried]
+
+
+def _refuse_unless_failed(session: Session, ids: Sequence[int]) -> None:
+    query = select(TASKS.c.id, TASKS.c.status).where(EMAIL, TASKS.c.id.in_(ids))
+    found = {row.id: row.status for row in session.execute(query)}
+    refused = {
+        task_id: "no such outbox row" if task_id not in found else f"status is {found[task_id]}"
+        for task_id in ids
+        if found.get(task_id) != TaskStatus.FAILED.value
+    }
+    if refused:
+        raise RetryRefused(refused)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """One outbox row as ops may see it: no secrets, no rendered body.
+
+    ``context`` holds the template's context without its sensitive fields (their names are
+    in ``omitted``). ``delivered`` is who already has the message when the row records it
+    (``None``: not recorded); ``refused``, the recipients the server refused for good.
+    ``payload_error`` says why the payload could not be read.
+    """
+
+    id: int
+    status: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    created_at: datetime | None
+    next_attempt_at: datetime | None
+    completed_at: datetime | None
+    locked_until: datetime | None
+    last_error: str | None
+    dedup_key: str | None
+    template: str | None
+    recipients: tuple[str, ...]
+    delivered: tuple[str, ...] | None
+    refused: tuple[str, ...] | None
+    context: Mapping[str, Any]
+    omitted: tuple[str, ...]
+    payload_error: str | None = None
+
+
+def describe_task(session: Session, task_id: int) -> TaskView:
+    """The outbox row ``task_id``; ``LookupError`` when there is no such email row."""
+    shown = [c for c in TASKS.c if c.key != "payload"]
+    row = (
+        session.execute(
+            select(*shown, sql_cast(TASKS.c.payload, Text).label("raw_payload")).where(
+                EMAIL, TASKS.c.id == task_id
+            )
+        )
+        .mappings()
+        .one_or_none()
+    )
+    if row is None:
+        raise LookupError(f"no outbox row with id {task_id}")
+    payload, problem = _read_payload(row["raw_payload"])
+    template = payload.get("template") if isinstance(payload.get("template"), str) else None
+    context: dict[str, Any] = payload.get("context") or {}
+    if not isinstance(context, dict):
+        context = {}
+    secret = sensitive_fields(template or "")
+    return TaskView(
+        id=row["id"],
+        status=row["status"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        priority=row["priority"],
+        created_at=row["created_at"],
+        next_attempt_at=row["next_attempt_at"],
+        completed_at=row["completed_at"],
+        locked_until=row["locked_until"],
+        last_error=row["last_error"],
+        dedup_key=row["dedup_key"],
+        template=template,
+        recipients=_addresses(payload.get("to")) or (),
+        delivered=_delivered(dict(row), payload),
+        refused=_addresses(payload.get("refused")),
+        context={k: v for k, v in context.items() if k not in secret},
+        omitted=tuple(sorted(k for k in context if k in secret)),
+        payload_error=problem,
+    )
+
+
+def _read_payload(raw: str | None) -> tuple[dict[str, Any], str | None]:
+    if raw is None:
+        return {}, "no payload"
+    try:
+        payload = json.loads(raw)
+    except ValueError as exc:
+        return {}, f"payload is not JSON ({exc})"
+    if not isinstance(payload, dict):
+        return {}, f"payload is a JSON {type(payload).__name__}, not an object"
+    return payload, None
+
+
+def _addresses(value: Any) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(str(v) for v in value)
+    return None
+
+
+def _delivered(row: Mapping[str, Any], payload: Mapping[str, Any]) -> tuple[str, ...] | None:
+    for column in DELIVERED_COLUMNS:
+        if column in row and row[column] is not None:
+            found = row[column]
+            return _addresses(
+                json.loads(found) if isinstance(found, str) and found[:1] == "[" else found
+            )
+    for key in DELIVERED_KEYS:
+        if key in payload:
+            return _addresses(payload[key])
+    return None

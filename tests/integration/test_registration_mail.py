@@ -1,0 +1,69 @@
+"""The registration emails through the outbox into a real SMTP server: the delivered link's
+token confirms, and no token stays in the stored payload once the row has ended."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from backjobs.db import session_scope
+from backjobs.jobs.expire_unconfirmed_registrations import warn_expiring_registrations
+from backjobs.models import AppTask
+from backjobs.registration import confirm_email, hash_token
+from backjobs.settings import get_settings
+from tests.support.databases import Database
+from tests.support.email_sender import drain
+from tests.support.registration import add_user, token_in, tokens, user
+from tests.support.smtp import SmtpServer
+
+AS_OF = datetime(2026, 1, 10, 5, 0, tzinfo=UTC)
+SOON = AS_OF - timedelta(days=6)  # expires in a day: inside the warning window
+
+
+def stored_rows(db: Database) -> list[AppTask]:
+    with db.session() as s:
+        return list(s.query(AppTask).order_by(AppTask.id))
+
+
+def test_the_delivered_token_confirms_and_is_gone_from_the_payload(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    user_id = add_user(smtp_env, "ann@example.com", created_at=SOON, display_name="<Ann>")
+    warn_expiring_registrations(smtp_env.engine, now=AS_OF, settings=get_settings())
+    assert drain(smtp_env, now=AS_OF).sent == 1
+    [received] = smtp_server.messages
+    text = received.message.get_body(preferencelist=("plain",))
+    html = received.message.get_body(preferencelist=("html",))
+    assert text is not None and html is not None
+    raw = token_in(text.get_content())
+    assert token_in(html.get_content()) == raw
+    assert "&lt;Ann&gt;" in html.get_content()
+    [stored] = tokens(smtp_env, user_id)
+    assert stored.token_hash == hash_token(raw)
+
+    [row] = stored_rows(smtp_env)
+    assert row.status == "completed"
+    assert raw not in repr(row.payload) and raw not in (row.last_error or "")
+    assert row.payload is not None and row.payload["context"]["confirmation_link"] is None
+
+    confirmed_at = AS_OF + timedelta(hours=1)
+    with session_scope(smtp_env.engine) as s:
+        confirm_email(s, token=raw, now=confirmed_at)
+    assert user(smtp_env, user_id).email_confirmed_at == confirmed_at
+
+
+@pytest.mark.xfail(strict=True, reason="scrub on permanent failure lands with email-faults")
+def test_no_token_stays_in_the_payload_after_a_permanent_failure(
+    smtp_env: Database, smtp_server: SmtpServer
+) -> None:
+    add_user(smtp_env, "gone@example.com", created_at=SOON)
+    smtp_server.answer("gone@example.com", 550, times=None)
+    warn_expiring_registrations(smtp_env.engine, now=AS_OF, settings=get_settings())
+    [queued] = stored_rows(smtp_env)
+    assert queued.payload is not None
+    raw = token_in(queued.payload["context"]["confirmation_link"])
+    assert drain(smtp_env, now=AS_OF).failed == 1
+    [row] = stored_rows(smtp_env)
+    assert row.status == "failed"
+    assert raw not in repr(row.payload) and raw not in (row.last_error or "")
