@@ -40,7 +40,7 @@ from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.orm import Session
 
 from backjobs.jobs.email_send import send_due_emails
-from backjobs.mail.render import build_message, render_email, validate_context
+from backjobs.mail.render import build_message, new_message_id, render_email, validate_context
 from backjobs.mail.transport import make_transport
 from backjobs.models import AppTask
 from backjobs.settings import load_settings
@@ -199,6 +199,7 @@ def seed(engine: Engine, n: int) -> None:
                     "template": "generic",
                     "to": [f"user{i}@example.com"],
                     "context": context,
+                    "message_id": new_message_id(sender=SENDER),
                 }
                 rows.append({"task_type": "email_send", "payload": payload, "next_attempt_at": NOW})
             conn.execute(insert(AppTask), rows)

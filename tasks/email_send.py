@@ -2,6 +2,9 @@
 
 A retry starts a fresh drain: rows the failed attempt had claimed stay leased until their
 lease runs out, then they are sent again with the same Message-ID (at least once).
+:class:`~backjobs.jobs.email_send.EmailServerUnavailable` (the SMTP server or its
+configuration failed the run) is not a database error, so the policy does not retry it:
+the run fails at once with the server's reply, and the next scheduled run tries again.
 """
 
 from __future__ import annotations

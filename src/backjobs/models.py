@@ -177,6 +177,8 @@ class AppTask(Base):
     dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     created_at: Mapped[datetime] = _created_at()
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The owner of a live claim (EmailSendJob, migration 0003): renewals and acks match it.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
 
 
 # EmailSendJob's claim order over pending rows (migration 0002).

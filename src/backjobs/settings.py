@@ -9,6 +9,8 @@ object never shows them.
 
 from __future__ import annotations
 
+import re
+from email.utils import parseaddr
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -84,6 +86,8 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
     smtp_timeout_seconds: Annotated[Seconds, Field(le=600)] = 30.0
+    smtp_ca_file: Path | None = None  # CA bundle trusted for (START)TLS, e.g. a self-signed cert
+    smtp_tls_server_name: str | None = None  # name the certificate must carry (host is an IP)
 
     # EmailSendJob.
     email_max_attempts: Annotated[int, Field(gt=0, le=100)] = 5
@@ -163,6 +167,18 @@ class Settings(BaseSettings):
             raise ValueError("must start with '/' and hold no whitespace")
         return value
 
+    @field_validator("email_from")
+    @classmethod
+    def _sender(cls, value: str) -> str:
+        return check_sender(value)
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.email_backoff_max_seconds < self.email_backoff_base_seconds:
@@ -175,6 +191,39 @@ class Settings(BaseSettings):
                 "BACKJOBS_REGISTRATION_CONFIRMATION_DAYS"
             )
         return self
+
+
+def check_sender(value: str) -> str:
+    """A sender: ``addr@domain`` or ``Name <addr@domain>``, one line; the domain as IDNA.
+
+    A non-ASCII domain is converted to its ASCII (IDNA) form, so it works with any server;
+    a non-ASCII local part is kept and needs a server offering SMTPUTF8 (checked when
+    sending).
+    """
+    if any(char in value for char in "\r\n\x00"):
+        raise ValueError("must be one line")
+    name, address = parseaddr(value)
+    local, at, domain = address.rpartition("@")
+    if not (at and local and domain) or " " in address or "@" in local:
+        raise ValueError(f"{value!r} is not an email address (user@example.com or Name <…>)")
+    try:
+        domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
+    except UnicodeError:
+        raise ValueError(f"{value!r}: the domain is not a valid host name") from None
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", domain) or ".." in domain:
+        raise ValueError(f"{value!r}: the domain is not a valid host name")
+    address = f"{local}@{domain}"
+    return format_sender(name, address)
+
+
+def format_sender(name: str, address: str) -> str:
+    """``Name <address>`` (name quoted when needed); ``formataddr`` refuses non-ASCII
+    addresses, which SMTPUTF8 allows."""
+    if not name:
+        return address
+    if re.search(r'[][\\()<>@,:;".]', name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{address}>"
 
 
 def load_settings(**overrides: Any) -> Settings:

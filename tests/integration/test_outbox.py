@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from backjobs.models import AppTask, User
 from backjobs.outbox import enqueue_email
@@ -48,11 +49,15 @@ def test_committed_enqueue_stores_what_rendering_needs(db: Database) -> None:
         task = s.get_one(AppTask, task_id)
         assert (task.task_type, task.status, task.priority) == ("email_send", "pending", 3)
         assert (task.attempts, task.max_attempts, task.next_attempt_at) == (0, 7, NOW)
+        assert task.payload is not None
+        message_id = task.payload.pop("message_id")
         assert task.payload == {
             "template": "generic",
             "to": ["a@example.com", "b@example.com"],
             "context": GENERIC,
         }
+        # Made once, here, with a random part: unique across databases and resets.
+        assert re.fullmatch(r"<[0-9a-f]{32}@localhost>", message_id)
 
 
 def test_not_before_delays_the_first_attempt(db: Database) -> None:
@@ -143,3 +148,54 @@ def test_concurrent_dedup_on_postgres_makes_one_row(pg_db: Database) -> None:
     thread.join(timeout=10)
     assert ids == [first]
     assert task_count(pg_db) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "kwargs", "context"),
+    [
+        ("dedup_key", {"dedup_key": "k" * 256}, GENERIC),
+        ("priority", {"priority": 2**31}, GENERIC),
+        ("priority", {"priority": -(2**31) - 1}, GENERIC),
+        ("max_attempts", {"max_attempts": 0}, GENERIC),
+        ("max_attempts", {"max_attempts": -3}, GENERIC),
+        ("context.body", {}, {"subject": "Hello", "body": "a\x00b"}),
+        ("context.body", {}, {"subject": "Hello", "body": "lone \ud800 surrogate"}),
+        ("dedup_key", {"dedup_key": "nul\x00key"}, GENERIC),
+    ],
+)
+def test_values_the_database_would_refuse_raise_before_any_sql(
+    db: Database, field: str, kwargs: dict[str, Any], context: dict[str, Any]
+) -> None:
+    """Issue 8, case 8: a ValueError naming the field; the caller's transaction goes on."""
+    with db.session() as s:
+        s.add(User(email="kept@example.com"))
+        s.flush()
+        with pytest.raises(ValueError, match=re.escape(field)):
+            enqueue_email(
+                s, to="a@example.com", template="generic", context=context, now=NOW, **kwargs
+            )
+        # On PostgreSQL a failed statement would have aborted the transaction.
+        assert s.execute(text("SELECT count(*) FROM users")).scalar_one() == 1
+        enqueue_email(s, to="a@example.com", template="generic", context=GENERIC, now=NOW)
+        s.commit()
+    assert task_count(db) == 1
+
+
+def test_max_attempts_limits_are_kept(db: Database) -> None:
+    with db.session() as s:
+        one = enqueue_email(
+            s, to="a@example.com", template="generic", context=GENERIC, now=NOW, max_attempts=1
+        )
+        edge = enqueue_email(
+            s,
+            to="a@example.com",
+            template="generic",
+            context=GENERIC,
+            now=NOW,
+            priority=2**31 - 1,
+            dedup_key="k" * 255,
+        )
+        s.commit()
+    with db.session() as s:
+        assert s.get_one(AppTask, one).max_attempts == 1
+        assert s.get_one(AppTask, edge).priority == 2**31 - 1

@@ -31,6 +31,8 @@ def test_queues_each_email_as_enqueue_email_would(db: Database) -> None:
         s.commit()
     assert ids == [single + 1, single + 2, single + 3]
     stored = payloads(db)
+    message_ids = [p.pop("message_id") for p in stored]  # type: ignore[attr-defined]
+    assert len(set(message_ids)) == 4  # one of its own each, as enqueue_email makes
     assert stored[1:] == [
         {"template": "generic", "to": [f"u{i}@example.com"], "context": GENERIC} for i in range(3)
     ]

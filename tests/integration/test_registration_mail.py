@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from backjobs.db import session_scope
 from backjobs.jobs.expire_unconfirmed_registrations import warn_expiring_registrations
 from backjobs.models import AppTask
@@ -53,7 +51,6 @@ def test_the_delivered_token_confirms_and_is_gone_from_the_payload(
     assert user(smtp_env, user_id).email_confirmed_at == confirmed_at
 
 
-@pytest.mark.xfail(strict=True, reason="scrub on permanent failure lands with email-faults")
 def test_no_token_stays_in_the_payload_after_a_permanent_failure(
     smtp_env: Database, smtp_server: SmtpServer
 ) -> None:

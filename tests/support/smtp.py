@@ -6,6 +6,11 @@ for good. Every accepted message is kept, parsed, in ``server.messages``.
 
 Fixtures (loaded by ``tests/conftest.py``): ``smtp_server`` and ``smtp_env`` (``app_env``
 plus SMTP settings pointing at the server).
+
+Server-wide faults: ``mail_answers`` (answers to MAIL FROM, then 250),
+``SmtpServer(auth_required=True)`` (530 until AUTH), ``SmtpServer(tls=cert)`` (STARTTLS
+with a self-signed certificate from :func:`self_signed_cert`), ``smtputf8=False``.
+``sessions`` counts the SMTP connections that got as far as MAIL FROM.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import email
 import socket
+import ssl
 import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import default
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +37,8 @@ from backjobs.settings import get_settings
 from tests.support.databases import Database
 
 REASONS = {
+    421: "4.3.2 service shutting down",
+    530: "5.7.0 Authentication required",
     451: "4.3.0 try again later",
     452: "4.2.2 mailbox full",
     550: "5.1.1 no such user",
@@ -52,6 +62,10 @@ class ScriptedHandler:
         self.messages: list[Received] = []
         self.data_delay = 0.0
         self.data_answers: deque[int] = deque()  # answers to the end of DATA, then 250
+        self.mail_answers: deque[int] = deque()  # answers to MAIL FROM, then 250
+        self.mail_forever: int | None = None  # the answer to every MAIL FROM
+        self.rcpt_delay = 0.0
+        self.sessions: set[int] = set()
         self._scripts: dict[str, deque[int]] = {}
         self._forever: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -70,10 +84,25 @@ class ScriptedHandler:
             script = self._scripts.get(address.lower())
             return script.popleft() if script else 250
 
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: Any
+    ) -> str:
+        with self._lock:
+            self.sessions.add(id(session))
+            code = self.mail_answers.popleft() if self.mail_answers else 250
+            code = self.mail_forever or code
+        if code != 250:
+            return f"{code} {REASONS.get(code, 'refused')}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
     ) -> str:
         code = self._code_for(address)
+        if self.rcpt_delay:
+            await asyncio.sleep(self.rcpt_delay)
         if code != 250:
             return f"{code} {REASONS.get(code, 'refused')}"
         envelope.rcpt_tos.append(address)
@@ -96,16 +125,30 @@ class ScriptedHandler:
 class SmtpServer:
     """The running server: ``host``, ``port``, ``messages``, ``answer()``."""
 
-    def __init__(self, *, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        credentials: tuple[str, str] | None = None,
+        auth_required: bool = False,
+        tls: tuple[Path, Path] | None = None,
+        smtputf8: bool = True,
+    ) -> None:
         self.handler = ScriptedHandler()
         self.host = "127.0.0.1"
         self.port = _free_port()
         self.logins: list[str] = []
-        # AUTH offered without TLS (test only); not *required*, which aiosmtpd warns about.
-        auth = {"authenticator": self._authenticator(credentials), "auth_require_tls": False}
-        self._controller = Controller(
-            self.handler, hostname=self.host, port=self.port, **(auth if credentials else {})
-        )
+        options: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
+        if credentials:
+            # AUTH offered without TLS (test only); not *required*, which aiosmtpd warns about.
+            options |= {"authenticator": self._authenticator(credentials)}
+            options |= {"auth_require_tls": False}
+        if auth_required:  # what Postfix answers when AUTH is required and not given
+            self.handler.mail_forever = 530
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+            options |= {"tls_context": context}
+        self._controller = Controller(self.handler, hostname=self.host, port=self.port, **options)
 
     def _authenticator(self, credentials: tuple[str, str] | None) -> Any:
         def check(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
@@ -133,6 +176,41 @@ class SmtpServer:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
+
+
+def self_signed_cert(folder: Path, *, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` only (not for 127.0.0.1): (cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    alt = x509.SubjectAlternativeName([x509.DNSName(name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(alt, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 def _free_port() -> int:

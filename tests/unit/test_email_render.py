@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.policy import default
@@ -16,7 +17,8 @@ from backjobs.mail.render import (
     TEMPLATES,
     build_message,
     check_address,
-    message_id,
+    legacy_message_id,
+    new_message_id,
     render_email,
     validate_context,
 )
@@ -147,8 +149,24 @@ def test_built_message_parses_with_both_parts_and_a_stable_id() -> None:
 
 
 def test_message_id_follows_the_sender_domain() -> None:
-    assert message_id(task_id=7, sender="noreply@app.example") == "<app-task-7@app.example>"
-    assert message_id(task_id=7, sender="no domain") == "<app-task-7@localhost>"
+    assert legacy_message_id(task_id=7, sender="noreply@app.example") == "<app-task-7@app.example>"
+    assert legacy_message_id(task_id=7, sender="no domain") == "<app-task-7@localhost>"
+
+
+def test_new_message_ids_are_random_and_carry_the_sender_domain() -> None:
+    ids = {new_message_id(sender="Jobs <noreply@app.example>") for _ in range(100)}
+    assert len(ids) == 100
+    assert all(re.fullmatch(r"<[0-9a-f]{32}@app\.example>", i) for i in ids)
+
+
+def test_stored_message_id_and_envelope_subset() -> None:
+    rendered = render_email("generic", {"subject": "s", "body": "b"})
+    built = build_message(rendered, task_id=1, to=["a@x.com", "b@x.com"], sender="j@x.com",
+                          date=WHEN, message_id="<abc@x.com>", envelope_to=["b@x.com"])  # fmt: skip
+    assert (built.message_id, built.to) == ("<abc@x.com>", ("b@x.com",))
+    message = parse(built.data)
+    assert message["Message-ID"] == "<abc@x.com>"
+    assert [str(a) for a in message["To"].addresses] == ["a@x.com", "b@x.com"]
 
 
 def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:

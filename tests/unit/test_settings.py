@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from backjobs.settings import SettingsError, get_settings, load_settings
@@ -53,6 +55,40 @@ def test_a_bad_secret_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as raised:
         load_settings()
     assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["", "Foo Bar", "noreply@", "@example.com", "a@b\nBcc: x@y.z"])
+def test_a_bad_sender_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Issue 8, case 5: "" was a null sender, "Foo Bar" became "Foo"."""
+    monkeypatch.setenv("BACKJOBS_EMAIL_FROM", value)
+    with pytest.raises(SettingsError, match="BACKJOBS_EMAIL_FROM"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("jobs@example.com", "jobs@example.com"),
+        ("Back Jobs <jobs@example.com>", "Back Jobs <jobs@example.com>"),
+        ("noreply@bücher.de", "noreply@xn--bcher-kva.de"),  # IDNA: any server takes it
+        ("jörg@example.com", "jörg@example.com"),  # needs SMTPUTF8 at send time
+    ],
+)
+def test_a_good_sender_is_kept_with_an_ascii_domain(
+    monkeypatch: pytest.MonkeyPatch, value: str, kept: str
+) -> None:
+    monkeypatch.setenv("BACKJOBS_EMAIL_FROM", value)
+    assert load_settings().email_from == kept
+
+
+def test_a_missing_ca_file_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("BACKJOBS_SMTP_CA_FILE", str(tmp_path / "nope.pem"))
+    with pytest.raises(SettingsError, match="BACKJOBS_SMTP_CA_FILE"):
+        load_settings()
 
 
 @pytest.mark.parametrize(

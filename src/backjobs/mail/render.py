@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,7 +39,7 @@ class _Context(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Context fields that grant access (a confirmation link carries a token): cleared from
-    # the stored payload once the email is sent.
+    # the stored payload once the row ends (sent, or failed for good).
     SENSITIVE: ClassVar[frozenset[str]] = frozenset()
 
 
@@ -157,14 +158,28 @@ class OutgoingEmail:
 
 
 def build_message(
-    rendered: RenderedEmail, *, task_id: int, to: Sequence[str], sender: str, date: datetime
+    rendered: RenderedEmail,
+    *,
+    task_id: int,
+    to: Sequence[str],
+    sender: str,
+    date: datetime,
+    message_id: str | None = None,
+    envelope_to: Sequence[str] | None = None,
 ) -> OutgoingEmail:
-    """The MIME message (text + HTML alternatives) with a Message-ID derived from the task.
+    """The MIME message (text + HTML alternatives).
+
+    ``message_id`` is the one stored with the task at enqueue (the same for every resend);
+    rows queued before it was stored get ``<app-task-ID@domain>``. ``to`` is the ``To:``
+    header; ``envelope_to`` (default ``to``) the recipients this send goes to — a retry
+    for some recipients only is the same message to fewer envelope recipients.
+    ``date`` is the real time of sending. The bytes are ASCII unless the sender's local
+    part is not (then UTF-8, sent with SMTPUTF8).
 
     Written directly rather than through ``email.message.EmailMessage``, which costs ~2 ms a
     message, more than sending it; the tests parse the result with the stdlib parser.
     """
-    identifier = message_id(task_id=task_id, sender=sender)
+    identifier = message_id or legacy_message_id(task_id=task_id, sender=sender)
     # Both parts are base64, whose alphabet has no "_": the boundary can never occur in
     # them, so it can be fixed, and a resend is byte-for-byte the same message.
     boundary = f"=_backjobs_alternative_{task_id}"
@@ -173,7 +188,7 @@ def build_message(
         ("To", ",\r\n ".join(check_address(a) for a in to)),
         ("Subject", _encoded(rendered.subject)),
         ("Date", format_datetime(date)),
-        ("Message-ID", identifier),
+        ("Message-ID", check_header(identifier, what="Message-ID")),
         ("MIME-Version", "1.0"),
         ("Content-Type", f'multipart/alternative; boundary="{boundary}"'),
     ]
@@ -189,7 +204,8 @@ def build_message(
             encoded,
         ]
     lines.append(f"--{boundary}--\r\n")
-    return OutgoingEmail(identifier, tuple(to), "\r\n".join(lines).encode("ascii"))
+    recipients = tuple(envelope_to if envelope_to is not None else to)
+    return OutgoingEmail(identifier, recipients, "\r\n".join(lines).encode("utf-8"))
 
 
 def _encoded(subject: str) -> str:
@@ -199,15 +215,24 @@ def _encoded(subject: str) -> str:
     return Header(subject, "utf-8").encode(linesep="\r\n")
 
 
-def message_id(*, task_id: int, sender: str) -> str:
-    """``<app-task-{id}@{sender's domain}>``: the same for every (re)send of one task."""
-    domain = _sender_domain(sender)
-    return f"<app-task-{task_id}@{domain}>"
+def new_message_id(*, sender: str) -> str:
+    """A Message-ID made once, at enqueue: random, so unique across databases and resets."""
+    return f"<{secrets.token_hex(16)}@{_sender_domain(sender)}>"
+
+
+def legacy_message_id(*, task_id: int, sender: str) -> str:
+    """``<app-task-{id}@{sender's domain}>``: rows queued before the id was stored."""
+    return f"<app-task-{task_id}@{_sender_domain(sender)}>"
 
 
 @lru_cache(maxsize=8)
 def _from_header(sender: str) -> str:
-    return check_header(formataddr(parseaddr(sender), charset="utf-8"), what="sender")
+    name, address = parseaddr(sender)
+    if address.isascii():
+        return check_header(formataddr((name, address), charset="utf-8"), what="sender")
+    # A non-ASCII local part (sent with SMTPUTF8, RFC 6532): the address as UTF-8.
+    encoded = formataddr((name, "x@x"), charset="utf-8").rpartition("<")[0] if name else ""
+    return check_header(f"{encoded}<{address}>", what="sender")
 
 
 @lru_cache(maxsize=8)

@@ -1,17 +1,26 @@
 """Email transports behind one small Protocol: SMTP (pooled connections) and a pickup folder.
 
 A transport sends one ready MIME message to its envelope recipients and either returns the
-recipients it could not reach (a partial refusal: the others got it) or raises
-:class:`SendError`, whose ``permanent`` flag says whether retrying can help:
+recipients it could not reach (:class:`Refusal`: a partial refusal, the others got it) or
+raises :class:`SendError`. Whose fault a failure is decides what the job does, so SMTP
+replies are classified by the *stage* they answer:
 
-- transient: SMTP 4xx, timeouts, refused or dropped connections, and any failure to open or
-  log in to the server (the message is not at fault, so it must not be failed for it).
-  After such a failure the transport fails fast (:class:`ServerUnavailable` with
-  ``attempted=False``) rather than wait out a connect timeout per message;
-- permanent: SMTP 5xx on the message, every recipient refused with 5xx.
+- the server's or the configuration's fault, :class:`ServerUnavailable`: the connection
+  cannot be opened (refused, timeout, DNS), EHLO, STARTTLS or the TLS handshake fails
+  (e.g. ``CERTIFICATE_VERIFY_FAILED``), AUTH fails, MAIL FROM is refused (the sender
+  setting), any 421 (closing), 530 (authentication required) or 535 (bad credentials),
+  and a connection lost before the message's data was sent. No message is at fault: the
+  job stops, hands the rows back without using an attempt and fails the run with the
+  server's reply. After one, the transport fails fast for the rest of its life;
+- the message's fault: recipients refused (:class:`RecipientsRefused` when all of them
+  are, permanent when every refusal is 5xx), the end of DATA refused (5xx permanent,
+  4xx transient), or the connection lost once the data was on its way (transient: the
+  server may or may not have it, a resend keeps the Message-ID).
 
 :class:`SmtpTransport` is thread-safe: each ``send`` borrows a connection from a pool of at
 most ``max_connections`` (reused across messages), so N threads keep N connections busy.
+After ``REFUSALS_BEFORE_RECONNECT`` refusals in a row on one connection it is closed and
+a fresh one opened (Postfix slows down, then drops, a connection after many errors).
 The SMTP password is never logged nor put into an error message.
 """
 
@@ -21,14 +30,16 @@ import logging
 import os
 import re
 import smtplib
+import socket
 import ssl
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pydantic import SecretStr
 
@@ -37,9 +48,27 @@ from backjobs.settings import EmailTransportKind, Settings, SmtpSecurity
 
 logger = logging.getLogger(__name__)
 
+REFUSALS_BEFORE_RECONNECT = 5
+SERVER_FAULT_CODES = frozenset({421, 530, 535})
+
+
+class Refusal(NamedTuple):
+    """One recipient the server refused, with its reply."""
+
+    address: str
+    code: int
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        return f"{self.address}: {self.code} {self.text}"
+
 
 class SendError(Exception):
-    """Sending failed; ``permanent`` says a retry would fail the same way."""
+    """Sending this message failed; ``permanent`` says a retry would fail the same way."""
 
     permanent = False
 
@@ -52,9 +81,20 @@ class PermanentSendError(SendError):
     permanent = True
 
 
-class ServerUnavailable(TransientSendError):
-    """The server could not be reached; ``attempted`` is False when the transport did not
-    even try, because an earlier connection attempt of this transport failed."""
+class RecipientsRefused(SendError):
+    """Every envelope recipient was refused; the message was not sent."""
+
+    def __init__(self, refusals: Sequence[Refusal]) -> None:
+        self.refusals = list(refusals)
+        self.permanent = all(r.permanent for r in refusals)
+        kind = "all recipients refused" if self.permanent else "recipients refused"
+        super().__init__(f"{kind}: {'; '.join(map(str, refusals))}")
+
+
+class ServerUnavailable(Exception):
+    """The server (or our configuration of it) is at fault, not the message: nothing
+    about this message was decided. ``attempted`` is False when the transport did not
+    even try, because an earlier failure of this transport said the server is down."""
 
     def __init__(self, message: str, *, attempted: bool = True) -> None:
         super().__init__(message)
@@ -62,8 +102,9 @@ class ServerUnavailable(TransientSendError):
 
 
 class Transport(Protocol):
-    def send(self, email: OutgoingEmail) -> list[str]:
-        """Deliver ``email`` to its recipients; return those refused, raise SendError."""
+    def send(self, email: OutgoingEmail) -> list[Refusal]:
+        """Deliver ``email`` to its recipients; return those refused, raise SendError or
+        ServerUnavailable."""
         ...
 
     def close(self) -> None: ...
@@ -81,8 +122,20 @@ def make_transport(settings: Settings) -> Transport:
             timeout=settings.smtp_timeout_seconds,
             sender=settings.email_from,
             max_connections=settings.email_connections,
+            ca_file=settings.smtp_ca_file,
+            tls_server_name=settings.smtp_tls_server_name,
         )
     return PickupTransport(directory=settings.email_pickup_dir)
+
+
+@dataclass
+class _Connection:
+    smtp: smtplib.SMTP
+    refusals: int = 0  # in a row
+
+
+class _DataStarted(Exception):
+    """The connection failed once the message's data was on its way."""
 
 
 class SmtpTransport:
@@ -99,90 +152,110 @@ class SmtpTransport:
         timeout: float = 30.0,
         sender: str,
         max_connections: int = 4,
+        ca_file: Path | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self._host, self._port, self._security = host, port, security
         self._username, self._password, self._timeout = username, password, timeout
+        self._ca_file, self._server_name = ca_file, tls_server_name or host
         self._envelope_from = parseaddr(sender)[1] or sender
-        self._idle: list[smtplib.SMTP] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._unavailable: str | None = None
 
-    def send(self, email: OutgoingEmail) -> list[str]:
-        data, to = email.data, email.to
+    def send(self, email: OutgoingEmail) -> list[Refusal]:
         if self._unavailable is not None:
-            # Once the server could not be reached, fail fast instead of waiting out a
-            # connect timeout per message; a new transport (the next run) tries again.
+            # Once the server failed us, fail fast instead of waiting out a timeout per
+            # message; a new transport (the next run) tries again.
             raise ServerUnavailable(self._unavailable, attempted=False)
-        with self._slots:
-            connection, reused = self._acquire()
-            while True:
-                try:
-                    return self._send_on(connection, data, to)
-                except smtplib.SMTPServerDisconnected:
-                    if not reused:
-                        raise TransientSendError("SMTP server closed the connection") from None
-                # An idle pooled connection the server dropped meanwhile: one fresh try.
-                connection, reused = self._open(), False
+        try:
+            with self._slots:
+                return self._send(email)
+        except ServerUnavailable as exc:
+            self._unavailable = str(exc)
+            raise
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
-            _quietly_quit(connection)
+            _quietly_quit(connection.smtp)
 
-    def _send_on(self, connection: smtplib.SMTP, data: bytes, to: Sequence[str]) -> list[str]:
+    def _send(self, email: OutgoingEmail) -> list[Refusal]:
+        connection, reused = self._acquire()
+        while True:
+            try:
+                return self._send_on(connection, email)
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                _quietly_quit(connection.smtp)
+                if not reused:
+                    raise ServerUnavailable(
+                        f"SMTP server {self._where} dropped the connection: {_reason(exc)}"
+                    ) from None
+            # An idle pooled connection the server dropped meanwhile: one fresh try.
+            connection, reused = self._open(), False
+
+    @property
+    def _where(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def _send_on(self, connection: _Connection, email: OutgoingEmail) -> list[Refusal]:
         try:
-            refused = _transact(connection, self._envelope_from, to, data)
-        except smtplib.SMTPServerDisconnected:
-            _quietly_quit(connection)
+            refused = _transact(connection, self._envelope_from, email, where=self._where)
+        except ServerUnavailable:
+            _quietly_quit(connection.smtp)
             raise
-        except smtplib.SMTPRecipientsRefused as exc:
+        except _DataStarted as exc:
+            _quietly_quit(connection.smtp)
+            raise TransientSendError(f"SMTP connection lost during DATA: {exc}") from None
+        except SendError:
             self._release(connection)
-            raise _refused_error(exc.recipients) from None
-        except smtplib.SMTPResponseException as exc:
-            # smtplib reset the session; a 421 means the server is closing it anyway.
-            (_quietly_quit if exc.smtp_code == 421 else self._release)(connection)
-            raise _response_error(exc.smtp_code, exc.smtp_error) from None
-        except (OSError, smtplib.SMTPException) as exc:
-            _quietly_quit(connection)
-            raise TransientSendError(f"SMTP error: {type(exc).__name__}: {exc}") from None
+            raise
         self._release(connection)
-        return [_describe_refusal(addr, code, text) for addr, (code, text) in refused.items()]
+        return refused
 
-    def _acquire(self) -> tuple[smtplib.SMTP, bool]:
+    def _acquire(self) -> tuple[_Connection, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self._open(), False
 
-    def _release(self, connection: smtplib.SMTP) -> None:
+    def _release(self, connection: _Connection) -> None:
+        if connection.refusals >= REFUSALS_BEFORE_RECONNECT:
+            _quietly_quit(connection.smtp)  # the next send opens a fresh one
+            return
         with self._lock:
             self._idle.append(connection)
 
-    def _open(self) -> smtplib.SMTP:
-        where = f"{self._host}:{self._port}"
+    def _open(self) -> _Connection:
         try:
             connection = self._connect()
         except (OSError, smtplib.SMTPException) as exc:
-            # Not the message's fault: transient, whatever the code (even a 535 on login).
-            self._unavailable = f"cannot open SMTP session with {where}: {exc}"
-            raise ServerUnavailable(self._unavailable) from None
-        logger.debug("opened SMTP connection to %s (%s)", where, self._security.value)
-        return connection
+            raise ServerUnavailable(
+                f"cannot open SMTP session with {self._where}: {_reason(exc)}"
+            ) from None
+        logger.debug("opened SMTP connection to %s (%s)", self._where, self._security.value)
+        return _Connection(connection)
 
     def _connect(self) -> smtplib.SMTP:
         connection: smtplib.SMTP
         if self._security is SmtpSecurity.TLS:
-            connection = smtplib.SMTP_SSL(
-                self._host, self._port, timeout=self._timeout, context=_tls_context()
+            connection = _SMTPNamedSSL(
+                self._host,
+                self._port,
+                timeout=self._timeout,
+                context=_tls_context(self._ca_file),
+                server_name=self._server_name,
             )
         else:
             connection = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
         try:
             connection.ehlo()
             if self._security is SmtpSecurity.STARTTLS:
-                connection.starttls(context=_tls_context())
+                # smtplib checks the certificate against ``_host``: the configured name.
+                connection._host = self._server_name  # type: ignore[attr-defined]
+                connection.starttls(context=_tls_context(self._ca_file))
                 connection.ehlo()
             if self._username:
                 secret = self._password.get_secret_value() if self._password else ""
@@ -191,6 +264,20 @@ class SmtpTransport:
             _quietly_quit(connection)
             raise
         return connection
+
+
+class _SMTPNamedSSL(smtplib.SMTP_SSL):
+    """Implicit TLS whose certificate is checked against ``server_name``, not the host."""
+
+    def __init__(
+        self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, server_name: str
+    ) -> None:
+        self._server_name = server_name
+        super().__init__(host, port, timeout=timeout, context=context)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        self._host = self._server_name
+        return super()._get_socket(host, port, timeout)  # type: ignore[misc,no-any-return]
 
 
 class PickupTransport:
@@ -203,7 +290,7 @@ class PickupTransport:
     def __init__(self, *, directory: Path) -> None:
         self._directory = directory
 
-    def send(self, email: OutgoingEmail) -> list[str]:
+    def send(self, email: OutgoingEmail) -> list[Refusal]:
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
             target = self._directory / f"{_file_name(email.message_id)}.eml"
@@ -231,30 +318,65 @@ def _file_name(message_id: str) -> str:
 
 
 def _transact(
-    connection: smtplib.SMTP, sender: str, to: Sequence[str], data: bytes
-) -> dict[str, tuple[int, bytes]]:
-    """``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
-    millisecond a message): ours are validated bare addresses, and the data is 7-bit."""
-    connection.ehlo_or_helo_if_needed()
-    code, reply = connection.docmd("mail", f"FROM:<{sender}>")
+    connection: _Connection, sender: str, email: OutgoingEmail, *, where: str
+) -> list[Refusal]:
+    """One SMTP transaction, each reply classified by its stage (see the module doc).
+
+    ``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
+    millisecond a message): ours are validated bare addresses.
+    """
+    smtp = connection.smtp
+    _mail_from(smtp, sender, email, where=where)
+    refused = _rcpt_to(connection, email.to, where=where)
+    if len(refused) == len(email.to):
+        _reset(smtp, 0)
+        raise RecipientsRefused(refused)
+    try:
+        code, reply = smtp.data(email.data)
+    except (smtplib.SMTPServerDisconnected, OSError) as exc:
+        raise _DataStarted(_reason(exc)) from None
+    if code in SERVER_FAULT_CODES:
+        _reset(smtp, code)
+        raise ServerUnavailable(f"SMTP server {where} answered DATA: {code} {_text(reply)}")
     if code != 250:
-        _reset(connection, code)
-        raise smtplib.SMTPSenderRefused(code, reply, sender)
-    refused: dict[str, tuple[int, bytes]] = {}
+        _reset(smtp, code)
+        connection.refusals += 1
+        kind = PermanentSendError if 500 <= code < 600 else TransientSendError
+        raise kind(f"SMTP {code} {_text(reply)}")
+    return refused
+
+
+def _mail_from(smtp: smtplib.SMTP, sender: str, email: OutgoingEmail, *, where: str) -> None:
+    smtp.ehlo_or_helo_if_needed()
+    options = ""
+    if not sender.isascii() or not email.data.isascii():
+        if not smtp.has_extn("smtputf8"):
+            raise ServerUnavailable(
+                f"BACKJOBS_EMAIL_FROM {sender!r} is not ASCII and the SMTP server {where} "
+                "does not offer SMTPUTF8"
+            )
+        options = " SMTPUTF8 BODY=8BITMIME"
+        smtp.command_encoding = "utf-8"  # as sendmail does for SMTPUTF8
+    code, reply = smtp.docmd("mail", f"FROM:<{sender}>{options}")
+    if code != 250:
+        _reset(smtp, code)
+        raise ServerUnavailable(
+            f"SMTP server {where} refused the sender {sender!r} (MAIL FROM): {code} {_text(reply)}"
+        )
+
+
+def _rcpt_to(connection: _Connection, to: Sequence[str], *, where: str) -> list[Refusal]:
+    refused: list[Refusal] = []
     for address in to:
-        code, reply = connection.docmd("rcpt", f"TO:<{address}>")
-        if code not in (250, 251):
-            refused[address] = (code, reply)
-        if code == 421:
-            connection.close()
-            raise smtplib.SMTPRecipientsRefused(refused)
-    if len(refused) == len(to):
-        _reset(connection, 0)
-        raise smtplib.SMTPRecipientsRefused(refused)
-    code, reply = connection.data(data)
-    if code != 250:
-        _reset(connection, code)
-        raise smtplib.SMTPDataError(code, reply)
+        code, reply = connection.smtp.docmd("rcpt", f"TO:<{address}>")
+        if code in SERVER_FAULT_CODES:
+            _reset(connection.smtp, code)
+            raise ServerUnavailable(f"SMTP server {where} answered RCPT: {code} {_text(reply)}")
+        if code in (250, 251):
+            connection.refusals = 0
+        else:
+            connection.refusals += 1
+            refused.append(Refusal(address, code, _text(reply)))
     return refused
 
 
@@ -265,34 +387,26 @@ def _reset(connection: smtplib.SMTP, code: int) -> None:
         return
     try:
         connection.rset()
-    except smtplib.SMTPServerDisconnected:
+    except (smtplib.SMTPServerDisconnected, OSError):
         pass
 
 
-@lru_cache(maxsize=1)
-def _tls_context() -> ssl.SSLContext:
+@lru_cache(maxsize=4)
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
+    if ca_file is not None:
+        return ssl.create_default_context(cafile=str(ca_file))
     return ssl.create_default_context()
 
 
-def _refused_error(recipients: dict[str, tuple[int, bytes]]) -> SendError:
-    reasons = "; ".join(
-        _describe_refusal(addr, code, text) for addr, (code, text) in recipients.items()
-    )
-    if all(code >= 500 for code, _ in recipients.values()):
-        return PermanentSendError(f"all recipients refused: {reasons}")
-    return TransientSendError(f"recipients refused (temporarily): {reasons}")
+def _text(reply: bytes | str) -> str:
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
-def _response_error(code: int, text: bytes | str) -> SendError:
-    detail = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    kind = PermanentSendError if 500 <= code < 600 else TransientSendError
-    return kind(f"SMTP {code} {detail}")
-
-
-def _describe_refusal(address: str, code: int, text: bytes | str) -> str:
-    detail = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    return f"{address}: {code} {detail}"
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"{exc.smtp_code} {_text(exc.smtp_error)}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _quietly_quit(connection: smtplib.SMTP) -> None:
