@@ -207,7 +207,8 @@ def test_trigger_email_send_job_delivers_into_the_pickup_folder(running: Running
         )
     assert done.returncode == 0, done.stdout + done.stderr
     new = set((running.var / "mail").glob("*.eml")) - before
-    assert [p.read_text().count("Sent by the e2e test") > 0 for p in new] == [True]
+    # The registration jobs' runs may have queued mail too: ours is among the new files, once.
+    assert sum("Sent by the e2e test" in p.read_text() for p in new) == 1
 
 
 @contextmanager
