@@ -5,6 +5,8 @@
     backjobs trigger <job> [--as-of] [--wait [--timeout S]]
                                               create a run of the job's deployment
     backjobs deployments check [FILE]         validate prefect.yaml
+    backjobs deploy [FILE]                    deploy prefect.yaml: exactly its schedules
+    backjobs stack up|down|status|env         the local stack: server, worker, demo data
     backjobs dashboard [--host] [--port]      the Prefect server and UI behind the admin gate
     backjobs dashboard-token EMAIL [--minutes M] [--url]
                                               a short-lived admin token, or a sign-in link
@@ -29,6 +31,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from backjobs.settings import SettingsError
@@ -136,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
     check.set_defaults(handler=_deployments_check)
     _add_dashboard_commands(commands)
+    _add_stack_commands(commands)
     _outbox_parser(commands)
     return parser
 
@@ -316,6 +320,82 @@ def _dashboard_token(args: argparse.Namespace) -> int:
             "right and migrated (backjobs db upgrade)?"
         ) from None
     print(sign_in_url(public_url(settings), token) if args.url else token)
+    return 0
+
+
+def _add_stack_commands(commands: Any) -> None:
+    deploy = commands.add_parser(
+        "deploy", help="deploy prefect.yaml so the server holds exactly its schedules"
+    )
+    deploy.add_argument("file", nargs="?", help="path of prefect.yaml (default: found upwards)")
+    deploy.set_defaults(handler=_deploy)
+
+    stack = commands.add_parser("stack", help="the local stack: server, worker, deployments")
+    actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("up", "start (or complete) the stack and return once it is ready"),
+        ("down", "stop every process of the stack; the data stays"),
+        ("status", "each part up or down, each deployment's next run"),
+        ("env", 'export lines for a shell: eval "$(backjobs stack env)"'),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument(
+            "--var-dir", help="the stack's folder (default BACKJOBS_STACK_DIR, ./var)"
+        )
+        action.add_argument("--project-dir", help="folder of prefect.yaml (default: found upwards)")
+        action.set_defaults(handler=_stack)
+        if name == "up":
+            action.add_argument("--no-demo", action="store_true", help="no demo data on a new DB")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from backjobs.orchestration.deploy import DeployError, deploy
+    from backjobs.orchestration.prefect_yaml import find_project_file
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise LookupError("set PREFECT_API_URL to the Prefect server to deploy to")
+    _prefect_defaults()
+    path = find_project_file(args.file)
+    try:
+        changes = deploy(path)
+    except DeployError as exc:
+        print(f"backjobs deploy: {exc}", file=sys.stderr)
+        return 1
+    for name, change in changes.items():
+        print(
+            f"{name}/{name}: schedules {change.created} created, {change.updated} updated, "
+            f"{change.deleted} deleted, {change.unchanged} unchanged"
+        )
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from backjobs.orchestration import stack
+    from backjobs.orchestration.deploy import DeployError
+    from backjobs.orchestration.prefect_yaml import find_project_file
+    from backjobs.orchestration.processes import PortInUse
+    from backjobs.settings import get_settings
+
+    _prefect_defaults()
+    try:
+        project_file = find_project_file(args.project_dir)
+    except LookupError:
+        if args.stack_command in ("up", "status"):
+            raise
+        project_file = Path.cwd() / "prefect.yaml"  # env and down do not read it
+    config = stack.load_stack(get_settings(), var_dir=args.var_dir, project_file=project_file)
+    try:
+        if args.stack_command == "env":
+            print("\n".join(stack.env_lines(config)))
+        elif args.stack_command == "status":
+            return 0 if stack.status(config) else 1
+        elif args.stack_command == "down":
+            stack.down(config)
+        else:
+            stack.print_ready(config, stack.up(config, demo=not args.no_demo))
+    except (stack.StackError, PortInUse, DeployError) as exc:
+        print(f"backjobs stack {args.stack_command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

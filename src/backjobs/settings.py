@@ -25,6 +25,10 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+# The default BACKJOBS_JWT_SECRET: good for local development only (the dashboard refuses
+# it when it listens beyond the loopback interface).
+DEVELOPMENT_JWT_SECRET = "change-me-in-production"
+
 # Upper bounds: far above any sensible value, low enough that date and timer arithmetic
 # never overflows (a backoff of 1e300 s, a retention of 1e9 days) — see the README table.
 MINUTE, DAY = 60, 86400
@@ -37,10 +41,6 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # finite: no inf, 
 
 DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg", "postgres")
 NON_EMPTY = ("database_url", "storage_root", "email_pickup_dir", "smtp_host")
-
-# The default BACKJOBS_JWT_SECRET: good for local development only (the dashboard refuses
-# it when it listens beyond the loopback interface).
-DEVELOPMENT_JWT_SECRET = "change-me-in-production"
 
 
 class SettingsError(ValueError):
@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     dashboard_login_url: str | None = None
     dashboard_auth_string: SecretStr | None = None
     dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
+
+    # The local stack (backjobs stack): its folder (app database, files, mail, and
+    # stack/ with the Prefect server's database, logs, pid files), relative to the cwd.
+    stack_dir: Path = Path("var")
 
     @field_validator(*NON_EMPTY, mode="before")
     @classmethod

@@ -1,0 +1,234 @@
+"""``backjobs deploy``: deploy prefect.yaml so the server holds exactly its schedules.
+
+``prefect deploy`` upserts: a schedule dropped from the file, a deleted ``schedules:`` key
+or ``schedules: []`` leave the old schedule running on the server, and removing an
+``active: false`` line leaves it off. So, after checking the file (a cron that can never
+fire is refused) and running ``prefect --no-prompt deploy --all``, every deployment's
+schedules are made equal to the file's: matched by slug (else by cron and timezone),
+changed ones updated in place (same id), missing ones created, the rest deleted. A
+schedule without ``active:`` is active. A deployment without schedules never runs on its
+own (the seed's CronNever) but can be triggered.
+
+Deployments are named after their flow (``cleanup-job/cleanup-job``), as ``backjobs
+trigger`` expects.
+
+The pull step (:func:`set_project_directory`) runs on the worker before each flow run:
+it moves into the folder holding prefect.yaml, found through ``BACKJOBS_PROJECT_DIR`` in
+the worker's environment (or the pool's job variables), else the worker's own working
+directory when that holds prefect.yaml. Nothing of the deploying machine's paths is
+stored in the deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
+
+PROJECT_DIR_ENV = "BACKJOBS_PROJECT_DIR"
+PROJECT_FILE = "prefect.yaml"
+
+
+class DeployError(RuntimeError):
+    """Why deploying stopped, in lines an operator can act on."""
+
+
+@dataclass(frozen=True)
+class WantedSchedule:
+    """One entry of a deployment's ``schedules:`` in prefect.yaml."""
+
+    cron: str
+    timezone: str = "UTC"
+    day_or: bool = True
+    active: bool = True
+    slug: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, entry: Mapping[str, Any]) -> WantedSchedule:
+        return cls(
+            cron=str(entry["cron"]),
+            timezone=str(entry.get("timezone") or "UTC"),
+            day_or=bool(entry.get("day_or", True)),
+            active=bool(entry.get("active", True)),
+            slug=entry.get("slug"),
+            parameters=dict(entry.get("parameters") or {}),
+        )
+
+
+@dataclass
+class ScheduleChanges:
+    """What :func:`sync_schedules` did to one deployment."""
+
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+
+
+def deploy(
+    project_file: Path, *, env: Mapping[str, str] | None = None
+) -> dict[str, ScheduleChanges]:
+    """Check, ``prefect deploy --all``, then make the server's schedules the file's.
+
+    ``env`` is added to this process's environment for the ``prefect`` command; the
+    schedule sync uses the Prefect settings of this process (PREFECT_API_URL, …) unless
+    ``env`` names them.
+    """
+    project_file = Path(project_file).resolve()
+    problems = check_project_file(project_file)
+    if problems:
+        raise DeployError(
+            "refusing to deploy: " + "; ".join(f"{project_file.name}: {p}" for p in problems)
+        )
+    run_prefect_deploy(project_file, env=env)
+    wanted = {
+        str(d["name"]): [WantedSchedule.from_yaml(s) for s in (d.get("schedules") or [])]
+        for d in load_deployments(project_file)
+    }
+    return asyncio.run(_sync_all(wanted, env=env or {}))
+
+
+def run_prefect_deploy(project_file: Path, *, env: Mapping[str, str] | None = None) -> None:
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all"]
+    command += ["--prefect-file", str(project_file)]
+    full_env = dict(os.environ) | dict(env or {})
+    full_env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    done = subprocess.run(
+        command,
+        cwd=project_file.parent,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise DeployError(f"prefect deploy --all failed (exit {done.returncode}):\n{tail}")
+
+
+async def _sync_all(
+    wanted: Mapping[str, list[WantedSchedule]], *, env: Mapping[str, str]
+) -> dict[str, ScheduleChanges]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates: dict[Any, Any] = {}
+    if env.get("PREFECT_API_URL"):
+        updates[PREFECT_API_URL] = env["PREFECT_API_URL"]
+    if env.get("PREFECT_API_AUTH_STRING"):
+        updates[PREFECT_API_AUTH_STRING] = env["PREFECT_API_AUTH_STRING"]
+    with temporary_settings(updates=updates):
+        async with get_client() as client:
+            changes = {}
+            for name, schedules in wanted.items():
+                deployment = await client.read_deployment_by_name(f"{name}/{name}")
+                changes[name] = await sync_schedules(client, deployment.id, schedules)
+            return changes
+
+
+async def sync_schedules(
+    client: Any, deployment_id: Any, wanted: list[WantedSchedule]
+) -> ScheduleChanges:
+    """Make the deployment's schedules exactly ``wanted`` (ids kept where they match)."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+
+    changes = ScheduleChanges()
+    existing = list(await client.read_deployment_schedules(deployment_id))
+    for want in wanted:
+        match = _find_match(existing, want)
+        schedule = CronSchedule(cron=want.cron, timezone=want.timezone, day_or=want.day_or)
+        if match is None:
+            create = DeploymentScheduleCreate(
+                schedule=schedule, active=want.active, slug=want.slug, parameters=want.parameters
+            )
+            await client.create_deployment_schedules(deployment_id, [create])
+            changes.created += 1
+            continue
+        existing.remove(match)
+        if _same(match, want):
+            changes.unchanged += 1
+            continue
+        await client.update_deployment_schedule(
+            deployment_id,
+            match.id,
+            active=want.active,
+            schedule=schedule,
+            slug=want.slug,
+            parameters=want.parameters,
+        )
+        changes.updated += 1
+    for leftover in existing:
+        await client.delete_deployment_schedule(deployment_id, leftover.id)
+        changes.deleted += 1
+    return changes
+
+
+def _find_match(existing: list[Any], want: WantedSchedule) -> Any:
+    if want.slug:
+        for current in existing:
+            if current.slug == want.slug:
+                return current
+    for current in existing:
+        cron = getattr(current.schedule, "cron", None)
+        zone = getattr(current.schedule, "timezone", None) or "UTC"
+        if cron == want.cron and zone == want.timezone and (current.slug or None) == want.slug:
+            return current
+    return None
+
+
+def _same(current: Any, want: WantedSchedule) -> bool:
+    schedule = current.schedule
+    return bool(
+        getattr(schedule, "cron", None) == want.cron
+        and (getattr(schedule, "timezone", None) or "UTC") == want.timezone
+        and getattr(schedule, "day_or", True) == want.day_or
+        and current.active == want.active
+        and (current.slug or None) == want.slug
+        and dict(current.parameters or {}) == want.parameters
+    )
+
+
+def set_project_directory() -> dict[str, str]:
+    """The deployments' pull step: move into the project folder (the one with prefect.yaml).
+
+    ``BACKJOBS_PROJECT_DIR`` (the worker's environment or the pool's job variables) names
+    it; without it, the worker's working directory is used when it holds prefect.yaml (a
+    worker started in the checkout needs nothing). The flow run's process is the worker's
+    child, so the worker's directory is its parent's (Linux ``/proc``).
+    """
+    wanted = os.environ.get(PROJECT_DIR_ENV)
+    if wanted:
+        folder = Path(wanted).expanduser()
+        if not (folder / PROJECT_FILE).is_file():
+            raise FileNotFoundError(
+                f"{PROJECT_DIR_ENV}={wanted}: no {PROJECT_FILE} there; point it at the "
+                "backjobs checkout on this worker"
+            )
+    else:
+        folder = _worker_directory()
+    os.chdir(folder)
+    return {"directory": str(folder)}
+
+
+def _worker_directory() -> Path:
+    try:
+        parent = Path(os.readlink(f"/proc/{os.getppid()}/cwd"))
+    except OSError:
+        parent = None
+    if parent is not None and (parent / PROJECT_FILE).is_file():
+        return parent
+    raise FileNotFoundError(
+        f"set {PROJECT_DIR_ENV} in the worker's environment (or the work pool's job "
+        f"variables) to the folder holding the backjobs {PROJECT_FILE}"
+    )

@@ -1,0 +1,166 @@
+"""What the local stack asks of its Prefect server, through Prefect's client.
+
+Each coroutine runs under :func:`run`, which points the client at the stack's server with
+its machine credential (whatever PREFECT_* the calling shell has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from backjobs.orchestration.prefect_yaml import load_deployments
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
+
+    from backjobs.orchestration.stack import Stack
+
+T = TypeVar("T")
+STUCK_STATES = ("PENDING", "RUNNING", "CANCELLING")
+
+
+def run(stack: Stack, coroutine: Coroutine[Any, Any, T]) -> T:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates: dict[Any, Any] = {
+        PREFECT_API_URL: stack.api_url,
+        PREFECT_API_AUTH_STRING: stack.auth_string,
+    }
+    with temporary_settings(updates=updates):
+        return asyncio.run(coroutine)
+
+
+def _client() -> PrefectClient:
+    from prefect.client.orchestration import get_client
+
+    return get_client()
+
+
+async def crash_stuck_runs(*, reason: str) -> int:
+    """Mark every Pending, Running or Cancelling run Crashed (its process is gone)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    wanted = [StateType(name) for name in STUCK_STATES]
+    async with _client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted))
+            )
+        )
+        for flow_run in runs:
+            await client.set_flow_run_state(
+                flow_run.id, Crashed(message=f"Crashed: {reason}"), force=True
+            )
+        return len(runs)
+
+
+async def ensure_work_pools(stack: Stack) -> None:
+    """Every work pool prefect.yaml names, as a ``process`` pool, created when missing."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    names = {
+        str((d.get("work_pool") or {}).get("name") or "")
+        for d in load_deployments(stack.project_file)
+    } - {""}
+    async with _client() as client:
+        for name in sorted(names):
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+
+async def wait_worker_online(stack: Stack, *, timeout: float) -> None:
+    from backjobs.orchestration import processes
+    from backjobs.orchestration.stack import WORK_POOL, WORKER, StackError
+
+    deadline = time.monotonic() + timeout
+    async with _client() as client:
+        while time.monotonic() < deadline:
+            if processes.running_pid(stack.folder, WORKER) is None:
+                raise StackError(
+                    f"the worker stopped while starting (log: {stack.folder / 'worker.log'})"
+                )
+            workers = await client.read_workers_for_work_pool(WORK_POOL)
+            if any(str(getattr(w.status, "value", w.status)) == "ONLINE" for w in workers):
+                return
+            await asyncio.sleep(0.5)
+    raise StackError(
+        f"the worker is not online after {timeout:.0f} s (log: {stack.folder / 'worker.log'})"
+    )
+
+
+async def trigger_each(names: list[str]) -> list[str]:
+    """One ad hoc run of each deployment (``as_of`` = the run's time); their names."""
+    created = []
+    async with _client() as client:
+        for name in names:
+            deployment = await client.read_deployment_by_name(f"{name}/{name}")
+            flow_run = await client.create_flow_run_from_deployment(deployment.id, parameters={})
+            created.append(f"{name}: {flow_run.name}")
+    return created
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    name: str
+    schedules: list[str]  # "0 23 * * * (UTC)", "… inactive"
+    next_run: datetime | None
+
+
+async def deployment_statuses(stack: Stack) -> list[DeploymentStatus]:
+    """Each deployment of prefect.yaml as the server holds it; the next run from its crons."""
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    async with _client() as client:
+        for entry in load_deployments(stack.project_file):
+            name = str(entry.get("name"))
+            try:
+                deployment = await client.read_deployment_by_name(f"{name}/{name}")
+            except ObjectNotFound:
+                found.append(DeploymentStatus(name, ["not deployed"], None))
+                continue
+            schedules = [_describe(s) for s in deployment.schedules]
+            upcoming = [_next_fire(s.schedule) for s in deployment.schedules if s.active]
+            next_run = min((t for t in upcoming if t is not None), default=None)
+            found.append(DeploymentStatus(name, schedules or ["none (trigger only)"], next_run))
+    return found
+
+
+def _next_fire(schedule: Any) -> datetime | None:
+    """When a cron schedule fires next (as the server's scheduler computes it)."""
+    from datetime import UTC
+    from zoneinfo import ZoneInfo
+
+    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
+
+    cron = getattr(schedule, "cron", None)
+    if cron is None:
+        return None
+    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
+    now = datetime.now(zone)
+    try:
+        it = croniter(cron, now, day_or=getattr(schedule, "day_or", True))  # type: ignore[no-untyped-call]
+        fire: datetime = it.get_next(datetime)  # type: ignore[no-untyped-call]
+    except Exception:  # never fires: `deploy` refuses such crons, the server may hold one
+        return None
+    return fire.astimezone(UTC)
+
+
+def _describe(schedule: Any) -> str:
+    cron = getattr(schedule.schedule, "cron", schedule.schedule)
+    zone = getattr(schedule.schedule, "timezone", None) or "UTC"
+    return f"{cron} ({zone})" + ("" if schedule.active else " inactive")

@@ -1,0 +1,189 @@
+"""``backjobs deploy`` against a real Prefect server: the server holds exactly the file's
+schedules, whatever was deployed before; a never-firing cron is refused; the pull step
+stores no path of the deploying machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+JOB = "email-send-job"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BACKJOBS_"))}
+    env |= {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240  # a busy shared machine needs minutes
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Prefect server did not become healthy in 240 s")
+        create = [PREFECT, "work-pool", "create", "--type", "process", "backjobs"]
+        subprocess.run(create, env=env, check=True, capture_output=True, timeout=60)
+        yield env
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder of one deployment (email-send-job), flows and tasks linked in."""
+    folder = tmp_path_factory.mktemp("project")
+    for name in ("flows", "tasks"):
+        (folder / name).symlink_to(ROOT / name)
+    return folder
+
+
+def write(project: Path, schedules: Any, *, drop_key: bool = False) -> None:
+    document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (deployment,) = [d for d in document["deployments"] if d["name"] == JOB]
+    if drop_key:
+        deployment.pop("schedules", None)
+    else:
+        deployment["schedules"] = schedules
+    document["deployments"] = [deployment]
+    (project / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def deploy(project: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BACKJOBS, "deploy"], cwd=project, env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def deployed(env: dict[str, str]) -> dict[str, Any]:
+    url = f"{env['PREFECT_API_URL']}/deployments/name/{JOB}/{JOB}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def schedules(env: dict[str, str]) -> list[tuple[str, bool, str | None]]:
+    return sorted(
+        (s["schedule"]["cron"], s["active"], s["slug"]) for s in deployed(env)["schedules"]
+    )
+
+
+def cron(expression: str, slug: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"cron": expression, "timezone": "UTC", **({"slug": slug} if slug else {}), **extra}
+
+
+def deploy_ok(project: Path, env: dict[str, str]) -> str:
+    done = deploy(project, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_redeploying_leaves_the_server_holding_exactly_the_files_schedules(
+    server: dict[str, str], project: Path
+) -> None:
+    write(project, [cron("*/2 * * * *", "email-cron"), cron("0 12 * * *")])
+    deploy_ok(project, server)
+    assert schedules(server) == [("*/2 * * * *", True, "email-cron"), ("0 12 * * *", True, None)]
+
+    # A changed cron is updated in place, `active: false` honoured, a dropped one deleted.
+    write(project, [cron("*/5 * * * *", "email-cron", active=False)])
+    deploy_ok(project, server)
+    assert schedules(server) == [("*/5 * * * *", False, "email-cron")]
+
+    # Removing the `active: false` line turns the schedule back on.
+    write(project, [cron("*/5 * * * *", "email-cron")])
+    deploy_ok(project, server)
+    assert schedules(server) == [("*/5 * * * *", True, "email-cron")]
+
+    # No `schedules:` key: no schedule (the seed's CronNever), but it can be triggered.
+    write(project, None, drop_key=True)
+    deploy_ok(project, server)
+    assert schedules(server) == []
+    deployment_id = deployed(server)["id"]
+    runs = api(server, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+    assert [r for r in runs if r["state_type"] == "SCHEDULED" and r["auto_scheduled"]] == []
+    triggered = subprocess.run(
+        [BACKJOBS, "trigger", JOB, "--project-dir", str(project)],
+        env=server,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert triggered.returncode == 0, triggered.stderr
+    assert f"{JOB}/{JOB}: flow run" in triggered.stdout
+
+    # `schedules: []` as well.
+    write(project, [cron("0 6 * * *", "email-cron")])
+    deploy_ok(project, server)
+    assert schedules(server) == [("0 6 * * *", True, "email-cron")]
+    write(project, [])
+    deploy_ok(project, server)
+    assert schedules(server) == []
+
+    # The pull step stores no path of the deploying machine.
+    deployment = deployed(server)
+    assert deployment["pull_steps"] == [{"backjobs.orchestration.deploy.set_project_directory": {}}]
+    assert str(project) not in json.dumps(deployment)
+    assert str(ROOT) not in json.dumps(deployment)
+
+
+def test_a_never_firing_cron_is_refused_before_anything_is_deployed(
+    server: dict[str, str], project: Path
+) -> None:
+    write(project, [cron("0 6 * * *", "email-cron")])
+    deploy_ok(project, server)
+    write(project, [cron("0 0 31 2 *", "email-cron")])
+    done = deploy(project, server)
+    assert done.returncode == 1
+    assert "refusing to deploy" in done.stderr and "0 0 31 2 *" in done.stderr
+    assert "never fires" in done.stderr
+    assert schedules(server) == [("0 6 * * *", True, "email-cron")]
+
+
+def api(env: dict[str, str], path: str, body: dict[str, object]) -> list[dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]

@@ -1,0 +1,344 @@
+"""The local stack end to end: ``backjobs stack up`` in a folder of its own on a free port.
+
+Up → every deployment of prefect.yaml with its crons, an ad hoc run of each job completed
+(demo data gave each work), ``backjobs trigger email-send-job --wait`` delivering into the
+pickup folder, ``status``, a headless Chromium seeing the deployments and the last
+cleanup run's artifact, ``up`` again a no-op, ``down`` leaving no process and a free port,
+and ``up`` after ``down`` working. The stack folder is the test's: never ./var.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from sqlalchemy import func, select
+
+from backjobs.db import make_engine, session_scope
+from backjobs.models import Marker, RefreshToken, StoredFile, Transaction
+from backjobs.orchestration.processes import MARKER
+from backjobs.outbox import enqueue_email
+from tests.support.browser import chromium_page
+from tests.support.dashboard import basic, clean_env, free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+
+
+@dataclass
+class RunningStack:
+    var: Path
+    port: int
+    env: dict[str, str]  # what `backjobs stack env` exports, on top of a clean env
+    up_output: str
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": basic(self.env["PREFECT_API_AUTH_STRING"])}
+
+    def get(self, path: str) -> Any:
+        response = httpx.get(f"{self.api}{path}", headers=self.headers(), timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = httpx.post(f"{self.api}{path}", json=body, headers=self.headers(), timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+
+def stack(
+    command: str, base_env: dict[str, str], timeout: float = 400
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BACKJOBS, "stack", *command.split()],
+        cwd=ROOT,
+        env=base_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def members(var: Path) -> list[int]:
+    marker = f"{MARKER}={var / 'stack'}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    var = tmp_path_factory.mktemp("stack") / "var"
+    port = free_port()
+    base = clean_env() | {"BACKJOBS_STACK_DIR": str(var), "BACKJOBS_DASHBOARD_PORT": str(port)}
+    try:
+        done = stack("up", base)
+        assert done.returncode == 0, f"stack up failed:\n{done.stdout}\n{done.stderr}"
+        exported = stack("env", base).stdout
+        env = base | {
+            key.removeprefix("export "): shlex.split(value)[0]
+            for key, value in (line.split("=", 1) for line in exported.splitlines())
+        }
+        yield RunningStack(var=var, port=port, env=env, up_output=done.stdout)
+    finally:
+        stack("down", base)
+        assert members(var) == []
+
+
+def wait_for_runs(running: RunningStack, timeout: float = 300) -> dict[str, dict[str, Any]]:
+    """The last completed run of each deployment, once every one has one.
+
+    The ad hoc run `up` creates may be Cancelled when a scheduled run of the same job
+    (email-send-job: every 2 minutes) holds its one-at-a-time slot; the scheduled one
+    then completes instead.
+    """
+    ids = {
+        d["name"]: running.get(f"/deployments/name/{d['name']}/{d['name']}")["id"]
+        for d in DEPLOYMENTS
+    }
+    names = {v: k for k, v in ids.items()}
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = running.post(
+            "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+        )
+        done: dict[str, dict[str, Any]] = {}
+        for flow_run in sorted(runs, key=lambda r: r["end_time"] or "", reverse=True):
+            if flow_run["deployment_id"] in names:
+                done.setdefault(names[flow_run["deployment_id"]], flow_run)
+        if set(done) == set(ids) or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
+def test_stack_up_deploys_every_job_with_its_crons_and_runs_each_once(
+    running: RunningStack,
+) -> None:
+    assert f"dashboard  http://127.0.0.1:{running.port}" in running.up_output
+    assert "/auth/sign-in?token=" in running.up_output
+    assert str(running.var / "mail") in running.up_output
+    for deployment in DEPLOYMENTS:
+        name = deployment["name"]
+        served = running.get(f"/deployments/name/{name}/{name}")
+        wanted = sorted(s["cron"] for s in deployment.get("schedules") or [])
+        assert sorted(s["schedule"]["cron"] for s in served["schedules"]) == wanted
+        assert all(s["active"] for s in served["schedules"])
+        assert served["pull_steps"] == [{"backjobs.orchestration.deploy.set_project_directory": {}}]
+
+    assert sorted(wait_for_runs(running)) == sorted(d["name"] for d in DEPLOYMENTS)
+    adhoc = [r for r in running.post("/flow_runs/filter", {}) if not r["auto_scheduled"]]
+    assert len(adhoc) >= len(DEPLOYMENTS)  # one ad hoc run of each job
+    artifacts = running.post(
+        "/artifacts/filter", {"artifacts": {"key": {"any_": ["cleanup-job-result"]}}}
+    )
+    assert "refresh_tokens_deleted" in json.dumps(artifacts)
+    # The demo data gave every job work: what the cleanup deleted, the emails sent.
+    engine = make_engine(running.env["BACKJOBS_DATABASE_URL"])
+    with engine.connect() as conn:
+        left = {
+            model.__tablename__: conn.scalar(select(func.count()).select_from(model))
+            for model in (RefreshToken, Marker, StoredFile)
+        }
+        created = conn.scalar(select(func.count()).select_from(Transaction))
+    engine.dispose()
+    assert left == {"refresh_tokens": 2, "markers": 3, "stored_files": 2}
+    assert created and created > 12
+    assert len(list((running.var / "mail").glob("*.eml"))) >= 3
+
+
+def test_trigger_email_send_job_delivers_into_the_pickup_folder(running: RunningStack) -> None:
+    wait_for_runs(running)
+    engine = make_engine(running.env["BACKJOBS_DATABASE_URL"])
+    with session_scope(engine) as session:
+        enqueue_email(
+            session,
+            to="newcomer@example.com",
+            template="generic",
+            context={"subject": "Sent by the e2e test", "body": "hello"},
+            now=datetime.now(UTC),
+        )
+    engine.dispose()
+    before = set((running.var / "mail").glob("*.eml"))
+    # Its */2 schedule would cancel the triggered run (one at a time) if due meanwhile.
+    with schedules_paused(running, "email-send-job"):
+        done = subprocess.run(
+            [BACKJOBS, "trigger", "email-send-job", "--wait"],
+            cwd=ROOT,
+            env=running.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = set((running.var / "mail").glob("*.eml")) - before
+    # The registration jobs' runs may have queued mail too: ours is among the new files, once.
+    assert sum("Sent by the e2e test" in p.read_text() for p in new) == 1
+
+
+@contextmanager
+def schedules_paused(running: RunningStack, name: str) -> Iterator[None]:
+    """The deployment's schedules paused and no run of it left going; resumed after."""
+    deployment = running.get(f"/deployments/name/{name}/{name}")
+    path = f"{running.api}/deployments/{deployment['id']}/schedules"
+
+    def set_active(active: bool) -> None:
+        for schedule in deployment["schedules"]:
+            response = httpx.patch(
+                f"{path}/{schedule['id']}", json={"active": active}, headers=running.headers()
+            )
+            response.raise_for_status()
+
+    set_active(False)
+    try:
+        busy = {"any_": ["PENDING", "RUNNING", "SCHEDULED"]}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            # Pausing deletes the future scheduled runs; a started one must end first.
+            going = running.post(
+                "/flow_runs/filter",
+                {
+                    "deployments": {"id": {"any_": [deployment["id"]]}},
+                    "flow_runs": {"state": {"type": busy}},
+                },
+            )
+            if not going:
+                break
+            time.sleep(2)
+        yield
+    finally:
+        set_active(True)
+
+
+def test_status_shows_each_part_and_the_next_runs(running: RunningStack) -> None:
+    done = stack("status", running.env)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"dashboard\s+up", done.stdout) and re.search(r"worker\s+up", done.stdout)
+    for deployment in DEPLOYMENTS:
+        line = next(
+            row
+            for row in done.stdout.splitlines()
+            if row.strip().startswith(deployment["name"] + " ")
+        )
+        for schedule in deployment.get("schedules") or []:
+            assert schedule["cron"] in line and "next run 20" in line
+
+
+def test_the_dashboard_shows_the_deployments_and_the_last_cleanup_artifact(
+    running: RunningStack, tmp_path: Path
+) -> None:
+    completed = wait_for_runs(running)
+    link = subprocess.run(
+        [BACKJOBS, "dashboard-token", "admin@example.com", "--url"],
+        cwd=ROOT,
+        env=running.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert link.returncode == 0, link.stderr
+    url = f"http://127.0.0.1:{running.port}"
+    with chromium_page() as page:
+        page.goto(link.stdout.strip())
+        page.wait_for_url(f"{url}/v2/**")
+        page.goto(f"{url}/v2/deployments")
+        for deployment in DEPLOYMENTS:
+            page.get_by_text(deployment["name"], exact=True).first.wait_for(state="visible")
+        page.screenshot(path=str(tmp_path / "deployments.png"), full_page=True)
+        for deployment in DEPLOYMENTS:
+            name = deployment["name"]
+            served = running.get(f"/deployments/name/{name}/{name}")
+            page.goto(f"{url}/v2/deployments/deployment/{served['id']}")
+            page.get_by_text("Schedules").first.wait_for(state="visible")
+            if deployment.get("schedules"):
+                # The UI describes a cron in words: "At 11:00 PM", "Every 2 minutes".
+                shown = page.get_by_text(re.compile(r"^(At |Every )")).first
+                shown.wait_for(state="visible")
+            page.screenshot(path=str(tmp_path / f"deployment-{name}.png"), full_page=True)
+
+        cleanup = completed["cleanup-job"]
+        page.goto(f"{url}/v2/runs/flow-run/{cleanup['id']}?tab=Artifacts")
+        page.get_by_text("cleanup-job-result").first.wait_for(state="visible")
+        page.screenshot(path=str(tmp_path / "cleanup-run.png"), full_page=True)
+    assert (tmp_path / "cleanup-run.png").stat().st_size > 10_000
+
+
+def test_up_again_is_a_no_op(running: RunningStack) -> None:
+    def pids() -> list[str]:
+        return [(running.var / "stack" / f"{n}.pid").read_text() for n in ("dashboard", "worker")]
+
+    before = pids()
+    done = stack("up", running.env)
+    assert done.returncode == 0, done.stderr
+    assert "ran now" not in done.stdout
+    assert pids() == before
+    assert all(int(pid) in members(running.var) for pid in before)
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        base = clean_env() | {
+            "BACKJOBS_STACK_DIR": str(tmp_path / "var"),
+            "BACKJOBS_DASHBOARD_PORT": str(port),
+        }
+        done = stack("up --no-demo", base)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"backjobs stack up: error: port {port} on 127.0.0.1 is already in use: stop what "
+        "holds it or choose another (BACKJOBS_DASHBOARD_PORT)"
+    )
+    assert members(tmp_path / "var") == []
+
+
+def test_down_leaves_no_process_and_a_free_port_then_up_works_again(running: RunningStack) -> None:
+    # From a shell that does not say where the stack listens: `up` remembered it.
+    shell = {
+        k: v for k, v in running.env.items() if not k.startswith(("BACKJOBS_DASH", "PREFECT_"))
+    }
+    down = stack("down", shell)
+    assert down.returncode == 0, down.stderr
+    assert "could not mark" not in down.stdout
+    assert members(running.var) == []
+    assert port_free(running.port)
+    again = stack("up", running.env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert httpx.get(f"{running.api}/health", timeout=10).status_code == 200
+    assert "demo data" not in again.stdout  # the data was kept, not seeded twice
