@@ -88,6 +88,7 @@ def test_deploy_run_and_worker_through_the_gate(
     worker_env = dash.prefect_env | {
         "BACKJOBS_DATABASE_URL": app_db,
         "BACKJOBS_STORAGE_ROOT": str(tmp_path_factory.mktemp("files")),
+        "BACKJOBS_ALLOW_FUTURE_AS_OF": "true",  # AS_OF is a rehearsal date
     }
     ok(prefect(dash, "worker", "start", "--pool", "backjobs", "--run-once", env=worker_env))
 

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from backjobs.orchestration.prefect_yaml import describe_cron
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,8 +87,21 @@ def write(project: Path, schedules: Any, *, drop_key: bool = False) -> None:
         deployment.pop("schedules", None)
     else:
         deployment["schedules"] = schedules
+    deployment["description"] = description_of(schedules or [])
     document["deployments"] = [deployment]
     (project / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def description_of(schedules: list[dict[str, Any]]) -> str:
+    """What `deployments check` wants a description to state of these schedules."""
+    if not schedules:
+        return "Sends the outbox; no schedule (triggered only)."
+    stated = []
+    for schedule in schedules:
+        words = describe_cron(schedule["cron"]) or "at"
+        paused = " (paused)" if schedule.get("active") is False else ""
+        stated.append(f"{words} — `{schedule['cron']}`{paused}")
+    return "Sends the outbox: " + "; ".join(stated) + "."
 
 
 def deploy(project: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
