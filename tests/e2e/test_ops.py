@@ -13,17 +13,15 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from backjobs.db import make_engine
-from backjobs.models import RecurringTransaction, User
 from tests.support.databases import Database
 from tests.support.prefect_server import PrefectServer
-from tests.support.seeding import CLEANUP_AS_OF, seed_cleanup
+from tests.support.seeding import CLEANUP_AS_OF, seed_cleanup, seed_invalid_recurring
 
 pytestmark = pytest.mark.slow
 
@@ -110,21 +108,7 @@ def test_late_runs_collapse_to_at_most_one(deployed: Deployed) -> None:
 def test_a_worker_run_shows_the_domains_warnings_and_trigger_wait_its_counts(
     deployed: Deployed,
 ) -> None:
-    with deployed.db.session() as s:
-        user = User(email="payer@example.com")
-        s.add(user)
-        s.flush()
-        s.add(
-            RecurringTransaction(
-                owner_id=user.id,
-                amount=Decimal("5.0000"),
-                currency="EUR",
-                frequency="monthly",
-                interval=0,
-                start_date=date(2026, 1, 1),
-            )
-        )
-        s.commit()
+    seed_invalid_recurring(deployed.db, amount="5.0000")
     start_worker(deployed)
     done = deployed.server.backjobs(
         "trigger",

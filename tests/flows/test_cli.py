@@ -6,8 +6,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -16,10 +15,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL
 
-from backjobs.models import RecurringTransaction, User
 from tests.support.databases import Database
 from tests.support.seeding import cleanup_counts as counts
 from tests.support.seeding import seed_cleanup as seed
+from tests.support.seeding import seed_invalid_recurring
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
@@ -106,21 +105,7 @@ def test_run_sends_the_domains_warnings_to_the_runs_logs(
 ) -> None:
     # The variable a worker or shell might lack is not set: the run must not depend on it.
     assert "PREFECT_LOGGING_EXTRA_LOGGERS" not in cli_env
-    with app_env.session() as s:
-        user = User(email="payer@example.com")
-        s.add(user)
-        s.flush()
-        s.add(
-            RecurringTransaction(
-                owner_id=user.id,
-                amount=Decimal("1.0000"),
-                currency="EUR",
-                frequency="monthly",
-                interval=0,
-                start_date=date(2026, 1, 1),
-            )
-        )
-        s.commit()
+    seed_invalid_recurring(app_env, amount="1.0000")
     done = backjobs(
         "run", "ProcessRecurringTransactionsJob", "--as-of", "2026-03-01T00:05:00Z", env=cli_env
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import func, select
 
-from backjobs.models import AppTask, Marker, RefreshToken, StoredFile, User
+from backjobs.models import AppTask, Marker, RecurringTransaction, RefreshToken, StoredFile, User
 from tests.support.databases import Database
 from tests.support.files import make_unremovable
 
@@ -78,3 +79,22 @@ def cleanup_counts(db: Database) -> tuple[int, int, int]:
             s.scalar(select(func.count()).select_from(m))
             for m in (RefreshToken, Marker, StoredFile)
         )
+
+
+def seed_invalid_recurring(db: Database, *, amount: str = "1.0000") -> None:
+    """A user with one recurring definition the job must skip (interval 0) and log."""
+    with db.session() as s:
+        user = User(email="payer@example.com")
+        s.add(user)
+        s.flush()
+        s.add(
+            RecurringTransaction(
+                owner_id=user.id,
+                amount=Decimal(amount),
+                currency="EUR",
+                frequency="monthly",
+                interval=0,
+                start_date=date(2026, 1, 1),
+            )
+        )
+        s.commit()
