@@ -144,19 +144,8 @@ def enqueue_email(
     """
     settings = settings or get_settings()
     _check_fields(priority=priority, dedup_key=dedup_key, max_attempts=max_attempts)
-    _check_strings(to, what="to")
-    _check_strings(template, what="template")
-    _check_strings(context, what="context")
-    recipients = check_recipients(to)
-    data = validate_context(template, context)
-    render_email(template, data)  # fails now, in the app, rather than at send time
+    payload = _email_payload(to, template, context, settings=settings, render=True)
     due = _aware(not_before or now or datetime.now(UTC), what="not_before/now")
-    payload = {
-        "template": template,
-        "to": recipients,
-        "context": data,
-        "message_id": new_message_id(sender=settings.email_from),
-    }
     values = {
         "task_type": TaskType.EMAIL_SEND.value,
         "status": TaskStatus.PENDING.value,
@@ -217,21 +206,10 @@ def enqueue_emails(
     payloads = []
     rendered: set[str] = set()
     for email in emails:
-        _check_strings(email.to, what="to")
-        _check_strings(email.context, what="context")
-        recipients = check_recipients(email.to)
-        data = validate_context(email.template, email.context)
-        if email.template not in rendered:
-            render_email(email.template, data)
-            rendered.add(email.template)
-        payloads.append(
-            {
-                "template": email.template,
-                "to": recipients,
-                "context": data,
-                "message_id": new_message_id(sender=settings.email_from),
-            }
-        )
+        # Test-render each template once: contexts its model accepted render alike.
+        first = email.template not in rendered
+        payloads.append(_email_payload(*email, settings=settings, render=first))
+        rendered.add(email.template)
     common = {
         "task_type": TaskType.EMAIL_SEND.value,
         "status": TaskStatus.PENDING.value,
@@ -462,6 +440,30 @@ def count_queue(session: Session, *, now: datetime, at: datetime) -> QueueCounts
 
 def _owned(token: str) -> ColumnElement[bool]:
     return and_(TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.claim_token == token)
+
+
+def _email_payload(
+    to: str | Iterable[str],
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    settings: Settings,
+    render: bool,
+) -> dict[str, Any]:
+    """A checked payload; ``render`` also test-renders it (fails in the app, not at send)."""
+    _check_strings(to, what="to")
+    _check_strings(template, what="template")
+    _check_strings(context, what="context")
+    recipients = check_recipients(to)
+    data = validate_context(template, context)
+    if render:
+        render_email(template, data)
+    return {
+        "template": template,
+        "to": recipients,
+        "context": data,
+        "message_id": new_message_id(sender=settings.email_from),
+    }
 
 
 def _parse_payload(raw: str | None) -> Any:
