@@ -8,12 +8,10 @@ saved under the test's tmp folder.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import text
 
@@ -21,6 +19,7 @@ from backjobs.db import make_engine
 from backjobs.orchestration.tokens import mint_token, sign_in_url
 from tests.support.browser import chromium_page, require_chromium
 from tests.support.dashboard import SECRET, GatedDashboard, gated_dashboard, migrated_sqlite
+from tests.support.prefect_api import call_json
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +41,9 @@ def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatedDashboard]:
 
 
 def api_post(dash: GatedDashboard, path: str, body: dict[str, object]) -> dict[str, object]:
-    # A SQLite-backed Prefect server answers 503 ("database is locked") while its services
-    # start: retry as Prefect's own client does.
-    for _ in range(20):
-        response = httpx.post(f"{dash.api}{path}", json=body, headers=dash.machine_headers())
-        if response.status_code != 503:
-            break
-        time.sleep(0.5)
-    response.raise_for_status()
-    result: dict[str, object] = response.json()
+    result: dict[str, object] = call_json(
+        "POST", f"{dash.api}{path}", headers=dash.machine_headers(), body=body
+    )
     return result
 
 

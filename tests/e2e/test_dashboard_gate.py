@@ -28,12 +28,12 @@ from tests.support.dashboard import (
     GatedDashboard,
     basic,
     dashboard_env,
-    free_port,
     gated_dashboard,
     make_token,
     migrated_sqlite,
     unsigned_token,
 )
+from tests.support.prefect_api import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 from sqlalchemy import func, select, text
 
 from backjobs.db import make_engine
 from backjobs.models import RefreshToken
 from tests.support.dashboard import PREFECT, ROOT, GatedDashboard, gated_dashboard, migrated_sqlite
+from tests.support.prefect_api import call_json
 
 pytestmark = pytest.mark.slow
 
@@ -96,18 +96,19 @@ def test_deploy_run_and_worker_through_the_gate(
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(RefreshToken)) == 1
     engine.dispose()
-    with httpx.Client(base_url=dash.api, headers=dash.machine_headers(), timeout=10) as api:
-        runs = api.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["cleanup-job"]}}})
-        ran = [r for r in runs.json() if r["state_type"] != "SCHEDULED"]
-        assert [r["state_type"] for r in ran] == ["COMPLETED"]
-        # Task runs are recorded from the events the flow run sent through the gated
-        # /api/events/in websocket.
-        flow_run = {"flow_runs": {"id": {"any_": [ran[0]["id"]]}}}
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            tasks = api.post("/task_runs/filter", json=flow_run).json()
-            if len(tasks) >= 3 and all(t["state_type"] == "COMPLETED" for t in tasks):
-                break
-            time.sleep(1)
-        assert sorted(t["state_type"] for t in tasks) == ["COMPLETED"] * len(tasks)
-        assert len(tasks) >= 3, tasks
+    headers = dash.machine_headers()
+    cleanup_runs = {"flows": {"name": {"any_": ["cleanup-job"]}}}
+    runs = call_json("POST", f"{dash.api}/flow_runs/filter", headers=headers, body=cleanup_runs)
+    ran = [r for r in runs if r["state_type"] != "SCHEDULED"]
+    assert [r["state_type"] for r in ran] == ["COMPLETED"]
+    # Task runs are recorded from the events the flow run sent through the gated
+    # /api/events/in websocket.
+    flow_run = {"flow_runs": {"id": {"any_": [ran[0]["id"]]}}}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = call_json("POST", f"{dash.api}/task_runs/filter", headers=headers, body=flow_run)
+        if len(tasks) >= 3 and all(t["state_type"] == "COMPLETED" for t in tasks):
+            break
+        time.sleep(1)
+    assert sorted(t["state_type"] for t in tasks) == ["COMPLETED"] * len(tasks)
+    assert len(tasks) >= 3, tasks

@@ -6,11 +6,9 @@ stores no path of the deploying machine.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 from backjobs.orchestration.prefect_yaml import describe_cron
+from tests.support.prefect_api import call_json, clean_env, free_port, healthy
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +27,11 @@ BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 JOB = "email-send-job"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BACKJOBS_"))}
-    env |= {
+    env = clean_env() | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
@@ -56,11 +46,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     try:
         deadline = time.monotonic() + 240  # a busy shared machine needs minutes
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+            if healthy(env["PREFECT_API_URL"]):
+                break
+            time.sleep(0.5)
         else:
             pytest.fail("the Prefect server did not become healthy in 240 s")
         create = [PREFECT, "work-pool", "create", "--type", "process", "backjobs"]
@@ -112,8 +100,8 @@ def deploy(project: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 def deployed(env: dict[str, str]) -> dict[str, Any]:
     url = f"{env['PREFECT_API_URL']}/deployments/name/{JOB}/{JOB}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+    deployment: dict[str, Any] = call_json("GET", url)
+    return deployment
 
 
 def schedules(env: dict[str, str]) -> list[tuple[str, bool, str | None]]:
@@ -195,10 +183,5 @@ def test_a_never_firing_cron_is_refused_before_anything_is_deployed(
 
 
 def api(env: dict[str, str], path: str, body: dict[str, object]) -> list[dict[str, Any]]:
-    request = urllib.request.Request(
-        f"{env['PREFECT_API_URL']}/{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+    found: list[dict[str, Any]] = call_json("POST", f"{env['PREFECT_API_URL']}/{path}", body=body)
+    return found

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from sqlalchemy import func, select
@@ -33,7 +32,8 @@ from backjobs.models import Marker, RefreshToken, StoredFile, Transaction
 from backjobs.orchestration.processes import MARKER
 from backjobs.outbox import enqueue_email
 from tests.support.browser import chromium_page
-from tests.support.dashboard import basic, clean_env, free_port
+from tests.support.dashboard import basic
+from tests.support.prefect_api import call_json, clean_env, free_port, healthy
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +57,10 @@ class RunningStack:
         return {"Authorization": basic(self.env["PREFECT_API_AUTH_STRING"])}
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.api}{path}", headers=self.headers(), timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return call_json("GET", f"{self.api}{path}", headers=self.headers())
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api}{path}", json=body, headers=self.headers(), timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return call_json("POST", f"{self.api}{path}", headers=self.headers(), body=body)
 
 
 def stack(
@@ -219,10 +215,8 @@ def schedules_paused(running: RunningStack, name: str) -> Iterator[None]:
 
     def set_active(active: bool) -> None:
         for schedule in deployment["schedules"]:
-            response = httpx.patch(
-                f"{path}/{schedule['id']}", json={"active": active}, headers=running.headers()
-            )
-            response.raise_for_status()
+            url = f"{path}/{schedule['id']}"
+            call_json("PATCH", url, headers=running.headers(), body={"active": active})
 
     set_active(False)
     try:
@@ -340,5 +334,5 @@ def test_down_leaves_no_process_and_a_free_port_then_up_works_again(running: Run
     assert port_free(running.port)
     again = stack("up", running.env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert httpx.get(f"{running.api}/health", timeout=10).status_code == 200
+    assert healthy(running.api)
     assert "demo data" not in again.stdout  # the data was kept, not seeded twice

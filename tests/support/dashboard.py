@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,23 +22,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
 import jwt
 
 from backjobs.db import make_engine
 from backjobs.db.migrate import upgrade_engine
+from tests.support.prefect_api import clean_env, free_port, healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 SECRET = "test-dashboard-secret-" + "0123456789abcdef" * 3  # 64 bytes: no key-length warning
 AUTH_STRING = "worker:test-machine-credential"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def migrated_sqlite(folder: Path) -> str:
@@ -50,15 +42,6 @@ def migrated_sqlite(folder: Path) -> str:
     upgrade_engine(engine)
     engine.dispose()
     return url
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without any PREFECT_ or BACKJOBS_ setting."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PREFECT_", "BACKJOBS_")) or key.startswith("BACKJOBS_TEST_")
-    }
 
 
 def make_token(
@@ -182,10 +165,7 @@ def _wait_healthy(dash: GatedDashboard, timeout: float) -> None:
     while time.monotonic() < deadline:
         if dash.process.poll() is not None:
             raise AssertionError(f"backjobs dashboard exited early:\n{dash.log()}")
-        try:
-            if httpx.get(f"{dash.api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if healthy(dash.api):
+            return
         time.sleep(0.3)
     raise AssertionError(f"backjobs dashboard not healthy after {timeout} s:\n{dash.log()}")

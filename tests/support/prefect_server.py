@@ -12,36 +12,25 @@ per test module (share it: a server takes ≈ 5 s to start).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from tests.support.prefect_api import call_json, clean_env, free_port, healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without any PREFECT_* or BACKJOBS_* variable."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BACKJOBS_"))}
 
 
 @dataclass
@@ -123,18 +112,13 @@ class PrefectServer:
         self.workers.clear()
 
     def api(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            f"{self.api_url}/{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
+        method = "GET" if body is None else "POST"
+        return call_json(method, f"{self.api_url}/{path}", body=body)
 
     def online_workers(self, pool: str) -> list[dict[str, Any]]:
         try:
             workers = self.api(f"work_pools/{pool}/workers/filter", {})
-        except OSError:
+        except httpx.HTTPError:
             return []
         return [w for w in workers if w.get("status") == "ONLINE"]
 
@@ -195,11 +179,9 @@ def start_server(home: Path, *, database_url: str | None = None) -> PrefectServe
     deadline = time.monotonic() + 180  # ≈ 5 s idle; a shared CI machine can be far slower
     while time.monotonic() < deadline:
         assert process.poll() is None, f"prefect server exited; see {home / 'server.log'}"
-        try:
-            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
-                return PrefectServer(env, process)
-        except OSError:
-            time.sleep(0.5)
+        if healthy(env["PREFECT_API_URL"]):
+            return PrefectServer(env, process)
+        time.sleep(0.5)
     process.terminate()
     pytest.fail(f"the Prefect server did not become healthy in 180 s; see {home / 'server.log'}")
 

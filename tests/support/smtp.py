@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-import socket
 import ssl
 import threading
 from collections import deque
@@ -35,6 +34,7 @@ from aiosmtpd.smtp import AuthResult
 
 from backjobs.settings import get_settings
 from tests.support.databases import Database
+from tests.support.prefect_api import free_port
 
 REASONS = {
     421: "4.3.2 service shutting down",
@@ -135,7 +135,7 @@ class SmtpServer:
     ) -> None:
         self.handler = ScriptedHandler()
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self.logins: list[str] = []
         options: dict[str, Any] = {"enable_SMTPUTF8": smtputf8}
         if credentials:
@@ -211,13 +211,6 @@ def self_signed_cert(folder: Path, *, name: str = "localhost") -> tuple[Path, Pa
         )
     )
     return cert_path, key_path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(name="smtp_server")

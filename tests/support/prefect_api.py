@@ -1,0 +1,82 @@
+"""Calling a Prefect server's REST API from a test the way Prefect's own client does.
+
+A SQLite-backed server answers 503 ("database is locked") while it is busy writing
+(its services starting, a worker reporting, a flow's events): Prefect's client waits and
+tries again, so a test that calls the API by hand must too, or it fails on the server's
+load instead of on the behaviour it checks. 429 is treated the same way. Any other
+status is the answer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import httpx
+
+RETRIED = {429, 503}
+PATIENCE_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any PREFECT_* or BACKJOBS_* setting.
+
+    ``BACKJOBS_TEST_*`` (how the test run itself is configured) stays.
+    """
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PREFECT_", "BACKJOBS_")) or key.startswith("BACKJOBS_TEST_")
+    }
+
+
+def healthy(api_url: str) -> bool:
+    """Whether the server at ``api_url`` (``…/api``) answers its health check."""
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def call(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+    timeout: float = 30,
+) -> httpx.Response:
+    """The server's answer to one request, after waiting out 503/429 for up to a minute."""
+    deadline = time.monotonic() + PATIENCE_S
+    pause = 0.2
+    while True:
+        response = httpx.request(method, url, json=body, headers=headers, timeout=timeout)
+        if response.status_code not in RETRIED or time.monotonic() > deadline:
+            return response
+        retry_after = response.headers.get("Retry-After", "")
+        time.sleep(float(retry_after) if retry_after.isdigit() else pause)
+        pause = min(pause * 2, 2.0)
+
+
+def call_json(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: Any = None,
+    timeout: float = 30,
+) -> Any:
+    """The JSON of a successful answer; an HTTP error fails the test with the status."""
+    response = call(method, url, headers=headers, body=body, timeout=timeout)
+    response.raise_for_status()
+    if not response.content:
+        return None
+    return response.json()
