@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import httpx
 import jwt
@@ -215,11 +216,23 @@ def test_sign_in_link_sets_the_cookie_once(dash: GatedDashboard, app_db: str) ->
     assert done.returncode == 0, done.stderr
     link = done.stdout.strip()
     assert link.startswith(f"{dash.url}/auth/sign-in?token=")
-    token = link.split("token=", 1)[1]
+    token = unquote(link.split("token=", 1)[1])
+    sign_in = f"{dash.url}/auth/sign-in"
 
     with httpx.Client(timeout=10) as browser:
         assert browser.get(f"{dash.url}/api/admin/version").status_code == 401
-        signed_in = browser.get(link)
+        # Opening the link (as a mail scanner would, twice) only shows the button.
+        for _ in range(2):
+            shown = browser.get(link)
+            assert shown.status_code == 200 and "set-cookie" not in shown.headers
+            assert '<form method="post" action="/auth/sign-in">' in shown.text
+        assert browser.get(f"{dash.url}/api/admin/version").status_code == 401
+        form = {"token": token}
+        # Posted from another site (login CSRF): refused, and the link is not spent.
+        elsewhere = {"Origin": "https://evil.example"}
+        assert browser.post(sign_in, data=form, headers=elsewhere).status_code == 403
+        assert browser.post(sign_in, data=form).status_code == 403  # no Origin at all
+        signed_in = browser.post(sign_in, data=form, headers={"Origin": dash.url})
         assert signed_in.status_code == 200
         assert 'http-equiv="refresh"' in signed_in.text
         cookie = signed_in.headers["set-cookie"]
@@ -235,6 +248,9 @@ def test_sign_in_link_sets_the_cookie_once(dash: GatedDashboard, app_db: str) ->
 
     again = httpx.get(link)
     assert again.status_code == 401 and "already used" in again.text
+    twice = httpx.post(sign_in, data={"token": token}, headers={"Origin": dash.url})
+    assert twice.status_code == 401 and "already used" in twice.text
+    assert httpx.put(sign_in).status_code == 405
     # The token never reaches the access log, though the request does.
     time.sleep(0.5)
     log = dash.log()

@@ -269,6 +269,7 @@ def test_the_dashboard_shows_the_deployments_and_the_last_cleanup_artifact(
     url = f"http://127.0.0.1:{running.port}"
     with chromium_page() as page:
         page.goto(link.stdout.strip())
+        page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(f"{url}/v2/**")
         page.goto(f"{url}/v2/deployments")
         for deployment in DEPLOYMENTS:

@@ -55,9 +55,12 @@ def test_anything_else_is_refused(token: str) -> None:
 def test_a_link_id_is_accepted_once_and_forgotten_after_expiry() -> None:
     clock = [1000.0]
     used = UsedTokenIds(clock=lambda: clock[0])
+    assert not used.used("a")
     assert used.claim("a", exp=1100) and not used.claim("a", exp=1100)
+    assert used.used("a") and not used.used("b")
     assert used.claim("b", exp=1100)
     clock[0] = 1200.0  # both expired: forgotten (a token that old is refused anyway)
+    assert not used.used("a")
     assert used.claim("a", exp=1300)
 
 

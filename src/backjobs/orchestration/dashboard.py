@@ -18,6 +18,9 @@ handshake, or close code 1008 after a bad first message. ``GET /api/health`` and
 ``/api/ready`` stay open for probes. A state-changing request (POST, PUT, PATCH, DELETE)
 or a websocket authenticated by the cookie alone must carry an ``Origin`` equal to the
 dashboard's own origin, so another site cannot act through a signed-in admin's browser.
+
+A one-time sign-in link (``/auth/sign-in?token=…``) is checked on GET and spent only by
+the POST of the button its page shows, so a scanner that fetches links leaves it usable.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from backjobs.orchestration.dashboard_pages import (
     refusal_page,
+    sign_in_form_response,
     signed_in_response,
     signed_out_response,
 )
@@ -45,6 +49,7 @@ from backjobs.orchestration.tokens import (
     COOKIE_NAME,
     SIGN_IN_PATH,
     SIGN_OUT_PATH,
+    AdminClaims,
     AdminDirectory,
     TokenError,
     UsedTokenIds,
@@ -61,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/api/health", "/api/ready"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_FORM_BYTES = 16 * 1024  # a sign-in form holds one token
 WS_POLICY_VIOLATION = 1008
 FIRST_MESSAGE_TIMEOUT_SECONDS = 10.0
 
@@ -210,24 +216,52 @@ class DashboardGate:
             return 503
 
     async def _sign_in(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = parse_qs(scope.get("query_string", b"").decode()).get("token", [""])[0]
-        problem, status = "", 200
-        try:
-            claims = verify_token(token, secret=self._secret)
-            status = await self._admin_status(token)
-            if status == 200 and not (
-                claims.jti and self._used_links.claim(claims.jti, claims.exp)
-            ):
-                problem, status = "This sign-in link was already used.", 401
-        except TokenError:
-            problem, status = "This sign-in link is invalid or has expired.", 401
-        if status != 200:
+        """A one-time sign-in link: GET shows a button, its POST uses the link up.
+
+        Opening the link only checks it, so a mail scanner or a chat preview that fetches
+        it leaves it usable; pressing the button (a same-origin form POST, the token in
+        its body) spends it and sets the cookie.
+        """
+        method = scope["method"]
+        if method in ("GET", "HEAD"):
+            token = parse_qs(scope.get("query_string", b"").decode()).get("token", [""])[0]
+            spend = False
+        elif method == "POST":
+            if not self._same_origin(scope):
+                logger.warning("refused a sign-in: form posted without the dashboard's Origin")
+                return await self._refusal(scope, 403, html=True)(scope, receive, send)
+            token = await _form_field(receive, "token")
+            spend = True
+        else:
+            refused = PlainTextResponse("Method Not Allowed", 405, {"allow": "GET, HEAD, POST"})
+            return await refused(scope, receive, send)
+        status, problem, claims = await self._check_link(token, spend=spend)
+        if claims is None:
             logger.warning("refused a sign-in link (%s)", status)
             response = self._refusal(scope, status, problem, html=True)
             return await response(scope, receive, send)
+        if not spend:
+            return await sign_in_form_response(token)(scope, receive, send)
         logger.info("admin %s signed in to the dashboard", claims.sub)
         response = signed_in_response(token, claims.exp, self._cookie_secure(scope))
         await response(scope, receive, send)
+
+    async def _check_link(self, token: str, *, spend: bool) -> tuple[int, str, AdminClaims | None]:
+        """(status, problem, claims): claims only when the link lets an admin in."""
+        try:
+            claims = verify_token(token, secret=self._secret)
+        except TokenError:
+            return 401, "This sign-in link is invalid or has expired.", None
+        status = await self._admin_status(token)
+        if status != 200:
+            return status, "", None
+        if not claims.jti:  # an API token, not a link
+            return 401, "This sign-in link is invalid or has expired.", None
+        if self._used_links.used(claims.jti) or (
+            spend and not self._used_links.claim(claims.jti, claims.exp)
+        ):
+            return 401, "This sign-in link was already used.", None
+        return 200, "", claims
 
     def _refusal(
         self, scope: Scope, status: int, problem: str = "", *, html: bool = False
@@ -251,6 +285,20 @@ class DashboardGate:
 
     def _cookie_secure(self, scope: Scope) -> bool:
         return scope.get("scheme") == "https" or (self._public_origin or "").startswith("https:")
+
+
+async def _form_field(receive: Receive, name: str) -> str:
+    """One field of a small urlencoded form body ("" when absent or the body is too big)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > MAX_FORM_BYTES:
+            return ""
+        if not message.get("more_body", False):
+            break
+    values: list[str] = parse_qs(body.decode("latin-1")).get(name, [""])
+    return values[0]
 
 
 def _origin_of(url: str) -> str:

@@ -7,7 +7,26 @@ from html import escape
 
 from starlette.responses import HTMLResponse, Response
 
-from backjobs.orchestration.tokens import COOKIE_NAME
+from backjobs.orchestration.tokens import COOKIE_NAME, SIGN_IN_PATH
+
+
+def sign_in_form_response(token: str) -> Response:
+    # The link's GET only shows this button: a scanner that fetches links in mail (and
+    # does not submit forms) leaves the one-time link usable for the admin.
+    response = HTMLResponse(
+        page(
+            "Sign in to the dashboard",
+            f'<form method="post" action="{SIGN_IN_PATH}">'
+            f'<input type="hidden" name="token" value="{escape(token)}">'
+            '<button type="submit">Sign in</button></form>'
+            "<p>This link works once and only for an admin.</p>",
+        )
+    )
+    response.headers["cache-control"] = "no-store"
+    # Not "no-referrer": with it, browsers post the form with ``Origin: null`` and the
+    # gate's same-origin check refuses it. The link's URL still never leaves the site.
+    response.headers["referrer-policy"] = "same-origin"
+    return response
 
 
 def signed_in_response(token: str, exp: int, secure: bool) -> Response:

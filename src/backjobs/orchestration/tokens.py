@@ -169,6 +169,11 @@ class UsedTokenIds:
         self._used: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def used(self, jti: str) -> bool:
+        """Whether ``jti`` was already claimed (and has not expired since)."""
+        with self._lock:
+            return self._used.get(jti, -1) >= self._clock()
+
     def claim(self, jti: str, exp: int) -> bool:
         """True the first time ``jti`` is seen, False every later time."""
         now = self._clock()
