@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from backjobs.jobs.email_queue import MalformedPayload
 from backjobs.mail.render import check_recipients, sensitive_fields
 from backjobs.mail.transport import Refusal
-from backjobs.outbox import MalformedPayload
 
 
 def read_payload(payload: Any) -> tuple[list[str], str, dict[str, Any]]:

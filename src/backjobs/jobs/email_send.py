@@ -54,8 +54,8 @@ from functools import partial
 
 from sqlalchemy import Engine
 
-from backjobs import outbox
 from backjobs.db import session_scope
+from backjobs.jobs import email_queue
 from backjobs.jobs.email_payload import (
     bookkept,
     dropped_note,
@@ -66,6 +66,7 @@ from backjobs.jobs.email_payload import (
     still_owed,
     stored_message_id,
 )
+from backjobs.jobs.email_queue import Acks, ClaimedTask, Failure, Retry, Sent
 from backjobs.mail.render import build_message, render_email
 from backjobs.mail.transport import (
     RecipientsRefused,
@@ -74,7 +75,6 @@ from backjobs.mail.transport import (
     ServerUnavailable,
     Transport,
 )
-from backjobs.outbox import Acks, ClaimedTask, Failure, Retry, Sent
 from backjobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def send_due_emails(
         finally:
             halt.set("the run stopped")  # on error: start no send nobody will record
     with session_scope(engine) as session:
-        queue = outbox.count_queue(session, now=now, at=wall())
+        queue = email_queue.count_queue(session, now=now, at=wall())
     result = EmailSendResult(
         sent=tally.sent,
         retried=tally.retried,
@@ -240,7 +240,7 @@ class _Drain:
         token = uuid.uuid4().hex
         at = self.wall()
         with session_scope(self.engine) as session:
-            batch = outbox.claim_due(
+            batch = email_queue.claim_due(
                 session,
                 now=self.now,
                 at=at,
@@ -270,14 +270,14 @@ class _Drain:
             if not pending:
                 break
             with session_scope(self.engine) as session:
-                outbox.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
+                email_queue.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
         return self._record(in_flight.token, [future.result() for future in in_flight.futures])
 
     def _record(self, token: str, outcomes: list[_Outcome]) -> _Tally:
         at = self.wall()
         acks, tally = _acks(outcomes, at=at, settings=self.settings, rng=self.rng)
         with session_scope(self.engine) as session:
-            lost = outbox.acknowledge(session, token=token, at=at, acks=acks)
+            lost = email_queue.acknowledge(session, token=token, at=at, acks=acks)
         if lost:
             logger.warning(
                 "lost the lease of app tasks %s (taken over by another sender); "
