@@ -466,7 +466,7 @@ def _outbox_show(args: argparse.Namespace) -> int:
         ("priority", view.priority),
         ("created", view.created_at),
         ("next attempt", view.next_attempt_at),
-        ("completed", view.completed_at),
+        ("ended", view.completed_at),
         ("lease until", view.locked_until),
         ("dedup key", view.dedup_key),
         ("last error", view.last_error),

@@ -4,13 +4,12 @@ The Python side of ``backjobs outbox status | retry | show`` (Hangfire's "Retry"
 jobs). Every function takes the caller's session and flushes at most: the caller commits
 (the CLI does). They look at ``email_send`` rows of ``app_tasks`` only: the outbox.
 
-When a row ended: ``completed_at`` when set (sent rows); a failed row may not have it
-(the sender records the reason, not always the time), so then the latest of
-``next_attempt_at`` (its last attempt was due then; a retry resets it) and ``created_at``.
-That can be earlier than the real failure by the time the row waited to be claimed, never
-later, so "failed in the last 24 h" may miss a row that waited, and retention
-(``CleanupJob``'s ``delete_ended_outbox_rows``) never deletes a row earlier than its
-retention. :func:`ended_at` is that expression.
+When a row ended: ``completed_at``, which EmailSendJob sets when a row is sent and when
+it fails for good. A failed row without it (failed by an earlier version, or by the app)
+counts from the latest of ``next_attempt_at`` (its last attempt was due then; a retry
+resets it) and ``created_at``: that can be earlier than the real failure, never later, so
+retention (``CleanupJob``'s ``delete_ended_outbox_rows``) never deletes a row earlier than
+its retention. :func:`ended_at` is that expression.
 """
 
 from __future__ import annotations

@@ -143,9 +143,13 @@ def test_permanent_failure_is_recorded_with_the_reason(
     smtp_server.answer("gone@example.com", 550, times=None)
     bad = enqueue(smtp_env, "gone@example.com")
     good = enqueue(smtp_env, "fine@example.com")
+    before = datetime.now(UTC)
     assert run(smtp_env) == EmailSendResult(sent=1, failed=1)
     task = row(smtp_env, bad)
     assert task.status == "failed"
+    # When it ended, on the real clock (the run's as_of is years away): retention and
+    # `outbox status` count from it.
+    assert task.completed_at is not None and before <= task.completed_at <= datetime.now(UTC)
     assert task.last_error is not None
     assert "all recipients refused" in task.last_error and "550" in task.last_error
     assert row(smtp_env, good).status == "completed"
@@ -169,6 +173,7 @@ def test_refusal_at_end_of_data_is_classified(
     task = row(smtp_env, first)
     assert task.status == status
     assert task.last_error is not None and task.last_error.startswith(f"SMTP {code}")
+    assert (task.completed_at is None) == (status == "pending")
     assert row(smtp_env, second).status == "completed"
 
 

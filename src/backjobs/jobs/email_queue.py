@@ -216,7 +216,9 @@ def acknowledge(session: Session, *, token: str, at: datetime, acks: Acks) -> li
     pending = {**done, "status": TaskStatus.PENDING.value}
     retries = [r for r in acks.retries if r.id in held]
     _update_each(session, token, retries, pending, "error", due=True)
-    failed = {**done, "status": TaskStatus.FAILED.value}
+    # completed_at is when the row ended, sent or failed for good: retention and
+    # ``outbox status``'s "failed in the last 24 h" count from it.
+    failed = {**done, "status": TaskStatus.FAILED.value, "completed_at": at}
     _update_each(session, token, [f for f in acks.failures if f.id in held], failed, "error")
     released = [task_id for task_id in acks.released if task_id in held]
     if released:

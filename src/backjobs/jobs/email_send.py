@@ -17,8 +17,8 @@ on the rows the claim's owner token still holds (rows lost to another sender are
   ``max_attempts`` is used up, then ``failed``;
 - permanent failure (5xx to the message, every recipient refused for good, a payload
   that is not JSON or no longer renders): ``failed`` with the reason, logged at error.
-- When a row ends (sent or failed), its template's secret fields are removed from the
-  stored payload.
+- When a row ends (sent or failed), ``completed_at`` records when (real time), and its
+  template's secret fields are removed from the stored payload.
 
 **The server's fault is not the message's.** When the transport raises
 :class:`ServerUnavailable` (connection refused or timed out, EHLO/STARTTLS/TLS/AUTH
