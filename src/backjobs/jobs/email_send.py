@@ -22,7 +22,7 @@ on the rows the claim's owner token still holds (rows lost to another sender are
 
 **The server's fault is not the message's.** When the transport raises
 :class:`ServerUnavailable` (connection refused or timed out, EHLO/STARTTLS/TLS/AUTH
-failure, MAIL FROM refused, any 421/530/535; see :mod:`backjobs.mail.transport`), no
+failure, MAIL FROM refused, any 421/530/535; see :mod:`backjobs.mail.smtp`), no
 further send starts and no further batch is claimed; every claimed row not yet sent goes
 back to ``pending`` with its attempt handed back, and the run raises
 :class:`EmailServerUnavailable` with the server's reply (the run fails in the UI; the

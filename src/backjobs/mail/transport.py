@@ -2,26 +2,10 @@
 
 A transport sends one ready MIME message to its envelope recipients and either returns the
 recipients it could not reach (:class:`Refusal`: a partial refusal, the others got it) or
-raises :class:`SendError`. Whose fault a failure is decides what the job does, so SMTP
-replies are classified by the *stage* they answer:
-
-- the server's or the configuration's fault, :class:`ServerUnavailable`: the connection
-  cannot be opened (refused, timeout, DNS), EHLO, STARTTLS or the TLS handshake fails
-  (e.g. ``CERTIFICATE_VERIFY_FAILED``), AUTH fails, MAIL FROM is refused (the sender
-  setting), any 421 (closing), 530 (authentication required) or 535 (bad credentials),
-  and a connection lost before the message's data was sent. No message is at fault: the
-  job stops, hands the rows back without using an attempt and fails the run with the
-  server's reply. After one, the transport fails fast for the rest of its life;
-- the message's fault: recipients refused (:class:`RecipientsRefused` when all of them
-  are, permanent when every refusal is 5xx), the end of DATA refused (5xx permanent,
-  4xx transient), or the connection lost once the data was on its way (transient: the
-  server may or may not have it, a resend keeps the Message-ID).
-
-:class:`SmtpTransport` is thread-safe: each ``send`` borrows a connection from a pool of at
-most ``max_connections`` (reused across messages), so N threads keep N connections busy.
-After ``REFUSALS_BEFORE_RECONNECT`` refusals in a row on one connection it is closed and
-a fresh one opened (Postfix slows down, then drops, a connection after many errors).
-The SMTP password is never logged nor put into an error message.
+raises :class:`SendError` (the message's fault: ``permanent`` or not) or
+:class:`ServerUnavailable` (the server's or the configuration's fault: no message is
+at fault, the job stops and hands its rows back without using an attempt). How SMTP
+replies fall into these is in :mod:`backjobs.mail.smtp`.
 """
 
 from __future__ import annotations
@@ -29,27 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import smtplib
-import socket
-import ssl
 import tempfile
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email.utils import parseaddr
-from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from pydantic import SecretStr
-
 from backjobs.mail.render import OutgoingEmail
-from backjobs.settings import EmailTransportKind, Settings, SmtpSecurity
+from backjobs.settings import EmailTransportKind, Settings
 
 logger = logging.getLogger(__name__)
-
-REFUSALS_BEFORE_RECONNECT = 5
-SERVER_FAULT_CODES = frozenset({421, 530, 535})
 
 
 class Refusal(NamedTuple):
@@ -113,6 +85,8 @@ class Transport(Protocol):
 def make_transport(settings: Settings) -> Transport:
     """The configured transport (``BACKJOBS_EMAIL_TRANSPORT``)."""
     if settings.email_transport is EmailTransportKind.SMTP:
+        from backjobs.mail.smtp import SmtpTransport
+
         return SmtpTransport(
             host=settings.smtp_host,
             port=settings.smtp_port,
@@ -126,158 +100,6 @@ def make_transport(settings: Settings) -> Transport:
             tls_server_name=settings.smtp_tls_server_name,
         )
     return PickupTransport(directory=settings.email_pickup_dir)
-
-
-@dataclass
-class _Connection:
-    smtp: smtplib.SMTP
-    refusals: int = 0  # in a row
-
-
-class _DataStarted(Exception):
-    """The connection failed once the message's data was on its way."""
-
-
-class SmtpTransport:
-    """SMTP with a pool of reused connections; ``close()`` quits them."""
-
-    def __init__(
-        self,
-        *,
-        host: str,
-        port: int,
-        security: SmtpSecurity = SmtpSecurity.NONE,
-        username: str | None = None,
-        password: SecretStr | None = None,
-        timeout: float = 30.0,
-        sender: str,
-        max_connections: int = 4,
-        ca_file: Path | None = None,
-        tls_server_name: str | None = None,
-    ) -> None:
-        self._host, self._port, self._security = host, port, security
-        self._username, self._password, self._timeout = username, password, timeout
-        self._ca_file, self._server_name = ca_file, tls_server_name or host
-        self._envelope_from = parseaddr(sender)[1] or sender
-        self._idle: list[_Connection] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._unavailable: str | None = None
-
-    def send(self, email: OutgoingEmail) -> list[Refusal]:
-        if self._unavailable is not None:
-            # Once the server failed us, fail fast instead of waiting out a timeout per
-            # message; a new transport (the next run) tries again.
-            raise ServerUnavailable(self._unavailable, attempted=False)
-        try:
-            with self._slots:
-                return self._send(email)
-        except ServerUnavailable as exc:
-            self._unavailable = str(exc)
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            _quietly_quit(connection.smtp)
-
-    def _send(self, email: OutgoingEmail) -> list[Refusal]:
-        connection, reused = self._acquire()
-        while True:
-            try:
-                return self._send_on(connection, email)
-            except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                _quietly_quit(connection.smtp)
-                if not reused:
-                    raise ServerUnavailable(
-                        f"SMTP server {self._where} dropped the connection: {_reason(exc)}"
-                    ) from None
-            # An idle pooled connection the server dropped meanwhile: one fresh try.
-            connection, reused = self._open(), False
-
-    @property
-    def _where(self) -> str:
-        return f"{self._host}:{self._port}"
-
-    def _send_on(self, connection: _Connection, email: OutgoingEmail) -> list[Refusal]:
-        try:
-            refused = _transact(connection, self._envelope_from, email, where=self._where)
-        except ServerUnavailable:
-            _quietly_quit(connection.smtp)
-            raise
-        except _DataStarted as exc:
-            _quietly_quit(connection.smtp)
-            raise TransientSendError(f"SMTP connection lost during DATA: {exc}") from None
-        except SendError:
-            self._release(connection)
-            raise
-        self._release(connection)
-        return refused
-
-    def _acquire(self) -> tuple[_Connection, bool]:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
-        return self._open(), False
-
-    def _release(self, connection: _Connection) -> None:
-        if connection.refusals >= REFUSALS_BEFORE_RECONNECT:
-            _quietly_quit(connection.smtp)  # the next send opens a fresh one
-            return
-        with self._lock:
-            self._idle.append(connection)
-
-    def _open(self) -> _Connection:
-        try:
-            connection = self._connect()
-        except (OSError, smtplib.SMTPException) as exc:
-            raise ServerUnavailable(
-                f"cannot open SMTP session with {self._where}: {_reason(exc)}"
-            ) from None
-        logger.debug("opened SMTP connection to %s (%s)", self._where, self._security.value)
-        return _Connection(connection)
-
-    def _connect(self) -> smtplib.SMTP:
-        connection: smtplib.SMTP
-        if self._security is SmtpSecurity.TLS:
-            connection = _SMTPNamedSSL(
-                self._host,
-                self._port,
-                timeout=self._timeout,
-                context=_tls_context(self._ca_file),
-                server_name=self._server_name,
-            )
-        else:
-            connection = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
-        try:
-            connection.ehlo()
-            if self._security is SmtpSecurity.STARTTLS:
-                # smtplib checks the certificate against ``_host``: the configured name.
-                connection._host = self._server_name  # type: ignore[attr-defined]
-                connection.starttls(context=_tls_context(self._ca_file))
-                connection.ehlo()
-            if self._username:
-                secret = self._password.get_secret_value() if self._password else ""
-                connection.login(self._username, secret)
-        except BaseException:
-            _quietly_quit(connection)
-            raise
-        return connection
-
-
-class _SMTPNamedSSL(smtplib.SMTP_SSL):
-    """Implicit TLS whose certificate is checked against ``server_name``, not the host."""
-
-    def __init__(
-        self, host: str, port: int, *, timeout: float, context: ssl.SSLContext, server_name: str
-    ) -> None:
-        self._server_name = server_name
-        super().__init__(host, port, timeout=timeout, context=context)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        self._host = self._server_name
-        return super()._get_socket(host, port, timeout)  # type: ignore[misc,no-any-return]
 
 
 class PickupTransport:
@@ -315,102 +137,3 @@ class PickupTransport:
 def _file_name(message_id: str) -> str:
     identifier = message_id.strip("<> ")
     return re.sub(r"[^A-Za-z0-9._@-]", "_", identifier) or "message"
-
-
-def _transact(
-    connection: _Connection, sender: str, email: OutgoingEmail, *, where: str
-) -> list[Refusal]:
-    """One SMTP transaction, each reply classified by its stage (see the module doc).
-
-    ``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
-    millisecond a message): ours are validated bare addresses.
-    """
-    smtp = connection.smtp
-    _mail_from(smtp, sender, email, where=where)
-    refused = _rcpt_to(connection, email.to, where=where)
-    if len(refused) == len(email.to):
-        _reset(smtp, 0)
-        raise RecipientsRefused(refused)
-    try:
-        code, reply = smtp.data(email.data)
-    except (smtplib.SMTPServerDisconnected, OSError) as exc:
-        raise _DataStarted(_reason(exc)) from None
-    if code in SERVER_FAULT_CODES:
-        _reset(smtp, code)
-        raise ServerUnavailable(f"SMTP server {where} answered DATA: {code} {_text(reply)}")
-    if code != 250:
-        _reset(smtp, code)
-        connection.refusals += 1
-        kind = PermanentSendError if 500 <= code < 600 else TransientSendError
-        raise kind(f"SMTP {code} {_text(reply)}")
-    return refused
-
-
-def _mail_from(smtp: smtplib.SMTP, sender: str, email: OutgoingEmail, *, where: str) -> None:
-    smtp.ehlo_or_helo_if_needed()
-    options = ""
-    if not sender.isascii() or not email.data.isascii():
-        if not smtp.has_extn("smtputf8"):
-            raise ServerUnavailable(
-                f"BACKJOBS_EMAIL_FROM {sender!r} is not ASCII and the SMTP server {where} "
-                "does not offer SMTPUTF8"
-            )
-        options = " SMTPUTF8 BODY=8BITMIME"
-        smtp.command_encoding = "utf-8"  # as sendmail does for SMTPUTF8
-    code, reply = smtp.docmd("mail", f"FROM:<{sender}>{options}")
-    if code != 250:
-        _reset(smtp, code)
-        raise ServerUnavailable(
-            f"SMTP server {where} refused the sender {sender!r} (MAIL FROM): {code} {_text(reply)}"
-        )
-
-
-def _rcpt_to(connection: _Connection, to: Sequence[str], *, where: str) -> list[Refusal]:
-    refused: list[Refusal] = []
-    for address in to:
-        code, reply = connection.smtp.docmd("rcpt", f"TO:<{address}>")
-        if code in SERVER_FAULT_CODES:
-            _reset(connection.smtp, code)
-            raise ServerUnavailable(f"SMTP server {where} answered RCPT: {code} {_text(reply)}")
-        if code in (250, 251):
-            connection.refusals = 0
-        else:
-            connection.refusals += 1
-            refused.append(Refusal(address, code, _text(reply)))
-    return refused
-
-
-def _reset(connection: smtplib.SMTP, code: int) -> None:
-    # As sendmail does: a 421 means the server is closing; otherwise abort the transaction.
-    if code == 421:
-        connection.close()
-        return
-    try:
-        connection.rset()
-    except (smtplib.SMTPServerDisconnected, OSError):
-        pass
-
-
-@lru_cache(maxsize=4)
-def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
-    if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
-    return ssl.create_default_context()
-
-
-def _text(reply: bytes | str) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return f"{exc.smtp_code} {_text(exc.smtp_error)}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _quietly_quit(connection: smtplib.SMTP) -> None:
-    try:
-        connection.quit()
-    except (OSError, smtplib.SMTPException):
-        connection.close()
