@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from backjobs.jobs.email_send import backoff_seconds, read_payload
+from backjobs.jobs.email_outcome import backoff_seconds
+from backjobs.jobs.email_payload import read_payload
 from backjobs.mail.render import (
     TEMPLATES,
     build_message,

@@ -42,39 +42,20 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from functools import partial
 
 from sqlalchemy import Engine
 
 from backjobs.db import session_scope
 from backjobs.jobs import email_queue
-from backjobs.jobs.email_payload import (
-    bookkept,
-    dropped_note,
-    read_payload,
-    scrubbed,
-    scrubbed_or_none,
-    secret_fields_in,
-    still_owed,
-    stored_message_id,
-)
-from backjobs.jobs.email_queue import Acks, ClaimedTask, Failure, Retry, Sent
-from backjobs.mail.render import build_message, render_email
-from backjobs.mail.transport import (
-    RecipientsRefused,
-    Refusal,
-    SendError,
-    ServerUnavailable,
-    Transport,
-)
+from backjobs.jobs.email_outcome import Halt, Outcome, Tally, deliver, to_acks
+from backjobs.mail.transport import Transport
 from backjobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -102,41 +83,6 @@ class EmailServerUnavailable(RuntimeError):
         self.partial_result = partial_result
 
 
-class Delivery(StrEnum):
-    """What became of one claimed email."""
-
-    SENT = "sent"  # everyone still owed has it, or was refused for good
-    PARTIAL = "partial"  # some recipients got a 4xx: retry for them
-    TRANSIENT = "transient"  # retry later, with backoff
-    PERMANENT = "permanent"  # failed for good
-    UNTRIED = "untried"  # never decided by the server: back to pending, attempt handed back
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    task: ClaimedTask
-    delivery: Delivery
-    detail: str | None = None
-    accepted: tuple[str, ...] = ()
-    refusals: tuple[Refusal, ...] = ()
-
-
-@dataclass
-class _Tally:
-    sent: int = 0
-    retried: int = 0
-    failed: int = 0
-    released: int = 0
-    lost: int = 0
-
-    def add(self, other: _Tally) -> None:
-        self.sent += other.sent
-        self.retried += other.retried
-        self.failed += other.failed
-        self.released += other.released
-        self.lost += other.lost
-
-
 def wall_clock() -> datetime:
     return datetime.now(UTC)
 
@@ -156,8 +102,8 @@ def send_due_emails(
     Raises :class:`EmailServerUnavailable` when the server failed the run.
     """
     started = monotonic()
-    tally = _Tally()
-    halt = _Halt()
+    tally = Tally()
+    halt = Halt()
     with ThreadPoolExecutor(
         max_workers=settings.email_connections, thread_name_prefix="email-send"
     ) as pool:
@@ -198,26 +144,10 @@ def send_due_emails(
     return result
 
 
-@dataclass
-class _Halt:
-    """Set once: no send starts after it. ``server_reason`` when the server caused it."""
-
-    reason: str | None = None
-    server_reason: str | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def set(self, reason: str, *, server: bool = False) -> None:
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-                if server:
-                    self.server_reason = reason
-
-
 @dataclass(frozen=True)
 class _InFlight:
     token: str
-    futures: list[Future[_Outcome]]
+    futures: list[Future[Outcome]]
 
 
 @dataclass(frozen=True)
@@ -229,7 +159,7 @@ class _Drain:
     settings: Settings
     transport: Transport
     rng: random.Random
-    halt: _Halt
+    halt: Halt
 
     @property
     def lease(self) -> timedelta:
@@ -251,7 +181,7 @@ class _Drain:
         if not batch:
             return None
         send = partial(
-            _deliver,
+            deliver,
             transport=self.transport,
             settings=self.settings,
             wall=self.wall,
@@ -259,11 +189,11 @@ class _Drain:
         )
         return _InFlight(token, [self.pool.submit(send, task) for task in batch])
 
-    def finish(self, in_flight: _InFlight, *, also_renew: _InFlight | None) -> _Tally:
+    def finish(self, in_flight: _InFlight, *, also_renew: _InFlight | None) -> Tally:
         """Wait for the batch's sends, renewing the leases meanwhile; record every outcome."""
         tokens = [b.token for b in (in_flight, also_renew) if b is not None]
         every = max(0.05, self.settings.email_lease_seconds / 3)
-        pending: set[Future[_Outcome]] = set(in_flight.futures)
+        pending: set[Future[Outcome]] = set(in_flight.futures)
         while True:
             # Wakes once the whole batch is done, or every lease/3 to renew the leases.
             _, pending = wait(pending, timeout=every)
@@ -273,9 +203,9 @@ class _Drain:
                 email_queue.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
         return self._record(in_flight.token, [future.result() for future in in_flight.futures])
 
-    def _record(self, token: str, outcomes: list[_Outcome]) -> _Tally:
+    def _record(self, token: str, outcomes: list[Outcome]) -> Tally:
         at = self.wall()
-        acks, tally = _acks(outcomes, at=at, settings=self.settings, rng=self.rng)
+        acks, tally = to_acks(outcomes, at=at, settings=self.settings, rng=self.rng)
         with session_scope(self.engine) as session:
             lost = email_queue.acknowledge(session, token=token, at=at, acks=acks)
         if lost:
@@ -286,101 +216,3 @@ class _Drain:
             )
         tally.lost = len(lost)
         return tally
-
-
-def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Delay before attempt ``attempt + 1``: ``base * 2**(attempt-1)`` capped, equal jitter."""
-    delay = min(cap, base * 2.0 ** min(attempt - 1, 62))
-    return delay / 2 + rng.uniform(0, delay / 2)
-
-
-def _deliver(
-    task: ClaimedTask,
-    *,
-    transport: Transport,
-    settings: Settings,
-    wall: Callable[[], datetime],
-    halt: _Halt,
-) -> _Outcome:
-    if halt.reason is not None:
-        return _Outcome(task, Delivery.UNTRIED, halt.reason)
-    if task.attempts > task.max_attempts:
-        # Claimed that often without an answer: earlier senders died while sending it.
-        return _Outcome(
-            task, Delivery.PERMANENT, "attempts exhausted (earlier sends never finished)"
-        )
-    try:
-        to, template, context = read_payload(task.payload)
-        rendered = render_email(template, context)
-        message = build_message(
-            rendered,
-            task_id=task.id,
-            to=to,
-            sender=settings.email_from,
-            date=wall(),  # the real time of sending, whatever the job's as_of
-            message_id=stored_message_id(task.payload),
-            envelope_to=still_owed(task.payload, to),
-        )
-    except (ValueError, TypeError) as exc:
-        return _Outcome(task, Delivery.PERMANENT, f"payload does not render: {exc}")
-    if not message.to:  # everyone owed was dealt with earlier
-        return _Outcome(task, Delivery.SENT)
-    try:
-        refusals = transport.send(message)
-    except ServerUnavailable as exc:
-        halt.set(str(exc), server=True)
-        return _Outcome(task, Delivery.UNTRIED, str(exc))
-    except RecipientsRefused as exc:
-        delivery = Delivery.PERMANENT if exc.permanent else Delivery.PARTIAL
-        return _Outcome(task, delivery, str(exc), refusals=tuple(exc.refusals))
-    except SendError as exc:
-        delivery = Delivery.PERMANENT if exc.permanent else Delivery.TRANSIENT
-        return _Outcome(task, delivery, str(exc))
-    except Exception as exc:  # a transport bug must not stop the batch; retry it later
-        logger.exception("unexpected error sending app task %s", task.id)
-        return _Outcome(task, Delivery.TRANSIENT, f"{type(exc).__name__}: {exc}")
-    refused = {r.address.lower() for r in refusals}
-    accepted = tuple(a for a in message.to if a.lower() not in refused)
-    retry = any(not r.permanent for r in refusals)
-    delivery = Delivery.PARTIAL if retry else Delivery.SENT
-    note = f"not delivered to: {'; '.join(map(str, refusals))}" if refusals else None
-    return _Outcome(task, delivery, note, accepted=accepted, refusals=tuple(refusals))
-
-
-def _acks(
-    outcomes: list[_Outcome], *, at: datetime, settings: Settings, rng: random.Random
-) -> tuple[Acks, _Tally]:
-    sent: list[Sent] = []
-    retries: list[Retry] = []
-    failures: list[Failure] = []
-    released: list[int] = []
-    for o in outcomes:
-        task = o.task
-        # Who has it now (a new payload only when a recipient was refused, now or before).
-        payload = bookkept(task.payload, accepted=o.accepted, refusals=o.refusals)
-        news = payload is not task.payload
-        if o.delivery is Delivery.UNTRIED:
-            released.append(task.id)
-        elif o.delivery is Delivery.SENT:
-            ended = scrubbed(payload) if news or secret_fields_in(payload) else None
-            sent.append(Sent(task.id, dropped_note(payload, o.detail), ended))
-        elif o.delivery is Delivery.PERMANENT:
-            failures.append(Failure(task.id, o.detail or "", scrubbed_or_none(task.payload)))
-        elif task.attempts >= task.max_attempts:  # PARTIAL or TRANSIENT, nothing left
-            error = f"attempts exhausted ({task.attempts}): {o.detail or ''}"
-            failures.append(Failure(task.id, error, scrubbed(payload)))
-        else:
-            delay = backoff_seconds(
-                attempt=task.attempts,
-                base=settings.email_backoff_base_seconds,
-                cap=settings.email_backoff_max_seconds,
-                rng=rng,
-            )
-            due = at + timedelta(seconds=delay)
-            retries.append(Retry(task.id, o.detail or "", due, payload if news else None))
-    for failure in failures:
-        logger.error("app task %s failed: %s", failure.id, failure.error)
-    tally = _Tally(
-        sent=len(sent), retried=len(retries), failed=len(failures), released=len(released)
-    )
-    return Acks(sent=sent, retries=retries, failures=failures, released=released), tally
