@@ -352,7 +352,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 def _stack(args: argparse.Namespace) -> int:
-    from backjobs.orchestration import stack
+    from backjobs.orchestration import stack, stack_config
     from backjobs.orchestration.deploy import DeployError
     from backjobs.orchestration.prefect_yaml import find_project_file
     from backjobs.orchestration.processes import PortInUse
@@ -365,17 +365,18 @@ def _stack(args: argparse.Namespace) -> int:
         if args.stack_command in ("up", "status"):
             raise
         project_file = Path.cwd() / "prefect.yaml"  # env and down do not read it
-    config = stack.load_stack(get_settings(), var_dir=args.var_dir, project_file=project_file)
+    settings = get_settings()
+    config = stack_config.load_stack(settings, var_dir=args.var_dir, project_file=project_file)
     try:
         if args.stack_command == "env":
-            print("\n".join(stack.env_lines(config)))
+            print("\n".join(stack_config.env_lines(config)))
         elif args.stack_command == "status":
             return 0 if stack.status(config) else 1
         elif args.stack_command == "down":
             stack.down(config)
         else:
             stack.print_ready(config, stack.up(config, demo=not args.no_demo))
-    except (stack.StackError, PortInUse, DeployError) as exc:
+    except (stack_config.StackError, PortInUse, DeployError) as exc:
         print(f"backjobs stack {args.stack_command}: error: {exc}", file=sys.stderr)
         return 1
     return 0
