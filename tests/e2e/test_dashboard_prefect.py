@@ -104,7 +104,7 @@ def test_deploy_run_and_worker_through_the_gate(
     # Task runs are recorded from the events the flow run sent through the gated
     # /api/events/in websocket.
     flow_run = {"flow_runs": {"id": {"any_": [ran[0]["id"]]}}}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # events are processed asynchronously
     while time.monotonic() < deadline:
         tasks = call_json("POST", f"{dash.api}/task_runs/filter", headers=headers, body=flow_run)
         if len(tasks) >= 3 and all(t["state_type"] == "COMPLETED" for t in tasks):

@@ -172,7 +172,7 @@ def test_trigger_wait_gives_up_after_its_timeout(deployed: Deployed) -> None:
 
 def wait_for_log(server: PrefectServer, run_id: str, text: str) -> dict[str, str]:
     # The flow's process sends its last logs as it exits, just after the final state.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 90  # a loaded CI machine is slow
     while True:
         found = [log for log in server.logs_of(run_id) if text in log["message"]]
         if found:
