@@ -9,7 +9,7 @@ the run fails at once with the server's reply, and the next scheduled run tries 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from prefect import task
 
@@ -38,6 +38,7 @@ def send_due_emails(as_of: datetime) -> EmailSendResult:
 
 @task(**DB_TASK_OPTIONS)
 def outbox_status(as_of: datetime) -> OutboxStatus:
-    """The outbox at as_of: pending, due now, waiting for a retry, failed in the last 24 h."""
+    """The outbox at as_of: pending, due now, waiting for a retry, failed in the last 24 h
+    (leases and failures on the real clock)."""
     with session_scope(get_engine()) as session:
-        return outbox_admin.outbox_status(session, now=as_of)
+        return outbox_admin.outbox_status(session, now=as_of, at=datetime.now(UTC))

@@ -54,11 +54,15 @@ def ended_at() -> ColumnElement[datetime]:
 class OutboxStatus:
     """The outbox at ``now``: one flat record (shown by ``backjobs outbox status`` and the UI).
 
+    Two clocks, as for sending: ``now`` (a run's ``as_of``) says what is due; the real
+    clock (``at``) says whose lease ran out and what failed in the last 24 hours, since
+    leases and failures are recorded on it.
+
     ``due_now``: pending rows due, plus processing rows whose lease ran out (a crashed
     sender's): what the next run would send. ``waiting_retry``: pending rows not due yet
     (a retry's backoff, or a ``not_before`` delay). ``oldest_due_age_seconds``: how long the
     longest-waiting due row has been due (``None``: nothing due). ``failed_last_24h``: rows
-    that failed within 24 hours before ``now`` (see the module on when a row ended).
+    that failed within 24 hours before ``at`` (see the module on when a row ended).
     """
 
     pending: int
@@ -71,13 +75,17 @@ class OutboxStatus:
     failed_last_24h: int
 
 
-def outbox_status(session: Session, *, now: datetime) -> OutboxStatus:
-    """Count the outbox's rows by status and by what is due at ``now``."""
+def outbox_status(session: Session, *, now: datetime, at: datetime | None = None) -> OutboxStatus:
+    """Count the outbox's rows by status and by what is due at ``now``.
+
+    ``at`` is the real time (default: ``now``): for leases and the failure window.
+    """
+    at = now if at is None else at
     pending = TASKS.c.status == TaskStatus.PENDING.value
     processing = TASKS.c.status == TaskStatus.PROCESSING.value
     failed = TASKS.c.status == TaskStatus.FAILED.value
     due_pending = and_(pending, TASKS.c.next_attempt_at <= now)
-    lapsed = and_(processing, TASKS.c.locked_until < now)
+    lapsed = and_(processing, TASKS.c.locked_until < at)
     due_since = case((due_pending, TASKS.c.next_attempt_at), (lapsed, TASKS.c.locked_until))
     row: Any = session.execute(
         select(
@@ -85,7 +93,7 @@ def outbox_status(session: Session, *, now: datetime) -> OutboxStatus:
             _count(or_(due_pending, lapsed)),
             _count(and_(pending, TASKS.c.next_attempt_at > now)),
             func.min(due_since),
-            _count(and_(failed, ended_at() >= now - timedelta(hours=24))),
+            _count(and_(failed, ended_at() >= at - timedelta(hours=24))),
         ).where(EMAIL)
     ).one()
     counts = {status: int(value) for status, value in zip(TaskStatus, row[:4], strict=True)}

@@ -68,6 +68,21 @@ def test_status_counts_rows_by_what_ops_care_about(db: Database) -> None:
     )
 
 
+def test_status_reads_due_on_the_job_clock_and_leases_and_failures_on_the_real_one(
+    db: Database,
+) -> None:
+    real = NOW - 400 * 24 * HOUR  # a rehearsal run: as_of (NOW) far after the real time
+    _row(db, next_attempt_at=NOW - HOUR)  # due at as_of
+    _row(db, status="processing", locked_until=real + HOUR)  # a live lease, really
+    _row(db, status="failed", next_attempt_at=real - HOUR, completed_at=real - HOUR)
+    with db.session() as s:
+        rehearsal = outbox_status(s, now=NOW, at=real)
+        one_clock = outbox_status(s, now=NOW)
+    assert (rehearsal.due_now, rehearsal.failed_last_24h) == (1, 1)  # the lease is live
+    # Read on as_of alone, the live lease looks lapsed and the failure looks old.
+    assert (one_clock.due_now, one_clock.failed_last_24h) == (2, 0)
+
+
 def test_status_of_an_empty_outbox(db: Database) -> None:
     with db.session() as s:
         status = outbox_status(s, now=NOW)
