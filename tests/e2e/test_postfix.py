@@ -17,6 +17,7 @@ from sqlalchemy import select
 from backjobs.db import session_scope
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
+from backjobs.settings import load_settings
 from tests.support.databases import Database
 from tests.support.postfix import Postfix
 from tests.support.prefect_server import PrefectServer
@@ -47,7 +48,14 @@ class Run(NamedTuple):
 def enqueue(db: Database, *, to: list[str], subject: str) -> int:
     with session_scope(db.engine) as session:
         context = {"subject": subject, "body": f"{subject}, through Postfix."}
-        return enqueue_email(session, to=to, template="generic", context=context, now=QUEUED_AT)
+        return enqueue_email(
+            session,
+            to=to,
+            template="generic",
+            context=context,
+            now=QUEUED_AT,
+            settings=load_settings(email_from=SENDER),  # as the app that queues it
+        )
 
 
 def row(db: Database, task_id: int) -> Row:
@@ -91,6 +99,7 @@ def test_starttls_delivers_each_email_with_its_message_id_and_date(
     for number, r in enumerate(rows, start=1):
         message = by_id[r.message_id]
         assert message["Subject"] == f"Report {number}"
+        assert message["Date"] is not None  # Postfix adds none of its own (see support)
         sent_at = parsedate_to_datetime(str(message["Date"]))
         assert run.started - timedelta(seconds=1) <= sent_at <= run.ended
         # Postfix writes "with ESMTPS" when the session was encrypted.
@@ -124,4 +133,5 @@ def test_an_untrusted_certificate_fails_the_run_and_uses_no_attempt(
     run = run_email_send_job(prefect_server, sqlite_db, postfix, trust_cert=False)
     assert run.code != 0, run.output
     assert "CERTIFICATE_VERIFY_FAILED" in run.output
-    assert [row(sqlite_db, i)[:2] for i in ids] == [("pending", 0), ("pending", 0)]
+    rows = [row(sqlite_db, task_id) for task_id in ids]
+    assert [(r.status, r.attempts) for r in rows] == [("pending", 0), ("pending", 0)]
