@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.support.files",
     "tests.support.prefect_server",
     "tests.support.smtp",
+    "tests.support.postfix",  # after smtp, whose certificates it uses
 ]
 
 
