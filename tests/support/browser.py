@@ -11,15 +11,14 @@ download (``playwright install``) is never used.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.support.debian import apt_install
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -35,25 +34,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _install_chromium() -> str | None:
-    """Install Debian's chromium; the reason it could not be, or None."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install chromium"
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            return f"`{' '.join(command)}` failed: {last}"
-    return None
-
-
 def require_chromium() -> str:
     """The path of Chromium, installed when missing; skips the test when it cannot be."""
     if not Path(CHROMIUM).exists():
-        problem = _install_chromium()
+        problem = apt_install("chromium")
         if problem is not None or not Path(CHROMIUM).exists():
             pytest.skip(f"headless Chromium unavailable: {problem or 'not at ' + CHROMIUM}")
     try:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.debian import apt_install
 from tests.support.prefect_api import free_port
 from tests.support.smtp import self_signed_cert
 
@@ -47,32 +48,10 @@ MAILBOXES = ("admin",)  # the known users of DOMAIN; anyone else gets 550 at RCP
 NO_SYSTEM_MTA = "postfix postfix/main_mailer_type select No configuration\n"
 
 
-def _install_postfix() -> str | None:
-    """Install Debian's postfix, unconfigured; the reason it could not be, or None."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install postfix"
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    steps: list[tuple[list[str], str | None]] = [
-        (["debconf-set-selections"], NO_SYSTEM_MTA),
-        (["apt-get", "update"], None),
-        (["apt-get", "install", "-y", "--no-install-recommends", "postfix"], None),
-    ]
-    for command, stdin in steps:
-        done = subprocess.run(
-            command, input=stdin, env=env, capture_output=True, text=True, timeout=900
-        )
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            return f"`{' '.join(command)}` failed: {last}"
-    return None
-
-
 def require_postfix() -> str:
     """The path of the ``postfix`` command, installed when missing; skips when it cannot be."""
     if not Path(POSTFIX).exists():
-        problem = _install_postfix()
+        problem = apt_install("postfix", debconf=NO_SYSTEM_MTA, recommends=False)
         if problem is not None or not Path(POSTFIX).exists():
             pytest.skip(f"Postfix unavailable: {problem or 'not at ' + POSTFIX}")
     return POSTFIX
