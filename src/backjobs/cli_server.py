@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from backjobs.cli import prefect_defaults
+from backjobs.orchestration.stack import DEFAULT_STOP_WAIT
 
 
 def add_server_commands(commands: Any) -> None:
@@ -110,6 +111,24 @@ def _add_stack_commands(commands: Any) -> None:
         action.set_defaults(handler=_stack)
         if name == "up":
             action.add_argument("--no-demo", action="store_true", help="no demo data on a new DB")
+        if name == "down":
+            action.add_argument(
+                "--wait",
+                type=_seconds,
+                default=DEFAULT_STOP_WAIT,
+                metavar="SECONDS",
+                help="let started runs end first, up to this long (default 60; 0: stop now)",
+            )
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {value!r}")
+    return seconds
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -155,7 +174,7 @@ def _stack(args: argparse.Namespace) -> int:
         elif args.stack_command == "status":
             return 0 if stack.status(config) else 1
         elif args.stack_command == "down":
-            stack.down(config)
+            stack.down(config, wait=args.wait)
         else:
             stack.print_ready(config, stack.up(config, demo=not args.no_demo))
     except (stack_config.StackError, PortInUse, DeployError) as exc:

@@ -323,17 +323,41 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert members(tmp_path / "var") == []
 
 
-def test_down_leaves_no_process_and_a_free_port_then_up_works_again(running: RunningStack) -> None:
+def test_down_lets_a_started_run_end_leaves_no_process_and_a_free_port_then_up_works_again(
+    running: RunningStack,
+) -> None:
+    # A run the worker has started when `down` comes: it ends Completed, not Crashed.
+    wait_for_runs(running)  # `up`'s ad hoc runs ended: none holds cleanup-job's one slot
+    deployment = running.get("/deployments/name/cleanup-job/cleanup-job")
+    started = running.post(f"/deployments/{deployment['id']}/create_flow_run", {})
+    state = wait_for_state(running, started["id"], {"PENDING", "RUNNING", "COMPLETED"})
+    assert state != "COMPLETED", "the run ended before `down`: nothing was waited for"
     # From a shell that does not say where the stack listens: `up` remembered it.
     shell = {
         k: v for k, v in running.env.items() if not k.startswith(("BACKJOBS_DASH", "PREFECT_"))
     }
-    down = stack("down", shell)
+    down = stack("down --wait 240", shell)
     assert down.returncode == 0, down.stderr
-    assert "could not mark" not in down.stdout
+    assert re.search(r"waiting up to 240 s for \d+ started run\(s\) to end", down.stdout)
+    assert "could not mark" not in down.stdout and "marked Crashed" not in down.stdout
     assert members(running.var) == []
     assert port_free(running.port)
     again = stack("up", running.env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert healthy(running.api)
+    assert running.get(f"/flow_runs/{started['id']}")["state_type"] == "COMPLETED"
     assert "demo data" not in again.stdout  # the data was kept, not seeded twice
+
+
+def wait_for_state(running: RunningStack, run_id: str, states: set[str]) -> str:
+    """The run's state type once it is one of ``states`` (polled every 0.2 s)."""
+    deadline = time.monotonic() + 240
+    while True:
+        flow_run = running.get(f"/flow_runs/{run_id}")
+        if flow_run["state_type"] in states:
+            return str(flow_run["state_type"])
+        if flow_run["state_type"] in ("FAILED", "CANCELLED", "CRASHED"):
+            pytest.fail(f"run {run_id} ended {flow_run['state_name']}: {flow_run['state']}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"run {run_id} still {flow_run['state_name']}, not {sorted(states)}")
+        time.sleep(0.2)

@@ -86,3 +86,13 @@ def test_an_entrypoint_with_a_syntax_error_is_a_problem_line() -> None:
     assert "Traceback" not in done.stderr
     assert "cleanup-job: entrypoint file flows/cleanup.py does not parse" in done.stderr
     assert "(line 1)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("wait", "problem"), [("-1", "between 0 and 3600"), ("soon", "not a number")]
+)
+def test_a_bad_stop_wait_is_a_usage_error_naming_it(wait: str, problem: str) -> None:
+    done = backjobs("stack", "down", "--wait", wait)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "--wait" in line and problem in line and repr(wait) in line

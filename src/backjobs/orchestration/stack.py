@@ -9,7 +9,8 @@ each deployment's one-at-a-time slot frees); creates the work pool; deploys pref
 (``backjobs deploy``: exactly the file's schedules); starts one process worker; and
 creates one ad hoc run of each job, so the UI has runs to show.
 
-``down`` stops the worker (two SIGTERMs, then SIGKILL), marks every run still Pending,
+``down`` lets runs the worker started end (up to ``wait`` seconds, default 60), stops the
+worker (two SIGTERMs, then SIGKILL), marks every run still Pending,
 Running or Cancelling as Crashed through the API, stops the dashboard, then any leftover
 process of this stack (a flow run the worker left), and waits for the port to be free.
 The data stays. Where things live and the stack's secrets: :mod:`stack_config
@@ -32,6 +33,7 @@ from backjobs.orchestration import processes
 from backjobs.orchestration.stack_config import DASHBOARD, WORK_POOL, WORKER, Stack, StackError
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+DEFAULT_STOP_WAIT = 60.0  # seconds `down` lets started runs end before stopping the worker
 STUCK = ("PENDING", "RUNNING", "CANCELLING")
 
 
@@ -154,11 +156,14 @@ def _log_tail(stack: Stack, name: str) -> str:
     return lines[-1] if lines else "empty log"
 
 
-def down(stack: Stack, *, say: Any = _say) -> None:
-    """Stop everything this stack started; runs left unfinished are marked Crashed."""
+def down(stack: Stack, *, wait: float = DEFAULT_STOP_WAIT, say: Any = _say) -> None:
+    """Stop everything this stack started, after up to ``wait`` seconds for started runs
+    to end; runs still unfinished then are marked Crashed."""
     from backjobs.orchestration import stack_api
 
     server = processes.running_pid(stack.folder, DASHBOARD)
+    if server is not None and processes.running_pid(stack.folder, WORKER) is not None:
+        _let_runs_finish(stack, wait=wait, say=say)
     if processes.stop(stack.folder, WORKER, grace=5, terms=2):
         say("worker stopped")
     # Flow runs the worker had started: no process may keep running a job unseen.
@@ -181,6 +186,31 @@ def down(stack: Stack, *, say: Any = _say) -> None:
     if server is not None and not processes.wait_port_free(stack.host, stack.port, timeout=15):
         raise StackError(f"port {stack.port} on {stack.host} is still in use after stopping")
     say(f"stack stopped; data kept in {stack.var_dir}")
+
+
+def _let_runs_finish(stack: Stack, *, wait: float, say: Any) -> None:
+    """Wait (up to ``wait`` s) while runs the worker started are Pending or Running.
+
+    Runs not yet picked up (Scheduled, Late) are not waited for: the next ``up`` runs them.
+    """
+    from backjobs.orchestration import stack_api
+
+    deadline = time.monotonic() + wait
+    told = False
+    while time.monotonic() < deadline:
+        try:
+            unfinished = stack_api.run(stack, stack_api.unfinished_runs())
+        except Exception as exc:  # stopping goes on regardless
+            say(f"could not read the runs: {type(exc).__name__}: {exc}")
+            return
+        if not unfinished:
+            return
+        if not told:
+            say(f"waiting up to {wait:.0f} s for {unfinished} started run(s) to end")
+            told = True
+        time.sleep(1)
+    if told:
+        say(f"still unfinished after {wait:.0f} s: stopping anyway")
 
 
 def status(stack: Stack, *, say: Any = _say) -> bool:

@@ -41,28 +41,41 @@ def _client() -> PrefectClient:
     return get_client()
 
 
+async def unfinished_runs() -> int:
+    """How many runs are Pending, Running or Cancelling: started and not yet ended."""
+    async with _client() as client:
+        return len(await _stuck_runs(client))
+
+
 async def crash_stuck_runs(*, reason: str) -> int:
     """Mark every Pending, Running or Cancelling run Crashed (its process is gone)."""
+    from prefect.states import Crashed
+
+    async with _client() as client:
+        runs = await _stuck_runs(client)
+        for flow_run in runs:
+            await client.set_flow_run_state(
+                flow_run.id, Crashed(message=f"Crashed: {reason}"), force=True
+            )
+        return len(runs)
+
+
+async def _stuck_runs(client: PrefectClient) -> list[Any]:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed
 
     wanted = [StateType(name) for name in STUCK_STATES]
-    async with _client() as client:
-        runs = await client.read_flow_runs(
+    return list(
+        await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted))
             )
         )
-        for flow_run in runs:
-            await client.set_flow_run_state(
-                flow_run.id, Crashed(message=f"Crashed: {reason}"), force=True
-            )
-        return len(runs)
+    )
 
 
 async def ensure_work_pools(stack: Stack) -> None:
