@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,8 @@ import pytest
 import yaml
 
 from backjobs.orchestration.prefect_yaml import describe_cron
-from tests.support.prefect_api import call_json, clean_env, free_port, healthy
+from tests.support.prefect_api import call_json
+from tests.support.prefect_server import PrefectServer
 
 pytestmark = pytest.mark.slow
 
@@ -28,35 +27,11 @@ JOB = "email-send-job"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    env = clean_env() | {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_API_PORT": str(port),
-    }
-    process = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240  # a busy shared machine needs minutes
-        while time.monotonic() < deadline:
-            if healthy(env["PREFECT_API_URL"]):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the Prefect server did not become healthy in 240 s")
-        create = [PREFECT, "work-pool", "create", "--type", "process", "backjobs"]
-        subprocess.run(create, env=env, check=True, capture_output=True, timeout=60)
-        yield env
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def server(prefect_server: PrefectServer) -> dict[str, str]:
+    """The module's Prefect server (tests/support/prefect_server.py) with the work pool."""
+    create = [PREFECT, "work-pool", "create", "--type", "process", "backjobs"]
+    subprocess.run(create, env=prefect_server.env, check=True, capture_output=True, timeout=60)
+    return prefect_server.env
 
 
 @pytest.fixture(scope="module")

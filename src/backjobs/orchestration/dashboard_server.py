@@ -11,7 +11,6 @@ Local development means listening on the loopback interface only (``127.0.0.1``,
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from backjobs.models import User
 from backjobs.orchestration.dashboard import DashboardGate
+from backjobs.orchestration.processes import PortInUse, bind_port
 from backjobs.orchestration.tokens import AdminDirectory
 from backjobs.settings import DEVELOPMENT_JWT_SECRET, Settings
 
@@ -126,21 +126,11 @@ def check_app_database(engine: Engine) -> None:
 def bind_socket(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so a port in use is one clear line."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise DashboardError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise DashboardError(
-                f"port {port} on {host} is already in use: stop what holds it or choose "
-                "another (--port, BACKJOBS_DASHBOARD_PORT)"
-            ) from None
-        raise DashboardError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        sock = bind_port(
+            host, port, host_option="--host", port_option="--port, BACKJOBS_DASHBOARD_PORT"
+        )
+    except PortInUse as exc:
+        raise DashboardError(str(exc)) from None
     sock.set_inheritable(True)
     return sock
 

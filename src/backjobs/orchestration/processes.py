@@ -105,20 +105,32 @@ def sweep(folder: Path, *, grace: float = 5, keep: set[int] | None = None) -> in
     return len(pids)
 
 
+def bind_port(host: str, port: int, *, host_option: str, port_option: str) -> socket.socket:
+    """A socket bound to ``host:port``; :class:`PortInUse` (one line naming the option to
+    change) when it cannot be: the host does not resolve, the port is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot resolve {host_option} {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use: stop what holds it or choose "
+                f"another ({port_option})"
+            ) from None
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
 def check_port_free(host: str, port: int) -> None:
     """Raise :class:`PortInUse` (one line) when something listens on ``host:port``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"port {port} on {host} is already in use: stop what holds it or choose "
-                    "another (BACKJOBS_DASHBOARD_PORT)"
-                ) from None
-            raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    options = ("BACKJOBS_DASHBOARD_HOST", "BACKJOBS_DASHBOARD_PORT")
+    bind_port(host, port, host_option=options[0], port_option=options[1]).close()
 
 
 def wait_port_free(host: str, port: int, timeout: float) -> bool:
