@@ -31,6 +31,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from backjobs.settings import SettingsError
@@ -187,12 +188,15 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from backjobs.orchestration.jobbase import result_rows
-    from backjobs.orchestration.prefect_yaml import find_project_file, load_job_flow
     from backjobs.settings import get_settings
 
     get_settings()  # fail on a bad setting before starting Prefect
     prefect_defaults()
+    _ensure_prefect_home()  # before Prefect is imported: it makes its home on import
+
+    from backjobs.orchestration.jobbase import result_rows
+    from backjobs.orchestration.prefect_yaml import find_project_file, load_job_flow
+
     project_file = find_project_file(args.project_dir)
     job = load_job_flow(project_file, args.job)
     state = job(as_of=args.as_of, return_state=True)
@@ -211,6 +215,24 @@ def _run(args: argparse.Namespace) -> int:
     for row in result_rows(result):
         print(f"  {row['count']:<28} {row['value']}")
     return 0
+
+
+def _ensure_prefect_home() -> None:
+    """Without PREFECT_API_URL, Prefect runs a server in-process with its SQLite in
+    PREFECT_HOME (default ``~/.prefect``), and fails with a traceback when that folder
+    cannot be made (a service account whose HOME does not exist): make it, or say why not.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"without PREFECT_API_URL, Prefect keeps this run's records in {home}, which cannot "
+            f"be created ({exc.strerror}): set PREFECT_HOME to a writable folder, or "
+            "PREFECT_API_URL to a Prefect server"
+        ) from None
 
 
 def _trigger(args: argparse.Namespace) -> int:

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.prefect_api import clean_env
+
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
+ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/backjobs"  # the discard port: refused
 
 
@@ -96,3 +99,27 @@ def test_a_bad_stop_wait_is_a_usage_error_naming_it(wait: str, problem: str) -> 
     assert done.returncode == 2
     line = done.stderr.strip().splitlines()[-1]
     assert "--wait" in line and problem in line and repr(wait) in line
+
+
+def test_run_without_a_server_makes_prefect_home_or_says_why_not(tmp_path: Path) -> None:
+    """A service account whose HOME does not exist: `backjobs run` still runs the job."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    assert backjobs("db", "upgrade", BACKJOBS_DATABASE_URL=url).returncode == 0
+    env = clean_env() | {"BACKJOBS_DATABASE_URL": url, "BACKJOBS_STORAGE_ROOT": str(tmp_path)}
+    missing = tmp_path / "no-such-home"
+    run = ["run", "cleanup-job", "--project-dir", str(ROOT)]
+    done = subprocess.run(
+        [BACKJOBS, *run], env=env | {"HOME": str(missing)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (missing / ".prefect").is_dir()
+    assert "Failed to create the Prefect home" not in done.stderr
+
+    (tmp_path / "a-file").write_text("")
+    unusable = tmp_path / "a-file" / "home"  # under a file: cannot be made, even by root
+    done = subprocess.run(
+        [BACKJOBS, *run], env=env | {"HOME": str(unusable)}, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert f"{unusable / '.prefect'}" in line and "PREFECT_HOME" in line
