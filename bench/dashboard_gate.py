@@ -40,9 +40,9 @@ def serve(gated_port: int, bare_port: int, app_db: str) -> None:
     import uvicorn
     from prefect.server.api.server import create_app
 
+    from backjobs.dashboard.gate import DashboardGate
+    from backjobs.dashboard.tokens import AdminDirectory
     from backjobs.db import make_engine
-    from backjobs.orchestration.dashboard import DashboardGate
-    from backjobs.orchestration.tokens import AdminDirectory
 
     app = create_app(final=True)
     gate = DashboardGate(
@@ -134,7 +134,7 @@ def main() -> None:
     if args.serve:
         return serve(int(args.serve[0]), int(args.serve[1]), args.serve[2])
 
-    from backjobs.orchestration.tokens import mint_token
+    from backjobs.dashboard.tokens import mint_token
 
     with (
         bench_database("backjobs_bench_dashboard") as engine,

@@ -117,7 +117,7 @@ def sender_main(url: str, port: int, stop_file: str) -> None:
 
     from backjobs.db import make_engine
     from backjobs.jobs.email_send import EmailServerUnavailable, send_due_emails
-    from backjobs.mail.transport import make_transport
+    from backjobs.mail import make_transport
     from backjobs.settings import load_settings
 
     logging.basicConfig(level=logging.CRITICAL)

@@ -40,8 +40,8 @@ from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.orm import Session
 
 from backjobs.jobs.email_send import send_due_emails
+from backjobs.mail import make_transport
 from backjobs.mail.render import build_message, new_message_id, render_email, validate_context
-from backjobs.mail.transport import make_transport
 from backjobs.models import AppTask
 from backjobs.settings import load_settings
 

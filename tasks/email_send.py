@@ -17,7 +17,7 @@ from backjobs import outbox_admin
 from backjobs.db import get_engine, session_scope
 from backjobs.jobs import email_send
 from backjobs.jobs.email_send import EmailSendResult
-from backjobs.mail.transport import make_transport
+from backjobs.mail import make_transport
 from backjobs.outbox_admin import OutboxStatus
 from backjobs.settings import get_settings
 from tasks._policy import DB_TASK_OPTIONS

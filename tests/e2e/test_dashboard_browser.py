@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from backjobs.dashboard.tokens import mint_token, sign_in_url
 from backjobs.db import make_engine
-from backjobs.orchestration.tokens import mint_token, sign_in_url
 from tests.support.browser import chromium_page, require_chromium
 from tests.support.dashboard import SECRET, GatedDashboard, gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call_json

@@ -29,8 +29,8 @@ from sqlalchemy import func, select
 
 from backjobs.db import make_engine, session_scope
 from backjobs.models import Marker, RefreshToken, StoredFile, Transaction
-from backjobs.orchestration.processes import MARKER
 from backjobs.outbox import enqueue_email
+from backjobs.stack.processes import MARKER
 from tests.support.browser import chromium_page
 from tests.support.dashboard import basic
 from tests.support.prefect_api import call_json, clean_env, free_port, healthy

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import insert
 
 from backjobs.jobs.email_send import EmailSendResult, EmailServerUnavailable, send_due_emails
-from backjobs.mail.transport import make_transport
+from backjobs.mail import make_transport
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings

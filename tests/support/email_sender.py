@@ -13,7 +13,7 @@ from datetime import datetime
 
 from backjobs.db import get_engine
 from backjobs.jobs.email_send import EmailSendResult, send_due_emails
-from backjobs.mail.transport import make_transport
+from backjobs.mail import make_transport
 from backjobs.settings import get_settings
 from tests.support.databases import Database
 

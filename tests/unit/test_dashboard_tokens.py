@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 
-from backjobs.orchestration.dashboard_server import (
+from backjobs.dashboard.server import (
     DashboardConfig,
     DashboardError,
     check_secret,
     public_url,
 )
-from backjobs.orchestration.tokens import (
+from backjobs.dashboard.tokens import (
     TokenError,
     UsedTokenIds,
     mint_token,

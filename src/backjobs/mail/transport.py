@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from backjobs.mail.render import OutgoingEmail
-from backjobs.settings import EmailTransportKind, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +79,6 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def make_transport(settings: Settings) -> Transport:
-    """The configured transport (``BACKJOBS_EMAIL_TRANSPORT``)."""
-    if settings.email_transport is EmailTransportKind.SMTP:
-        from backjobs.mail.smtp import SmtpTransport
-
-        return SmtpTransport(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            security=settings.smtp_security,
-            username=settings.smtp_username,
-            password=settings.smtp_password,
-            timeout=settings.smtp_timeout_seconds,
-            sender=settings.email_from,
-            max_connections=settings.email_connections,
-            ca_file=settings.smtp_ca_file,
-            tls_server_name=settings.smtp_tls_server_name,
-        )
-    return PickupTransport(directory=settings.email_pickup_dir)
 
 
 class PickupTransport:

@@ -10,20 +10,16 @@ file alone is not trusted: the process must still carry the marker (pids are reu
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from backjobs.net import PortInUse, bind_port
+
 MARKER = "_BACKJOBS_STACK_MEMBER"
-
-
-class PortInUse(RuntimeError):
-    pass
 
 
 def spawn(
@@ -103,28 +99,6 @@ def sweep(folder: Path, *, grace: float = 5, keep: set[int] | None = None) -> in
             _signal(pid, signal.SIGKILL)
         _wait_gone(pids, folder, 5)
     return len(pids)
-
-
-def bind_port(host: str, port: int, *, host_option: str, port_option: str) -> socket.socket:
-    """A socket bound to ``host:port``; :class:`PortInUse` (one line naming the option to
-    change) when it cannot be: the host does not resolve, the port is taken."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise PortInUse(f"cannot resolve {host_option} {host!r}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(
-                f"port {port} on {host} is already in use: stop what holds it or choose "
-                f"another ({port_option})"
-            ) from None
-        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
 
 
 def check_port_free(host: str, port: int) -> None:

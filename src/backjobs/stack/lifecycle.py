@@ -2,7 +2,7 @@
 
 ``up`` (idempotent, returns once ready): migrates the app database (SQLite under the
 stack folder unless BACKJOBS_DATABASE_URL says otherwise) and, when it is new, fills it
-with demo data (:mod:`backjobs.orchestration.demo_data`); starts ``backjobs dashboard``
+with demo data (:mod:`backjobs.stack.demo_data`); starts ``backjobs dashboard``
 (Prefect's server and UI behind the admin gate, on its own SQLite under
 ``<var>/stack/prefect``); marks runs an earlier stack left Pending/Running as Crashed (so
 each deployment's one-at-a-time slot frees); creates the work pool; deploys prefect.yaml
@@ -13,8 +13,8 @@ creates one ad hoc run of each job, so the UI has runs to show.
 worker (two SIGTERMs, then SIGKILL), marks every run still Pending,
 Running or Cancelling as Crashed through the API, stops the dashboard, then any leftover
 process of this stack (a flow run the worker left), and waits for the port to be free.
-The data stays. Where things live and the stack's secrets: :mod:`stack_config
-<backjobs.orchestration.stack_config>`.
+The data stays. Where things live and the stack's secrets: :mod:`backjobs.stack.config
+<backjobs.stack.config>`.
 
 The stack folder is ``BACKJOBS_STACK_DIR`` (default ``var``; ``--var-dir`` on the
 command line), relative to the working directory.
@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backjobs.orchestration import processes
-from backjobs.orchestration.stack_config import DASHBOARD, WORK_POOL, WORKER, Stack, StackError
+from backjobs.stack import processes
+from backjobs.stack.config import DASHBOARD, WORK_POOL, WORKER, Stack, StackError
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 DEFAULT_STOP_WAIT = 60.0  # seconds `down` lets started runs end before stopping the worker
@@ -68,7 +68,7 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
     _wait_healthy(stack, timeout=300)  # a busy 2-core machine needs minutes
     say(f"dashboard up at {stack.public_url}")
     fresh_worker = processes.running_pid(stack.folder, WORKER) is None
-    from backjobs.orchestration import stack_api
+    from backjobs.stack import api as stack_api
 
     if fresh_worker:
         crashed = stack_api.run(
@@ -106,8 +106,8 @@ def prepare_database(stack: Stack, *, demo: bool) -> bool:
     """Migrate the app database; demo data when it is new. True when seeded."""
     from backjobs.db import make_engine
     from backjobs.db.migrate import upgrade_engine
-    from backjobs.orchestration.demo_data import is_empty, seed_demo_data
     from backjobs.settings import load_settings
+    from backjobs.stack.demo_data import is_empty, seed_demo_data
 
     if stack.database_url.startswith("sqlite:///"):
         Path(stack.database_url.removeprefix("sqlite:///")).parent.mkdir(
@@ -159,7 +159,7 @@ def _log_tail(stack: Stack, name: str) -> str:
 def down(stack: Stack, *, wait: float = DEFAULT_STOP_WAIT, say: Any = _say) -> None:
     """Stop everything this stack started, after up to ``wait`` seconds for started runs
     to end; runs still unfinished then are marked Crashed."""
-    from backjobs.orchestration import stack_api
+    from backjobs.stack import api as stack_api
 
     server = processes.running_pid(stack.folder, DASHBOARD)
     if server is not None and processes.running_pid(stack.folder, WORKER) is not None:
@@ -193,7 +193,7 @@ def _let_runs_finish(stack: Stack, *, wait: float, say: Any) -> None:
 
     Runs not yet picked up (Scheduled, Late) are not waited for: the next ``up`` runs them.
     """
-    from backjobs.orchestration import stack_api
+    from backjobs.stack import api as stack_api
 
     deadline = time.monotonic() + wait
     told = False
@@ -215,7 +215,7 @@ def _let_runs_finish(stack: Stack, *, wait: float, say: Any) -> None:
 
 def status(stack: Stack, *, say: Any = _say) -> bool:
     """Each part up or down, and each deployment's schedules and next run; True if all up."""
-    from backjobs.orchestration import stack_api
+    from backjobs.stack import api as stack_api
 
     parts = {name: processes.running_pid(stack.folder, name) for name in (DASHBOARD, WORKER)}
     for name, pid in parts.items():
@@ -233,9 +233,9 @@ def sign_in_link(stack: Stack) -> str | None:
     """A one-time sign-in link for the demo admin, or None without one."""
     import warnings
 
+    from backjobs.dashboard.tokens import mint_admin_token, sign_in_url
     from backjobs.db import make_engine, session_scope
-    from backjobs.orchestration.demo_data import ADMIN_EMAIL
-    from backjobs.orchestration.tokens import mint_admin_token, sign_in_url
+    from backjobs.stack.demo_data import ADMIN_EMAIL
 
     engine = make_engine(stack.database_url)
     try:

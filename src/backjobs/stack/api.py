@@ -18,7 +18,7 @@ from backjobs.orchestration.prefect_yaml import load_deployments
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
-    from backjobs.orchestration.stack_config import Stack
+    from backjobs.stack.config import Stack
 
 T = TypeVar("T")
 STUCK_STATES = ("PENDING", "RUNNING", "CANCELLING")
@@ -96,8 +96,8 @@ async def ensure_work_pools(stack: Stack) -> None:
 
 
 async def wait_worker_online(stack: Stack, *, timeout: float) -> None:
-    from backjobs.orchestration import processes
-    from backjobs.orchestration.stack_config import WORK_POOL, WORKER, StackError
+    from backjobs.stack import processes
+    from backjobs.stack.config import WORK_POOL, WORKER, StackError
 
     deadline = time.monotonic() + timeout
     async with _client() as client:

@@ -10,7 +10,7 @@ import argparse
 from datetime import datetime
 from typing import Any
 
-from backjobs.cli import parse_as_of
+from backjobs.cli.common import parse_as_of
 
 
 def add_outbox_commands(commands: Any) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backjobs.orchestration import processes
 from backjobs.settings import EmailTransportKind, Settings
+from backjobs.stack import processes
 
 DASHBOARD, WORKER = "dashboard", "worker"
 WORK_POOL = "backjobs"
@@ -107,7 +107,7 @@ def load_stack(settings: Settings, *, var_dir: str | Path | None, project_file: 
     auth = kept["auth_string"]
     if settings.dashboard_auth_string is not None:
         auth = settings.dashboard_auth_string.get_secret_value()
-    from backjobs.orchestration.dashboard_server import public_url
+    from backjobs.dashboard.server import public_url
 
     host, port = settings.dashboard_host, settings.dashboard_port
     # `down`, `status` and `env` address the stack where `up` started it, even from a

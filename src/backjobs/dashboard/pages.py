@@ -7,7 +7,7 @@ from html import escape
 
 from starlette.responses import HTMLResponse, Response
 
-from backjobs.orchestration.tokens import COOKIE_NAME, SIGN_IN_PATH
+from backjobs.dashboard.tokens import COOKIE_NAME, SIGN_IN_PATH
 
 
 def sign_in_form_response(token: str) -> Response:

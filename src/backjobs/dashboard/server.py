@@ -22,10 +22,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from backjobs.dashboard.gate import DashboardGate
+from backjobs.dashboard.tokens import AdminDirectory
 from backjobs.models import User
-from backjobs.orchestration.dashboard import DashboardGate
-from backjobs.orchestration.processes import PortInUse, bind_port
-from backjobs.orchestration.tokens import AdminDirectory
+from backjobs.net import PortInUse, bind_port
 from backjobs.settings import DEVELOPMENT_JWT_SECRET, Settings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

@@ -2,7 +2,7 @@
 
 Who gets in, on HTTP and websocket alike:
 
-- an **admin**: a JWT (see :mod:`backjobs.orchestration.tokens`) in the ``prefect_jwt``
+- an **admin**: a JWT (see :mod:`backjobs.dashboard.tokens`) in the ``prefect_jwt``
   cookie or an ``Authorization: Bearer`` header, whose user is an admin now;
 - a **machine**: ``Authorization: Basic base64(auth string)``, what unmodified Prefect
   clients send when ``PREFECT_API_AUTH_STRING`` is set, checked as Prefect's own server
@@ -39,13 +39,13 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from backjobs.orchestration.dashboard_pages import (
+from backjobs.dashboard.pages import (
     refusal_page,
     sign_in_form_response,
     signed_in_response,
     signed_out_response,
 )
-from backjobs.orchestration.tokens import (
+from backjobs.dashboard.tokens import (
     COOKIE_NAME,
     SIGN_IN_PATH,
     SIGN_OUT_PATH,

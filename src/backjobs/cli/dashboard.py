@@ -1,0 +1,77 @@
+"""``backjobs dashboard | dashboard-token``: the Prefect server and UI behind the admin gate,
+and tokens and sign-in links for it. The logic is in :mod:`backjobs.dashboard`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from backjobs.cli.common import prefect_defaults
+
+
+def add_dashboard_commands(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the Prefect server and UI behind the admin-only gate"
+    )
+    dashboard.add_argument("--host", help="interface (default BACKJOBS_DASHBOARD_HOST, 127.0.0.1)")
+    dashboard.add_argument("--port", type=int, help="port (default BACKJOBS_DASHBOARD_PORT, 4200)")
+    dashboard.set_defaults(handler=_dashboard)
+
+    token = commands.add_parser(
+        "dashboard-token", help="a short-lived dashboard token for an admin, or a sign-in link"
+    )
+    token.add_argument("email", help="the admin's email in the app's users table")
+    token.add_argument(
+        "--minutes", type=int, help="lifetime (default BACKJOBS_DASHBOARD_TOKEN_MINUTES, 60)"
+    )
+    token.add_argument("--url", action="store_true", help="print a one-time sign-in link")
+    token.set_defaults(handler=_dashboard_token)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from backjobs.dashboard.server import (
+        DashboardError,
+        dashboard_config,
+        serve_dashboard,
+    )
+    from backjobs.db import make_engine
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    prefect_defaults()
+    # The server process has no flow run to send its own logs to.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    config = dashboard_config(settings, host=args.host, port=args.port)
+    engine = make_engine(config.database_url)
+    try:
+        serve_dashboard(config, engine=engine)
+    except DashboardError as exc:
+        print(f"backjobs dashboard: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _dashboard_token(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from backjobs.dashboard.server import public_url
+    from backjobs.dashboard.tokens import admin_token, sign_in_url
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    if args.minutes is not None and not 1 <= args.minutes <= 7 * 24 * 60:
+        raise ValueError("--minutes must be between 1 and 10080 (a week)")
+    try:
+        token = admin_token(args.email, settings=settings, minutes=args.minutes)
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
+        raise LookupError(
+            f"cannot read the users of the app database ({first}); is BACKJOBS_DATABASE_URL "
+            "right and migrated (backjobs db upgrade)?"
+        ) from None
+    print(sign_in_url(public_url(settings), token) if args.url else token)
+    return 0
