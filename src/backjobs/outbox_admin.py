@@ -182,7 +182,8 @@ def retry_failed(
 
 
 def _refuse_unless_failed(session: Session, ids: Sequence[int]) -> None:
-    query = select(TASKS.c.id, TASKS.c.status).where(EMAIL, TASKS.c.id.in_(ids))
+    possible = [task_id for task_id in ids if _possible_id(task_id)]
+    query = select(TASKS.c.id, TASKS.c.status).where(EMAIL, TASKS.c.id.in_(possible))
     found = {row.id: row.status for row in session.execute(query)}
     refused = {
         task_id: "no such outbox row" if task_id not in found else f"status is {found[task_id]}"
@@ -191,6 +192,15 @@ def _refuse_unless_failed(session: Session, ids: Sequence[int]) -> None:
     }
     if refused:
         raise RetryRefused(refused)
+
+
+# app_tasks.id is a BIGINT: an id outside its range cannot exist, and binding one fails
+# (OverflowError on SQLite, "bigint out of range" on PostgreSQL).
+MAX_TASK_ID = 2**63 - 1
+
+
+def _possible_id(task_id: int) -> bool:
+    return 1 <= task_id <= MAX_TASK_ID
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,8 @@ class TaskView:
 
 def describe_task(session: Session, task_id: int) -> TaskView:
     """The outbox row ``task_id``; ``LookupError`` when there is no such email row."""
+    if not _possible_id(task_id):
+        raise LookupError(f"no outbox row with id {task_id} (ids run from 1 to {MAX_TASK_ID})")
     shown = [c for c in TASKS.c if c.key != "payload"]
     row = (
         session.execute(

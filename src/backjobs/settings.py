@@ -164,6 +164,11 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("app_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return check_base_url(value)
+
     @field_validator("confirmation_path")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
@@ -195,6 +200,25 @@ class Settings(BaseSettings):
                 "BACKJOBS_REGISTRATION_CONFIRMATION_DAYS"
             )
         return self
+
+
+def check_base_url(value: str) -> str:
+    """The app's address for links in emails: an absolute http(s) URL with a host, no
+    query or fragment (the confirmation path and token are appended to it)."""
+    from urllib.parse import urlsplit
+
+    if any(c.isspace() for c in value):
+        raise ValueError("must be an absolute http(s) URL without spaces")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        raise ValueError(f"{value!r} is not a URL (e.g. https://app.example.com)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL (e.g. https://app.example.com)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    return value
 
 
 def check_sender(value: str) -> str:
@@ -230,8 +254,33 @@ def format_sender(name: str, address: str) -> str:
     return f"{name} <{address}>"
 
 
+ENV_FILE = Path(".env")
+
+
+def check_env_file(path: Path = ENV_FILE) -> None:
+    """A ``.env`` that is there but unusable is an error naming it, never skipped: a folder
+    named ``.env`` (pydantic-settings would ignore it and the defaults would put a new
+    database under ./var), a file that cannot be read or is not UTF-8."""
+    if not path.exists() and not path.is_symlink():
+        return
+    shown = path.absolute()
+    if not path.is_file():
+        raise SettingsError(f"{shown} is not a file (a folder?); make it a file or remove it")
+    try:
+        path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{shown} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SettingsError(
+            f"{shown} is not UTF-8 (byte {exc.object[exc.start]:#04x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment (and ``overrides``), naming any bad variable."""
+    check_env_file()
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -1,13 +1,19 @@
 """``backjobs deploy`` against a real Prefect server: the server holds exactly the file's
-schedules, whatever was deployed before; a never-firing cron is refused; the pull step
-stores no path of the deploying machine.
+schedules, whatever was deployed before, and deploy prints each change as it stands on
+the server (a cron edit, a UI pause it reverted); a never-firing cron is refused; the
+pull step stores no path of the deploying machine. And ``backjobs trigger`` on the same
+server: a future as_of refused before any run exists, a trigger meeting the run that
+holds the job's one slot.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +166,174 @@ def test_a_never_firing_cron_is_refused_before_anything_is_deployed(
 def api(env: dict[str, str], path: str, body: dict[str, object]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = call_json("POST", f"{env['PREFECT_API_URL']}/{path}", body=body)
     return found
+
+
+def test_deploy_prints_what_changed_on_the_server_and_names_the_pause_it_reverted(
+    server: dict[str, str], project: Path
+) -> None:
+    slug = "email-send-job-cron"
+    write(project, [cron("*/2 * * * *", slug)])
+    deploy_ok(project, server)
+
+    # A cron edit: `prefect deploy` applies it itself; the report still shows it.
+    write(project, [cron("*/5 * * * *", slug)])
+    out = deploy_ok(project, server)
+    assert f"{JOB}: schedule {slug}: cron `*/2 * * * *` → `*/5 * * * *`" in out, out
+
+    # A pause made in the UI (its schedule toggle: PATCH the schedule's `active`).
+    deployment = deployed(server)
+    (schedule,) = deployment["schedules"]
+    url = f"{server['PREFECT_API_URL']}/deployments/{deployment['id']}/schedules/{schedule['id']}"
+    call_json("PATCH", url, body={"active": False})
+    assert schedules(server) == [("*/5 * * * *", False, slug)]
+    out = deploy_ok(project, server)
+    assert (
+        f"{JOB}: schedule {slug} `*/5 * * * *` re-activated (paused on the server; "
+        "prefect.yaml says active — add `active: false` to keep it paused)"
+    ) in out, out
+    assert schedules(server) == [("*/5 * * * *", True, slug)]
+
+    out = deploy_ok(project, server)
+    assert out.strip() == f"{JOB}: unchanged: `*/5 * * * *` active"
+    write(project, [cron("*/5 * * * *", slug, active=False)])
+    out = deploy_ok(project, server)
+    assert f"{JOB}: schedule {slug} `*/5 * * * *` paused" in out, out
+    write(project, [])
+    out = deploy_ok(project, server)
+    assert f"{JOB}: schedule {slug} `*/5 * * * *` removed (not in prefect.yaml)" in out, out
+
+
+# --- backjobs trigger and the job's one slot (deployment limit 1, CANCEL_NEW) -----------
+
+
+@pytest.fixture(scope="module")
+def app(
+    server: dict[str, str], sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The server's environment plus an app database, as a worker and `trigger` get it."""
+    folder = tmp_path_factory.mktemp("trigger-app")
+    shutil.copyfile(sqlite_template, folder / "app.db")
+    return server | {
+        "BACKJOBS_DATABASE_URL": f"sqlite:///{folder / 'app.db'}",
+        "BACKJOBS_STORAGE_ROOT": str(folder / "files"),
+        "BACKJOBS_EMAIL_PICKUP_DIR": str(folder / "mail"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def runs_of(env: dict[str, str]) -> list[dict[str, Any]]:
+    return api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployed(env)["id"]]}}})
+
+
+def scheduled_run(env: dict[str, str], *, at: datetime, as_of: str | None = None) -> str:
+    """A run of the job, as the scheduler makes one, due ``at``."""
+    body: dict[str, Any] = {
+        "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": at.isoformat()}}
+    }
+    if as_of:
+        body["parameters"] = {"as_of": as_of}
+    run = call_json(
+        "POST",
+        f"{env['PREFECT_API_URL']}/deployments/{deployed(env)['id']}/create_flow_run",
+        body=body,
+    )
+    return str(run["id"])
+
+
+def set_state(env: dict[str, str], run_id: str, kind: str) -> Any:
+    """What a worker (Pending) or the engine (Running, Completed) proposes for a run."""
+    url = f"{env['PREFECT_API_URL']}/flow_runs/{run_id}/set_state"
+    return call_json("POST", url, body={"state": {"type": kind}})
+
+
+def complete(env: dict[str, str], run_id: str) -> None:
+    """Running (once its scheduled time has come: the server says WAIT before), then
+    Completed, so the server releases the slot as after a real run."""
+    deadline = time.monotonic() + 60
+    while (answer := set_state(env, run_id, "RUNNING"))["status"] != "ACCEPT":
+        assert answer["status"] == "WAIT" and time.monotonic() < deadline, answer
+        time.sleep(1)
+    assert set_state(env, run_id, "COMPLETED")["status"] == "ACCEPT"
+
+
+def read_until(process: subprocess.Popen[str], text: str) -> str:
+    """The trigger's output up to the line holding ``text`` (it prints unbuffered)."""
+    assert process.stdout is not None
+    seen = ""
+    while text not in seen:
+        line = process.stdout.readline()
+        assert line, f"trigger ended before printing {text!r}:\n{seen}"
+        seen += line
+    return seen
+
+
+def start_trigger(env: dict[str, str], project: Path, *args: str) -> subprocess.Popen[str]:
+    command = [BACKJOBS, "trigger", JOB, "--project-dir", str(project), *args]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_future_as_of_is_refused_by_trigger_before_any_run_exists(
+    app: dict[str, str], project: Path
+) -> None:
+    write(project, [])
+    deploy_ok(project, app)
+    before = len(runs_of(app))
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    done = subprocess.run(
+        [BACKJOBS, "trigger", JOB, "--as-of", future, "--wait", "--project-dir", str(project)],
+        env=app,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "in the future" in line and "BACKJOBS_ALLOW_FUTURE_AS_OF" in line
+    assert "no run was created" in line
+    assert len(runs_of(app)) == before
+
+
+def test_a_trigger_meeting_the_run_holding_the_slot_follows_it_or_queues_behind_it(
+    prefect_server: PrefectServer, app: dict[str, str], project: Path
+) -> None:
+    write(project, [])
+    deploy_ok(project, app)
+    # 1. The scheduled run is picked up a few seconds early, just after the trigger made
+    # its run: the trigger's run is Cancelled. The worker polls another queue, so the
+    # test itself moves the runs to Pending, in that order, as the worker would.
+    prefect_server.start_worker("backjobs", env=app, cwd=project, queue="elsewhere")
+    holder = scheduled_run(app, at=datetime.now(UTC) + timedelta(seconds=8))
+    known = {r["id"] for r in runs_of(app)}
+    trigger = start_trigger(app, project, "--wait", "--timeout", "150")
+    deadline = time.monotonic() + 60
+    while not (ours := [r["id"] for r in runs_of(app) if r["id"] not in known]):
+        assert time.monotonic() < deadline, "trigger made no run"
+        time.sleep(0.2)
+    assert set_state(app, holder, "PENDING")["status"] == "ACCEPT"
+    lost = set_state(app, ours[0], "PENDING")
+    assert lost["status"] == "REJECT" and lost["state"]["type"] == "CANCELLED"
+    read_until(trigger, "covers this trigger: following it")
+    complete(app, holder)
+    out, err = trigger.communicate(timeout=120)
+    assert trigger.returncode == 0, out + err
+    assert f"{JOB}: completed" in out
+
+    # 2. A run holding the slot with an older clock does not cover the trigger: it
+    # queues behind it, then a real worker runs its own run.
+    prefect_server.stop_workers()
+    old = scheduled_run(app, at=datetime.now(UTC), as_of="2026-01-01T00:00:00Z")
+    taken = set_state(app, old, "PENDING")
+    assert taken["status"] == "ACCEPT", taken
+    prefect_server.start_worker("backjobs", env=app, cwd=project)
+    trigger = start_trigger(app, project, "--wait", "--timeout", "150")
+    shown = read_until(trigger, "queueing behind it")
+    assert "does not cover as_of" in shown and "2026-01-01T00:00:00+00:00" in shown
+    complete(app, old)
+    out, err = trigger.communicate(timeout=150)
+    assert trigger.returncode == 0, shown + out + err
+    assert "creating the run again" in out and f"{JOB}/{JOB}: flow run" in out
+    assert f"{JOB}: completed" in out
+    assert "Cancelled" not in out
+    prefect_server.stop_workers()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.databases import Database
 from tests.support.prefect_api import clean_env
 
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
@@ -123,3 +124,207 @@ def test_run_without_a_server_makes_prefect_home_or_says_why_not(tmp_path: Path)
     assert done.returncode == 2
     line = one_error_line(done)
     assert f"{unusable / '.prefect'}" in line and "PREFECT_HOME" in line
+
+
+# --- Issue 18 item 7: every command fails in one line -----------------------------------
+
+CLOSED_PORT = "postgresql://postgres@127.0.0.1:9/backjobs"
+
+
+def only_line(done: subprocess.CompletedProcess[str]) -> str:
+    """stderr holds exactly one line, the error: no traceback, no INFO line before it."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("backjobs"), done.stderr
+    return lines[0]
+
+
+def downgraded(db: Database, revision: str) -> str:
+    """``db`` moved back to ``revision`` (``base``: no backjobs schema at all)."""
+    from alembic import command
+
+    from backjobs.db.migrate import alembic_config
+
+    db.engine.dispose()
+    command.downgrade(alembic_config(db.url), revision)
+    return db.url
+
+
+def test_an_as_of_where_a_jobs_date_arithmetic_would_overflow_is_refused_up_front() -> None:
+    done = backjobs("run", "cleanup-job", "--as-of", "0001-01-02T00:00:00Z")
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert "0001-01-02T00:00:00Z" in line and "outside the years a job can run at" in line
+    assert "1900-8999" in line
+    done = backjobs("trigger", "cleanup-job", "--as-of", "9500-01-01T00:00:00Z")
+    assert done.returncode == 2 and "1900-8999" in one_error_line(done)
+
+
+@pytest.mark.parametrize(
+    "args", [("show", "99999999999999999999"), ("retry", "--id", "1", "99999999999999999999")]
+)
+def test_an_outbox_id_beyond_the_id_column_is_a_usage_error(
+    db: Database, args: tuple[str, ...]
+) -> None:
+    done = backjobs("outbox", *args, BACKJOBS_DATABASE_URL=db.url)
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "99999999999999999999" in line and "ids run from 1 to 9223372036854775807" in line
+    assert "Traceback" not in done.stderr and "Overflow" not in done.stderr
+
+
+def test_the_python_api_refuses_an_id_beyond_the_column_as_an_unknown_one(db: Database) -> None:
+    from datetime import UTC, datetime
+
+    from backjobs.outbox_admin import RetryRefused, describe_task, retry_failed
+
+    with db.session() as session, pytest.raises(LookupError, match="no outbox row with id"):
+        describe_task(session, 2**70)
+    with db.session() as session, pytest.raises(RetryRefused, match="no such outbox row"):
+        retry_failed(session, ids=[2**70], now=datetime.now(UTC))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("outbox", "status"),
+        ("outbox", "show", "1"),
+        ("outbox", "retry", "--id", "1"),
+        ("run", "cleanup-job"),
+        ("dashboard-token", "admin@example.com"),
+    ],
+)
+def test_a_closed_port_is_a_connection_error_in_every_command(args: tuple[str, ...]) -> None:
+    done = backjobs(*args, BACKJOBS_DATABASE_URL=CLOSED_PORT)
+    assert done.returncode == 1
+    line = only_line(done)
+    assert "127.0.0.1" in line and "Connection refused" in line
+    assert "check BACKJOBS_DATABASE_URL" in line
+    assert "migrated" not in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("outbox", "status"),
+        ("outbox", "show", "1"),
+        ("outbox", "retry", "--id", "1"),
+        ("run", "cleanup-job"),
+        ("dashboard-token", "admin@example.com"),
+    ],
+)
+def test_an_unmigrated_database_names_db_upgrade_in_every_command(
+    db: Database, args: tuple[str, ...]
+) -> None:
+    url = downgraded(db, "base")
+    done = backjobs(*args, BACKJOBS_DATABASE_URL=url)
+    assert done.returncode == 2
+    line = only_line(done)
+    assert "not migrated" in line and "backjobs db upgrade" in line
+    assert "SELECT" not in line and "Connection refused" not in line
+
+
+def test_run_on_a_database_behind_the_latest_migration_names_db_upgrade(db: Database) -> None:
+    url = downgraded(db, "0002")
+    done = backjobs("run", "cleanup-job", BACKJOBS_DATABASE_URL=url)
+    assert done.returncode == 2
+    line = only_line(done)
+    assert "at revision 0002, not the latest (0003)" in line and "backjobs db upgrade" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("outbox", "status"),
+        ("outbox", "show", "1"),
+        ("run", "cleanup-job"),
+        ("dashboard-token", "admin@example.com"),
+    ],
+)
+def test_read_only_commands_create_nothing_for_a_mistyped_sqlite_path(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    typo = tmp_path / "vra" / "backjobs.db"
+    done = backjobs(*args, BACKJOBS_DATABASE_URL=f"sqlite:///{typo}")
+    assert done.returncode == 2
+    line = only_line(done)
+    assert f"no such file {typo}" in line and "BACKJOBS_DATABASE_URL" in line
+    assert not typo.parent.exists()
+
+
+def test_a_dot_env_that_is_a_folder_is_named_and_nothing_is_created() -> None:
+    (Path.cwd() / ".env").mkdir()
+    done = backjobs("outbox", "status")
+    assert done.returncode == 2
+    line = only_line(done)
+    assert f"{Path.cwd() / '.env'} is not a file" in line
+    assert not (Path.cwd() / "var").exists()
+
+
+def test_a_dot_env_with_invalid_utf8_is_named() -> None:
+    (Path.cwd() / ".env").write_bytes(b"BACKJOBS_SMTP_HOST=mail\nBACKJOBS_EMAIL_FROM=caf\xe9@x\n")
+    done = backjobs("db", "upgrade")
+    assert done.returncode == 2
+    line = only_line(done)
+    assert f"{Path.cwd() / '.env'} is not UTF-8" in line and "line 2" in line
+    assert not (Path.cwd() / "var").exists()
+
+
+@pytest.mark.parametrize(
+    ("revision", "says"),
+    [
+        ("0001", "is at 0003, a later revision than 0001"),
+        ("base", "is a downgrade"),
+        ("", "--revision is empty"),
+        ("  ", "--revision is empty"),
+    ],
+)
+def test_db_upgrade_refuses_a_downgrade_and_an_empty_revision(
+    db: Database, revision: str, says: str
+) -> None:
+    from backjobs.db.migrate import current_revision
+
+    done = backjobs("db", "upgrade", "--revision", revision, BACKJOBS_DATABASE_URL=db.url)
+    assert done.returncode == 2
+    line = only_line(done)
+    assert says in line
+    assert current_revision(db.engine) == "0003"
+
+
+def test_db_upgrade_to_a_later_revision_says_where_the_database_is(db: Database) -> None:
+    url = downgraded(db, "0001")
+    done = backjobs("db", "upgrade", "--revision", "0002", BACKJOBS_DATABASE_URL=url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("is at 0002")
+    done = backjobs("db", "upgrade", BACKJOBS_DATABASE_URL=url)
+    assert done.stdout.strip().endswith("is at head (0003)")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_dashboard_port_must_be_1_to_65535(port: str) -> None:
+    done = backjobs("dashboard", f"--port={port}")
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert "--port" in line and repr(port) in line
+
+
+@pytest.mark.parametrize(
+    "value", ["", "not a url", "ftp://files.example", "//app.example", "https://"]
+)
+def test_app_base_url_must_be_an_absolute_http_url(value: str) -> None:
+    done = backjobs("db", "upgrade", BACKJOBS_APP_BASE_URL=value)
+    assert done.returncode == 2
+    line = only_line(done)
+    assert "invalid setting BACKJOBS_APP_BASE_URL" in line and "absolute http(s) URL" in line
+    assert not (Path.cwd() / "var").exists()
+
+
+def test_stack_env_with_a_missing_var_dir_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "no-stack"
+    done = backjobs("stack", "env", "--var-dir", str(missing))
+    assert done.returncode == 1
+    assert f"no stack in {missing}" in done.stderr and "export" not in done.stdout
+    assert not missing.exists()
+    done = backjobs("stack", "down", "--var-dir", str(missing))
+    assert done.returncode == 0 and "nothing to stop" in done.stdout
+    assert not missing.exists()

@@ -166,8 +166,10 @@ def test_show_of_an_unknown_row_says_so(outbox: Database) -> None:
 
 
 def test_an_unmigrated_database_is_named_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").write_bytes(b"")  # an empty SQLite database
     empty = Database("sqlite", f"sqlite:///{tmp_path}/empty.db", engine=None)  # type: ignore[arg-type]
     done = backjobs(empty, "status")
     assert done.returncode == 2
-    assert f"cannot read the outbox in sqlite:///{tmp_path}/empty.db" in done.stderr
-    assert "backjobs db upgrade" in done.stderr and "Traceback" not in done.stderr
+    assert f"cannot read the outbox in database sqlite:///{tmp_path}/empty.db" in done.stderr
+    assert "not migrated: run `backjobs db upgrade`" in done.stderr
+    assert "Traceback" not in done.stderr

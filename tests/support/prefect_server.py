@@ -77,11 +77,15 @@ class PrefectServer:
         cwd: Path = ROOT,
         log: Path | None = None,
         limit: int | None = None,
+        queue: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """``prefect worker start --pool POOL`` as the README says; returns once it polls."""
+        """``prefect worker start --pool POOL`` as the README says; returns once it polls.
+        ``queue``: poll only that work queue of the pool (online, but blind to the rest)."""
         args = [PREFECT, "worker", "start", "--pool", pool]
         if limit is not None:
             args += ["--limit", str(limit)]
+        if queue is not None:
+            args += ["--work-queue", queue]
         output = open(log, "ab") if log else subprocess.DEVNULL
         worker = subprocess.Popen(
             args,

@@ -139,3 +139,72 @@ deployments:
         "c-job: description must say 'no schedule' (the deployment has none)",
         "d-job: schedule `0 1 * * *` is inactive: say 'paused'",
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("- name: a-job\n", "must be a mapping with a 'deployments' list, not a list"),
+        ("just words\n", "must be a mapping with a 'deployments' list, not a str"),
+        ("deployments: {name: a-job}\n", "'deployments' must be a list, not a mapping"),
+        ("deployments:\n  - a-job\n", "deployments[0]: must be a mapping, not a str"),
+        (
+            "deployments:\n  - name: a-job\n    entrypoint: flows/job.py:job_flow\n"
+            "    description: no schedule\n    schedules: {cron: '0 1 * * *'}\n",
+            "a-job: 'schedules' must be a list, not a mapping",
+        ),
+    ],
+)
+def test_any_yaml_is_a_problem_line_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, problem: str
+) -> None:
+    path = _write(tmp_path, body)
+    assert any(problem in p for p in check_project_file(path)), check_project_file(path)
+    assert main(["deployments", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert problem in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("cron", "why"),
+    [
+        ("61 0 * * *", "minute 61 is not between 0 and 59"),
+        ("0 24 * * *", "hour 24 is not between 0 and 23"),
+        ("0 0 0 * *", "day 0 is not between 1 and 31"),
+        ("*/61 * * * *", "minute step '61' is not between 1 and 59"),
+        ("0 0 * * 8", "weekday 8 is not between 0 and 7"),
+    ],
+)
+def test_out_of_range_fields_are_invalid_crons_and_never_worded(cron: str, why: str) -> None:
+    problem = cron_problem(cron)
+    assert problem is not None and "not a valid cron expression" in problem and why in problem
+    assert describe_cron(cron) is None
+
+
+def test_every_description_problem_at_once_and_never_none(tmp_path: Path) -> None:
+    """Two schedules, one removed and the other paused in one edit: one check names all."""
+    path = _write(
+        tmp_path,
+        """
+deployments:
+  - name: a-job
+    description: "Daily at 06:00 UTC — `0 6 * * *`; every 5 minutes — `*/5 * * * *`."
+    entrypoint: flows/job.py:job_flow
+    schedules:
+      - cron: "0 9-17 * * 1-5"
+        active: false
+""",
+    )
+    problems = check_project_file(path)
+    assert problems == [
+        "a-job: description states `*/5 * * * *`, `0 6 * * *` but the schedule is "
+        "`0 9-17 * * 1-5`; write the cron in backticks, e.g. '`0 9-17 * * 1-5` (paused)'",
+        "a-job: schedule `0 9-17 * * 1-5` is inactive: say 'paused'",
+    ]
+    assert not any("None" in p for p in problems)
+
+
+def test_cleanup_jobs_description_names_its_four_parts() -> None:
+    description = find_deployment(ROOT / "prefect.yaml", "cleanup-job")["description"].lower()
+    for part in ("refresh tokens", "markers trash", "abandoned uploads", "outbox rows"):
+        assert part in description

@@ -30,7 +30,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from backjobs.cli.common import UsageError, first_line
+from backjobs.cli.common import DatabaseUnusable, UsageError, database_unusable, first_line
 from backjobs.cli.dashboard import add_dashboard_commands
 from backjobs.cli.db import add_db_commands
 from backjobs.cli.jobs import add_job_commands
@@ -60,32 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def explain_error(exc: BaseException) -> tuple[str, int]:
     """One line for ``exc`` (what is wrong, what to do) and the exit status."""
     from alembic.util import CommandError
-    from sqlalchemy.exc import ArgumentError, DBAPIError
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+    if isinstance(exc, DatabaseUnusable):
+        return str(exc), exc.code
     if isinstance(exc, SettingsError | UsageError | LookupError | ValueError):
         return str(exc), 2
     if isinstance(exc, ArgumentError):
         return f"BACKJOBS_DATABASE_URL is not a usable database URL: {exc}", 2
-    if isinstance(exc, DBAPIError):
-        reason = first_line(exc.orig) if exc.orig is not None else first_line(exc)
-        return (
-            f"database {_database_shown()}: {reason} — check BACKJOBS_DATABASE_URL and that "
-            "the database server is running and reachable",
-            1,
-        )
+    if isinstance(exc, SQLAlchemyError):
+        unusable = database_unusable(exc)
+        return str(unusable), unusable.code
     if isinstance(exc, CommandError):
         return f"migration failed: {first_line(exc)}", 1
     return f"{type(exc).__name__}: {first_line(exc)}", 1
-
-
-def _database_shown() -> str:
-    from backjobs.db import normalize_url
-    from backjobs.settings import get_settings
-
-    try:
-        return normalize_url(get_settings().database_url).render_as_string(hide_password=True)
-    except Exception:
-        return "(BACKJOBS_DATABASE_URL)"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,7 +8,23 @@ import os
 import sys
 from typing import Any
 
-from backjobs.cli.common import prefect_defaults
+from backjobs.cli.common import (
+    database_unusable,
+    port_number,
+    prefect_defaults,
+    require_database_file,
+)
+
+# How far ahead Prefect's scheduler creates runs (its defaults: at least 3 runs and one
+# hour, up to 100 runs): for email-send-job's `*/2` that is 30 future runs, which fill the
+# deployment's activity bar and hide its failures. A few are enough: the scheduler tops
+# them up every minute. Set where the server starts, unless already set; a production
+# server started otherwise needs the same three variables (README, "Dashboard").
+SCHEDULER_DEFAULTS = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "2",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "3",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT5M",
+}
 
 
 def add_dashboard_commands(commands: Any) -> None:
@@ -16,7 +32,9 @@ def add_dashboard_commands(commands: Any) -> None:
         "dashboard", help="serve the Prefect server and UI behind the admin-only gate"
     )
     dashboard.add_argument("--host", help="interface (default BACKJOBS_DASHBOARD_HOST, 127.0.0.1)")
-    dashboard.add_argument("--port", type=int, help="port (default BACKJOBS_DASHBOARD_PORT, 4200)")
+    dashboard.add_argument(
+        "--port", type=port_number, help="port, 1-65535 (default BACKJOBS_DASHBOARD_PORT, 4200)"
+    )
     dashboard.set_defaults(handler=_dashboard)
 
     token = commands.add_parser(
@@ -31,6 +49,8 @@ def add_dashboard_commands(commands: Any) -> None:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    for name, value in SCHEDULER_DEFAULTS.items():  # before Prefect reads its settings
+        os.environ.setdefault(name, value)
     from backjobs.dashboard.server import (
         DashboardError,
         dashboard_config,
@@ -65,13 +85,10 @@ def _dashboard_token(args: argparse.Namespace) -> int:
     settings = get_settings()
     if args.minutes is not None and not 1 <= args.minutes <= 7 * 24 * 60:
         raise ValueError("--minutes must be between 1 and 10080 (a week)")
+    require_database_file()
     try:
         token = admin_token(args.email, settings=settings, minutes=args.minutes)
     except SQLAlchemyError as exc:
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["?"])[0]
-        raise LookupError(
-            f"cannot read the users of the app database ({first}); is BACKJOBS_DATABASE_URL "
-            "right and migrated (backjobs db upgrade)?"
-        ) from None
+        raise database_unusable(exc, doing="cannot read the admins") from None
     print(sign_in_url(public_url(settings), token) if args.url else token)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,12 @@ def add_job_commands(commands: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from backjobs.db.migrate import check_ready
     from backjobs.settings import get_settings
 
-    get_settings()  # fail on a bad setting before starting Prefect
+    # Up front, before Prefect starts: a bad setting, a database that is unreachable,
+    # missing (never created here) or not migrated is one line, not a failed run.
+    check_ready(get_settings().database_url)
     prefect_defaults()
     _ensure_prefect_home()  # before Prefect is imported: it makes its home on import
 
@@ -104,6 +108,8 @@ def _trigger(args: argparse.Namespace) -> int:
     from backjobs.orchestration.prefect_yaml import find_deployment, find_project_file
 
     deployment = find_deployment(find_project_file(args.project_dir), args.job)
+    if args.as_of is not None:
+        _refuse_a_future_as_of(args.as_of)
     if not os.environ.get("PREFECT_API_URL"):
         raise LookupError("set PREFECT_API_URL to the Prefect server that holds the deployments")
     if args.timeout is not None and not args.wait:
@@ -114,6 +120,23 @@ def _trigger(args: argparse.Namespace) -> int:
     return trigger_deployment(
         str(deployment["name"]), as_of=args.as_of, wait=args.wait, timeout=args.timeout
     )
+
+
+def _refuse_a_future_as_of(as_of: datetime) -> None:
+    """The job base's rule, applied before any run exists: a run refused on the worker
+    would stay in the history as Failed."""
+    from backjobs.settings import get_settings
+
+    prefect_defaults()
+    from backjobs.orchestration.jobbase import FutureAsOfRefused, check_as_of
+
+    allowed = get_settings().allow_future_as_of
+    try:
+        check_as_of(as_of, now=datetime.now(UTC), allow_future=allowed)
+    except FutureAsOfRefused as exc:
+        raise UsageError(
+            f"not triggered: {exc} (and here, where you trigger); no run was created"
+        ) from None
 
 
 def _deployments_check(args: argparse.Namespace) -> int:
@@ -142,9 +165,7 @@ def _deploy(args: argparse.Namespace) -> int:
     except DeployError as exc:
         print(f"backjobs deploy: {exc}", file=sys.stderr)
         return 1
-    for name, change in changes.items():
-        print(
-            f"{name}/{name}: schedules {change.created} created, {change.updated} updated, "
-            f"{change.deleted} deleted, {change.unchanged} unchanged"
-        )
+    for change in changes.values():
+        for line in change.report:
+            print(line)
     return 0

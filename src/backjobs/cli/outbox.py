@@ -1,7 +1,9 @@
 """``backjobs outbox status | retry --id N… | --failed-since ISO | show N``: the outbox for ops.
 
-The printing side of :mod:`backjobs.outbox_admin`. A database that cannot be read (not
-migrated, unreachable) is one line naming it, its password hidden.
+The printing side of :mod:`backjobs.outbox_admin`. A database that cannot be read is one
+line naming it (password hidden) and saying which trouble it is: unreachable, not
+migrated, read-only (:func:`backjobs.cli.common.database_unusable`). ``status`` and
+``show`` only read: a SQLite file that does not exist is named, never created.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import argparse
 from datetime import datetime
 from typing import Any
 
-from backjobs.cli.common import parse_as_of
+from backjobs.cli.common import (
+    database_unusable,
+    log_to_terminal,
+    parse_as_of,
+    require_database_file,
+    row_id,
+)
 
 
 def add_outbox_commands(commands: Any) -> None:
@@ -21,16 +29,16 @@ def add_outbox_commands(commands: Any) -> None:
     status.set_defaults(handler=_outbox_status)
     retry = actions.add_parser("retry", help="failed rows back to pending with fresh attempts")
     which = retry.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", dest="ids", type=int, nargs="+", metavar="N", help="row ids")
+    which.add_argument("--id", dest="ids", type=row_id, nargs="+", metavar="N", help="row ids")
     which.add_argument(
         "--failed-since",
-        type=lambda value: parse_as_of(value, option="--failed-since"),
+        type=lambda value: parse_as_of(value, option="--failed-since", bounded=False),
         metavar="ISO",
         help="every row that failed at or after this ISO-8601 time",
     )
     retry.set_defaults(handler=_outbox_retry)
     show = actions.add_parser("show", help="one row: status, attempts, error, recipients")
-    show.add_argument("id", type=int, metavar="N")
+    show.add_argument("id", type=row_id, metavar="N")
     show.set_defaults(handler=_outbox_show)
 
 
@@ -43,18 +51,18 @@ def _outbox_status(args: argparse.Namespace) -> int:
     from backjobs.db import session_scope
     from backjobs.outbox_admin import outbox_status
 
+    require_database_file()
     try:
         with session_scope() as session:
             status = outbox_status(session, now=datetime.now(UTC))
     except SQLAlchemyError as exc:
-        raise _outbox_unreadable(exc) from None
+        raise database_unusable(exc, doing="cannot read the outbox") from None
     for name, value in asdict(status).items():
         print(f"{name:<24} {'-' if value is None else value}")
     return 0
 
 
 def _outbox_retry(args: argparse.Namespace) -> int:
-    import logging
     from datetime import UTC
 
     from sqlalchemy.exc import SQLAlchemyError
@@ -62,13 +70,14 @@ def _outbox_retry(args: argparse.Namespace) -> int:
     from backjobs.db import session_scope
     from backjobs.outbox_admin import retry_failed
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_terminal()
+    require_database_file()
     try:
         with session_scope() as session:
             now = datetime.now(UTC)
             retried = retry_failed(session, ids=args.ids, failed_since=args.failed_since, now=now)
     except SQLAlchemyError as exc:
-        raise _outbox_unreadable(exc) from None
+        raise database_unusable(exc, doing="cannot retry outbox rows") from None
     if not retried:
         print("no failed outbox rows to retry")
     else:
@@ -82,11 +91,12 @@ def _outbox_show(args: argparse.Namespace) -> int:
     from backjobs.db import session_scope
     from backjobs.outbox_admin import describe_task
 
+    require_database_file()
     try:
         with session_scope() as session:
             view = describe_task(session, args.id)
     except SQLAlchemyError as exc:
-        raise _outbox_unreadable(exc) from None
+        raise database_unusable(exc, doing="cannot read the outbox") from None
     lines = [
         ("status", view.status),
         ("attempts", f"{view.attempts} of {view.max_attempts}"),
@@ -110,18 +120,6 @@ def _outbox_show(args: argparse.Namespace) -> int:
         if value is not None:
             print(f"  {label:<16} {value}")
     return 0
-
-
-def _outbox_unreadable(exc: Exception) -> LookupError:
-    """A database error as one line naming the database (password hidden)."""
-    from backjobs.db import normalize_url
-    from backjobs.settings import get_settings
-
-    shown = normalize_url(get_settings().database_url).render_as_string(hide_password=True)
-    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-    return LookupError(
-        f"cannot read the outbox in {shown}: {reason} (is it migrated? backjobs db upgrade)"
-    )
 
 
 def _context_value(key: str, value: Any) -> str:

@@ -65,6 +65,17 @@ def _stack(args: argparse.Namespace) -> int:
             raise
         project_file = Path.cwd() / "prefect.yaml"  # env and down do not read it
     settings = get_settings()
+    if args.stack_command != "up":
+        # Only `up` makes a stack: the others must not leave a folder and secrets behind
+        # for a mistyped --var-dir.
+        var = Path(args.var_dir or settings.stack_dir).expanduser()
+        if not (var / "stack").is_dir():
+            where = f"no stack in {var.absolute()} (`backjobs stack up` makes one there)"
+            if args.stack_command == "down":
+                print(f"{where}; nothing to stop")
+                return 0
+            print(f"backjobs stack {args.stack_command}: error: {where}", file=sys.stderr)
+            return 1
     config = stack_config.load_stack(settings, var_dir=args.var_dir, project_file=project_file)
     try:
         if args.stack_command == "env":

@@ -41,11 +41,32 @@ def find_project_file(start: str | Path | None = None) -> Path:
 
 
 def load_deployments(path: Path) -> list[dict[str, Any]]:
-    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    """The ``deployments:`` entries that are mappings; ValueError when the document is not
+    a mapping (a YAML list or scalar) or ``deployments`` is not a list."""
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [d for d in _deployment_entries(path, document) if isinstance(d, dict)]
+
+
+def _deployment_entries(path: Path, document: Any) -> list[Any]:
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise ValueError(
+            f"{path}: the file must be a mapping with a 'deployments' list, not a "
+            f"{_yaml_kind(document)}"
+        )
     deployments = document.get("deployments") or []
     if not isinstance(deployments, list):
-        raise ValueError(f"{path}: 'deployments' must be a list")
-    return [d for d in deployments if isinstance(d, dict)]
+        raise ValueError(f"{path}: 'deployments' must be a list, not a {_yaml_kind(deployments)}")
+    return deployments
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return f"{type(value).__name__} ({value!r:.40})"
 
 
 def seed_name(flow_name: str) -> str:
@@ -84,15 +105,22 @@ def check_project_file(path: str | Path) -> list[str]:
     """Every problem found in prefect.yaml; an empty list means it can be deployed."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        deployments = load_deployments(path)
-    except (OSError, yaml.YAMLError, ValueError) as exc:
-        return [f"cannot read: {exc}"]
-    problems = _secrets_written_in(yaml.safe_load(text))
-    if not deployments:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        entries = _deployment_entries(path, document)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return [f"cannot read: {' '.join(str(exc).split())}"]
+    except ValueError as exc:
+        return [str(exc).removeprefix(f"{path}: ")]
+    problems = _secrets_written_in(document)
+    if not entries:
         problems.append("no deployments")
     seen: set[str] = set()
-    for index, deployment in enumerate(deployments):
+    for index, deployment in enumerate(entries):
+        if not isinstance(deployment, dict):
+            problems.append(
+                f"deployments[{index}]: must be a mapping, not a {_yaml_kind(deployment)}"
+            )
+            continue
         name = str(deployment.get("name") or f"deployments[{index}]")
         if name in seen:
             problems.append(f"{name}: duplicate deployment name")
@@ -114,6 +142,8 @@ def _check_deployment(root: Path, deployment: dict[str, Any]) -> list[str]:
     else:
         problems += _entrypoint_problems(root, script, function)
     schedules = deployment.get("schedules") or []
+    if not isinstance(schedules, list):
+        return [*problems, f"'schedules' must be a list, not a {_yaml_kind(schedules)}"]
     for position, schedule in enumerate(schedules):
         problems += [f"schedule {position + 1}: {p}" for p in check_schedule(schedule)]
     problems += description_problems(str(deployment.get("description") or ""), schedules)
@@ -131,14 +161,16 @@ def describe_cron(cron: str, timezone: str = "UTC") -> str | None:
     itself, shown beside the words, says those.
     """
     fields = cron.split()
-    if len(fields) != 5:
+    if len(fields) != 5 or field_problems(cron):
         return None
     minute, hour, day, month, weekday = fields
     if (hour, day, month, weekday) == ("*", "*", "*", "*"):
         if minute == "*":
             return "every minute"
         if minute.startswith("*/") and minute[2:].isdigit():
-            return f"every {int(minute[2:])} minutes"
+            step = int(minute[2:])
+            # */7 fires at :56 and again at :00: "every 7 minutes" only when 60 divides.
+            return f"every {step} minutes" if 60 % step == 0 else None
         if minute.isdigit():
             return f"hourly at minute {int(minute)}"
         return None
@@ -170,16 +202,29 @@ def description_problems(description: str, schedules: list[Any]) -> list[str]:
         problems.append(
             f"description states {_listed(stated) or 'no cron'} but the schedule is "
             f"{_listed(actual)}; write the cron in backticks, e.g. "
-            f"'{describe_cron(str(crons[0]['cron']), str(crons[0].get('timezone', 'UTC')))} "
-            f"— `{crons[0]['cron']}`'"
+            f"'{suggested_description(crons)}'"
         )
     for schedule in crons:
+        if cron_problem(str(schedule["cron"])):
+            continue  # named as an invalid cron already; no words for it
         words = describe_cron(str(schedule["cron"]), str(schedule.get("timezone", "UTC")))
         if words and words.lower() not in description.lower():
             problems.append(f"description must state `{schedule['cron']}` in words: {words!r}")
         if schedule.get("active") is False and "paused" not in description.lower():
             problems.append(f"schedule `{schedule['cron']}` is inactive: say 'paused'")
     return problems
+
+
+def suggested_description(schedules: list[dict[str, Any]]) -> str:
+    """What a description should state for these schedules: each one's words (where
+    :func:`describe_cron` has them), cron in backticks, and ``(paused)`` when inactive."""
+    stated = []
+    for schedule in schedules:
+        cron = str(schedule["cron"])
+        words = describe_cron(cron, str(schedule.get("timezone", "UTC")))
+        paused = " (paused)" if schedule.get("active") is False else ""
+        stated.append(f"{words} — `{cron}`{paused}" if words else f"`{cron}`{paused}")
+    return "; ".join(stated)
 
 
 def _listed(crons: set[str]) -> str:
@@ -205,11 +250,44 @@ def check_schedule(schedule: Any) -> list[str]:
     return problems
 
 
+# Each field's name and range (day of week: 0 and 7 are Sunday).
+CRON_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day", 1, 31),
+    ("month", 1, 12),
+    ("weekday", 0, 7),
+)
+CRON_NUMBER = re.compile(r"\d+")
+
+
+def field_problems(cron: str) -> list[str]:
+    """Numbers outside their field's range (``61 0 * * *``), and steps of 0 or beyond the
+    range (``*/0``, ``*/61``). Names (``jan``, ``mon``) and croniter's ``L``/``#`` are
+    left to croniter."""
+    fields = cron.split()
+    if len(fields) != 5:
+        return []
+    problems = []
+    for text, (name, low, high) in zip(fields, CRON_FIELDS, strict=True):
+        for item in text.split(","):
+            body, _, step = item.partition("/")
+            if step and (not step.isdigit() or not 1 <= int(step) <= high):
+                problems.append(f"{name} step {step!r} is not between 1 and {high}")
+            for number in CRON_NUMBER.findall(body):
+                if "#" not in body and not low <= int(number) <= high:
+                    problems.append(f"{name} {int(number)} is not between {low} and {high}")
+    return problems
+
+
 def cron_problem(cron: str, zone: Any = UTC, *, day_or: bool = True) -> str | None:
     """Why ``cron`` cannot be used (invalid, or never fires), or None when it is fine."""
     # The croniter that Prefect's own scheduler uses, so both agree on what is valid.
     from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
 
+    out_of_range = field_problems(cron)
+    if out_of_range:
+        return f"cron {cron!r} is not a valid cron expression: {'; '.join(out_of_range)}"
     try:
         if not croniter.is_valid(cron):  # type: ignore[no-untyped-call]
             return f"cron {cron!r} is not a valid cron expression"

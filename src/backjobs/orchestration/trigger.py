@@ -7,6 +7,19 @@ leaving a run Late and the operator waiting forever. While waiting it prints eac
 change; at the end, the run's counts (its ``<flow>-result`` artifact) and, when it did not
 complete, the failed parts by name with their reasons.
 
+**The job's one slot.** Each deployment runs one run at a time (``CANCEL_NEW``): a run
+that finds another holding the slot is Cancelled ("Deployment concurrency limit
+reached."), typically when the worker picked up the ``*/2`` email run a few seconds
+early. With ``--wait`` a trigger never just ends so. It finds the run holding the slot
+and, when that run **covers** the trigger, follows it and reports its outcome instead;
+otherwise it **queues behind** it: waits for it to end, then creates its run again. It
+says which. A holder covers the trigger when it acts at the same clock or later: without
+``--as-of``, a holder whose ``as_of`` (its parameter, else its scheduled time) is at or
+after the moment of the trigger; with ``--as-of``, a holder with exactly that ``as_of``
+(an older or newer clock is another day's work). A holder already running when the
+trigger starts is handled the same way before anything is created, so no Cancelled run
+is left behind. Without ``--wait`` the run is created and a note names the holder.
+
 Exit status: 0 the run completed (or was created, without ``--wait``); 1 it ended
 otherwise (failed, cancelled, crashed); 3 no worker polls its pool (nothing created);
 4 ``--timeout`` passed first (the run goes on; its id is printed).
@@ -17,12 +30,29 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import IO, Any
 from uuid import UUID
 
 NO_WORKER = 3
 TIMED_OUT = 4
+SLOT_TAKEN = "Deployment concurrency limit reached"
+ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
+MAX_REQUEUES = 5  # a run cancelled again and again (a schedule every few seconds) stops here
+
+
+@dataclass
+class _Waiting:
+    """What one ``--wait`` follows: where it prints, and when it gives up."""
+
+    client: Any
+    name: str
+    out: IO[str]
+    err: IO[str]
+    poll_seconds: float
+    deadline: float | None
+    started: float
 
 
 def trigger_deployment(
@@ -40,7 +70,7 @@ def trigger_deployment(
     from prefect.exceptions import ObjectNotFound
 
     full_name = f"{name}/{name}"
-    parameters = {} if as_of is None else {"as_of": as_of.isoformat()}
+    asked_at = datetime.now(UTC)
     with get_client(sync_client=True) as client:
         try:
             deployment = client.read_deployment_by_name(full_name)
@@ -53,11 +83,169 @@ def trigger_deployment(
             if problem:
                 print(f"{full_name}: not triggered: {problem}", file=err)
                 return NO_WORKER
-        run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
-        print(f"{full_name}: flow run {run.name} ({run.id}): {_state_name(run.state)}", file=out)
+        started = time.monotonic()
+        waiting = _Waiting(
+            client,
+            name,
+            out,
+            err,
+            poll_seconds,
+            None if timeout is None else started + timeout,
+            started,
+        )
+        holder = slot_holder(client, deployment.id, exclude=None)
+        if holder is not None and not wait:
+            print(
+                f"{name}: note: run {holder.name} ({_state_name(holder.state)}) holds the job's "
+                "slot; this run is cancelled if a worker picks it up before that one ends "
+                "(--wait queues behind it)",
+                file=out,
+            )
+        elif holder is not None:
+            settled = _meet_holder(waiting, holder, as_of=as_of, asked_at=asked_at, run=None)
+            if settled is not None:
+                return settled
         if not wait:
+            _create(client, deployment.id, full_name, as_of, out)
             return 0
-        return _follow(client, name, run.id, timeout, poll_seconds, out, err)
+        return _run_until_settled(waiting, deployment.id, as_of=as_of, asked_at=asked_at)
+
+
+def _run_until_settled(
+    waiting: _Waiting, deployment_id: UUID, *, as_of: datetime | None, asked_at: datetime
+) -> int:
+    """Create the run and follow it; when it loses the slot, follow or queue behind the
+    holder (:func:`_meet_holder`), at most :data:`MAX_REQUEUES` times."""
+    full_name = f"{waiting.name}/{waiting.name}"
+    for _ in range(MAX_REQUEUES):
+        run = _create(waiting.client, deployment_id, full_name, as_of, waiting.out)
+        final = _wait_final(waiting, run.id)
+        if final is None:
+            return TIMED_OUT
+        if not lost_the_slot(final):
+            return _report(waiting, final)
+        holder = slot_holder(waiting.client, deployment_id, exclude=final)
+        settled = _meet_holder(waiting, holder, as_of=as_of, asked_at=asked_at, run=final)
+        if settled is not None:
+            return settled
+    print(
+        f"{waiting.name}: cancelled {MAX_REQUEUES} times by runs holding the slot; giving up",
+        file=waiting.err,
+    )
+    return _report(waiting, final)
+
+
+def _create(
+    client: Any, deployment_id: UUID, full_name: str, as_of: datetime | None, out: IO[str]
+) -> Any:
+    parameters = {} if as_of is None else {"as_of": as_of.isoformat()}
+    run = client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+    print(f"{full_name}: flow run {run.name} ({run.id}): {_state_name(run.state)}", file=out)
+    return run
+
+
+def _meet_holder(
+    waiting: _Waiting,
+    holder: Any,
+    *,
+    as_of: datetime | None,
+    asked_at: datetime,
+    run: Any,
+) -> int | None:
+    """Follow a covering ``holder`` (its exit status), or wait for it to end so the caller
+    creates its run again (None). ``run``: ours, cancelled by the holder, if any."""
+    name = waiting.name
+    lost = f"run {run.name} was cancelled ({SLOT_TAKEN.lower()}): " if run is not None else ""
+    if holder is None:
+        print(
+            f"{name}: {lost}the run that held the slot has ended; creating the run again",
+            file=waiting.out,
+        )
+        return None
+    held_as_of = run_as_of(holder)
+    about = (
+        f"run {holder.name} ({holder.id}, {_state_name(holder.state)}, as_of "
+        f"{held_as_of.isoformat()}) holds the job's slot"
+    )
+    if covers(holder, as_of=as_of, asked_at=asked_at):
+        print(f"{name}: {lost}{about} and covers this trigger: following it", file=waiting.out)
+        final = _wait_final(waiting, holder.id)
+        return TIMED_OUT if final is None else _report(waiting, final)
+    wanted = (as_of or asked_at).isoformat()
+    print(
+        f"{name}: {lost}{about}; it does not cover as_of {wanted}: queueing behind it",
+        file=waiting.out,
+    )
+    if _wait_final(waiting, holder.id, quiet=True) is None:
+        return TIMED_OUT
+    print(f"{name}: run {holder.name} has ended; creating the run again", file=waiting.out)
+    return None
+
+
+def lost_the_slot(run: Any) -> bool:
+    """Whether ``run`` was cancelled because another run held the deployment's slot."""
+    state = run.state
+    return bool(state is not None and state.is_cancelled() and SLOT_TAKEN in (state.message or ""))
+
+
+def slot_holder(client: Any, deployment_id: UUID, *, exclude: Any) -> Any:
+    """The run holding the deployment's slot: one Pending, Running or Cancelling; else,
+    after ``exclude`` (our run) lost the slot, the run that ended since it was created —
+    a quick holder may be done before we look. None when there is none."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])
+        ),
+        sort=FlowRunSort.START_TIME_DESC,
+        limit=50,
+    )
+    others = [r for r in runs if exclude is None or r.id != exclude.id]
+    active = [r for r in others if r.state is not None and str(r.state.type.value) in ACTIVE]
+    if active:
+        return min(active, key=lambda r: r.start_time or r.expected_start_time or r.created)
+    if exclude is None:
+        return None
+    since = exclude.created
+    ended = [
+        r
+        for r in others
+        if r.state is not None
+        and r.state.is_final()
+        and r.start_time is not None
+        and not lost_the_slot(r)
+        and r.end_time is not None
+        and since is not None
+        and r.end_time >= since
+    ]
+    return min(ended, key=lambda r: r.end_time) if ended else None
+
+
+def run_as_of(run: Any) -> datetime:
+    """The clock a run of a job acts at: its ``as_of`` parameter, else its scheduled time
+    (what the job base uses)."""
+    from backjobs.orchestration.jobbase import to_utc
+
+    value = (run.parameters or {}).get("as_of")
+    if isinstance(value, datetime):
+        return to_utc(value)
+    if isinstance(value, str):
+        try:
+            return to_utc(datetime.fromisoformat(value))
+        except ValueError:
+            pass
+    return to_utc(run.expected_start_time or run.created)
+
+
+def covers(holder: Any, *, as_of: datetime | None, asked_at: datetime) -> bool:
+    """Whether ``holder`` does the work the trigger asked for (see the module docstring)."""
+    held = run_as_of(holder)
+    return held == as_of if as_of is not None else held >= asked_at
 
 
 def pool_problem(client: Any, pool_name: str | None) -> str | None:
@@ -82,46 +270,48 @@ def pool_problem(client: Any, pool_name: str | None) -> str | None:
     return None
 
 
-def _follow(
-    client: Any,
-    name: str,
-    run_id: UUID,
-    timeout: float | None,
-    poll_seconds: float,
-    out: IO[str],
-    err: IO[str],
-) -> int:
-    started = time.monotonic()
+def _wait_final(waiting: _Waiting, run_id: UUID, *, quiet: bool = False) -> Any:
+    """The run once final, printing each state change (None: the deadline passed first)."""
     shown = None
     while True:
-        run = client.read_flow_run(run_id)
+        run = waiting.client.read_flow_run(run_id)
         state = run.state
-        elapsed = time.monotonic() - started
-        if state is not None and state.name != shown:
+        elapsed = time.monotonic() - waiting.started
+        if state is not None and state.name != shown and not quiet:
             shown = state.name
-            print(f"  {elapsed:6.1f}s  {state.name}", file=out)
+            print(f"  {elapsed:6.1f}s  {state.name}", file=waiting.out)
         if state is not None and state.is_final():
-            break
-        if timeout is not None and elapsed >= timeout:
+            return run
+        now = time.monotonic()
+        if waiting.deadline is not None and now >= waiting.deadline:
             print(
-                f"{name}: still {_state_name(state)} after {timeout:g} s; the run goes on "
+                f"{waiting.name}: run {run.name} still {_state_name(state)} after "
+                f"{waiting.deadline - waiting.started:g} s; the run goes on "
                 f"(prefect flow-run inspect {run_id})",
-                file=err,
+                file=waiting.err,
             )
-            return TIMED_OUT
-        time.sleep(poll_seconds if timeout is None else min(poll_seconds, timeout - elapsed))
-    rows = result_table(client, run_id, f"{name}-result")
+            return None
+        pause = waiting.poll_seconds
+        if waiting.deadline is not None:
+            pause = min(pause, waiting.deadline - now)
+        time.sleep(pause)
+
+
+def _report(waiting: _Waiting, run: Any) -> int:
+    """The run's counts and outcome; exit status 0 when it completed."""
+    client, name, state = waiting.client, waiting.name, run.state
+    rows = result_table(client, run.id, f"{name}-result")
     for row in rows:
-        print(f"  {row['count']:<28} {row['value']}", file=out)
+        print(f"  {row['count']:<28} {row['value']}", file=waiting.out)
     if state.is_completed():
-        print(f"{name}: completed", file=out)
+        print(f"{name}: completed (run {run.name})", file=waiting.out)
         return 0
-    print(f"{name}: run {run.name} ended {state.name}: {state.message}", file=err)
+    print(f"{name}: run {run.name} ended {state.name}: {state.message}", file=waiting.err)
     failed = {row["value"] for row in rows if row["count"] == "failed_parts"}
     parts = ", ".join(sorted(failed - {"none"})) or "none reported"
-    print(f"  failed parts: {parts}", file=err)
-    for task_name, message in failed_tasks(client, run_id):
-        print(f"  {task_name}: {message}", file=err)
+    print(f"  failed parts: {parts}", file=waiting.err)
+    for task_name, message in failed_tasks(client, run.id):
+        print(f"  {task_name}: {message}", file=waiting.err)
     return 1
 
 
