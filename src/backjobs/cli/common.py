@@ -152,6 +152,9 @@ def prefect_defaults() -> None:
     # imported and PREFECT_LOGGING_EXTRA_LOGGERS would be read too late.)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "backjobs")
+    # `backjobs run` without PREFECT_API_URL starts a temporary server; Prefect gives it
+    # 20 s, which a busy machine exceeds ("Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def first_line(exc: BaseException) -> str:
