@@ -28,7 +28,9 @@ def test_the_delivered_token_confirms_and_is_gone_from_the_payload(
     smtp_env: Database, smtp_server: SmtpServer
 ) -> None:
     user_id = add_user(smtp_env, "ann@example.com", created_at=SOON, display_name="<Ann>")
-    warn_expiring_registrations(smtp_env.engine, now=AS_OF, settings=get_settings())
+    warn_expiring_registrations(
+        smtp_env.engine, now=AS_OF, settings=get_settings(), wall=lambda: AS_OF
+    )
     assert drain(smtp_env, now=AS_OF).sent == 1
     [received] = smtp_server.messages
     text = received.message.get_body(preferencelist=("plain",))
@@ -56,7 +58,9 @@ def test_no_token_stays_in_the_payload_after_a_permanent_failure(
 ) -> None:
     add_user(smtp_env, "gone@example.com", created_at=SOON)
     smtp_server.answer("gone@example.com", 550, times=None)
-    warn_expiring_registrations(smtp_env.engine, now=AS_OF, settings=get_settings())
+    warn_expiring_registrations(
+        smtp_env.engine, now=AS_OF, settings=get_settings(), wall=lambda: AS_OF
+    )
     [queued] = stored_rows(smtp_env)
     assert queued.payload is not None
     raw = token_in(queued.payload["context"]["confirmation_link"])
