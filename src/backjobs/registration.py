@@ -40,7 +40,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import BigInteger, Select, any_, bindparam, select, update
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    LargeBinary,
+    Select,
+    TypeDecorator,
+    any_,
+    bindparam,
+    cast,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
@@ -95,6 +107,31 @@ def among(session: Session, column: Any, ids: list[int]) -> ColumnElement[bool]:
     if is_postgres(session):
         return column == any_(bindparam(None, ids, type_=ARRAY(BigInteger)))  # type: ignore[no-any-return]
     return column.in_(ids)  # type: ignore[no-any-return]
+
+
+class _LenientText(TypeDecorator[str]):
+    """Bytes read back as text whatever they hold: undecodable bytes become lone
+    surrogates (``surrogateescape``), which the outbox's checks then name and refuse."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return bytes(value).decode("utf-8", "surrogateescape")
+
+
+def user_text(session: Session, column: Any) -> Any:
+    """``column`` (a user's email or name) in a form that always reads.
+
+    SQLite columns take any bytes; one that is not UTF-8 would fail the whole batch's
+    fetch (``Could not decode to UTF-8``). Read as bytes and decoded leniently, the bad
+    row reaches the job's per-row checks, which skip it by id. PostgreSQL: as it is.
+    """
+    if is_postgres(session):
+        return column
+    return type_coerce(cast(column, LargeBinary), _LenientText()).label(column.key)
 
 
 def lock_user(session: Session, user_id: int) -> User | None:

@@ -76,6 +76,7 @@ from backjobs.registration import (
     hash_token,
     invalidate_tokens,
     new_token,
+    user_text,
 )
 from backjobs.settings import Settings
 
@@ -152,7 +153,12 @@ def _claim(
     session: Session, where: list[ColumnElement[bool]], *, after_id: int, limit: int
 ) -> list[Registration]:
     query = (
-        select(User.id, User.email, User.display_name, User.created_at)
+        select(
+            User.id,
+            user_text(session, User.email),
+            user_text(session, User.display_name),
+            User.created_at,
+        )
         .where(User.id > after_id, *_unconfirmed(), *where)
         .order_by(User.id)
         .limit(limit)

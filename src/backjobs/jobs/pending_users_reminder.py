@@ -44,7 +44,7 @@ from backjobs.db import is_postgres
 from backjobs.mail.render import MAX_LISTED_USERS, check_address
 from backjobs.models import RegistrationStatus, User
 from backjobs.outbox import NewEmail, check_email, enqueue_email
-from backjobs.registration import claim_users
+from backjobs.registration import claim_users, user_text
 from backjobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ def admin_addresses(session: Session) -> list[str]:
     """Every admin's address, by id; invalid ones logged (by id) and left out."""
     addresses = []
     for user_id, email in session.execute(
-        select(User.id, User.email).where(User.is_admin.is_(True)).order_by(User.id)
+        select(User.id, user_text(session, User.email))
+        .where(User.is_admin.is_(True))
+        .order_by(User.id)
     ):
         try:
             addresses.append(check_address(email))
@@ -109,7 +111,12 @@ def claim_waiting_users(
     """The ``limit`` longest-waiting due users (after ``after``, in that order), locked
     (skipping others' locks) on PostgreSQL."""
     query = (
-        select(User.id, User.display_name, User.email, User.email_confirmed_at)
+        select(
+            User.id,
+            user_text(session, User.display_name),
+            user_text(session, User.email),
+            User.email_confirmed_at,
+        )
         .where(*_due(now, settings))
         .order_by(User.email_confirmed_at, User.id)
         .limit(limit)
