@@ -162,6 +162,19 @@ def enqueue_emails(
     return [int(task_id) for task_id in session.execute(statement, rows).scalars()]
 
 
+def check_email(email: NewEmail, *, settings: Settings | None = None) -> None:
+    """Raise ``ValueError`` naming the field when ``email`` could not be queued.
+
+    The checks :func:`enqueue_emails` makes of each email (addresses, NUL and lone
+    surrogates, the template's context model), without rendering or writing: a job screens
+    its rows with it, to skip the one bad row instead of failing the whole batch.
+    """
+    try:
+        _email_payload(*email, settings=settings or get_settings(), render=False)
+    except TypeError as exc:  # a value of the wrong type where text belongs (SQLite)
+        raise ValueError(f"not an email: {exc}") from None
+
+
 _PG_BULK_INSERT = text("""
     INSERT INTO app_tasks
         (task_type, status, priority, payload, attempts, max_attempts, next_attempt_at)

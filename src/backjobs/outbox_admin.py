@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, Text, and_, case, func, or_, select, update
 from sqlalchemy import cast as sql_cast
@@ -134,14 +134,22 @@ def retry_failed(
 ) -> list[int]:
     """Put failed outbox rows back to ``pending`` with fresh attempts; return their ids.
 
-    Either ``ids`` (each must be a ``failed`` email row, else :class:`RetryRefused` names
-    every refused one and nothing changes, so a typo never half-applies) or
-    ``failed_since`` (every failed row that ended at or after it; for a row without
-    ``completed_at`` that is when it was last due, so pick a time a little before the
-    trouble began). A retried row gets
-    ``attempts`` 0, ``next_attempt_at`` ``now`` (due at once), no lease, no
-    ``completed_at``, and ``last_error`` prefixed with ``[retried <now>]``, so ``show``
-    still tells why it failed. One log line per row. Flushes; the caller commits.
+    Either ``ids`` (each must be a ``failed`` email row that can still be sent, else
+    :class:`RetryRefused` names every refused one and nothing changes, so a typo never
+    half-applies) or ``failed_since`` (every failed row that ended at or after it; for a
+    row without ``completed_at`` that is when it was last due, so pick a time a little
+    before the trouble began). The rows are locked (``FOR UPDATE`` on PostgreSQL; SQLite's
+    writer lock) from the check to the update, so a row retention deletes meanwhile is
+    refused as unknown, never skipped silently.
+
+    A row whose template's secret fields were removed when it ended (an expiry warning's
+    ``confirmation_link``) can never be sent again: ``ids`` refuses it, saying why;
+    ``failed_since`` leaves it out and logs why. (ExpireUnconfirmedRegistrationsJob
+    re-issues such a warning's link itself while the registration is open.)
+
+    A retried row gets ``attempts`` 0, ``next_attempt_at`` ``now`` (due at once), no
+    lease, no ``completed_at``, and ``last_error`` prefixed with ``[retried <now>]``, so
+    ``show`` still tells why it failed. One log line per row. Flushes; the caller commits.
     """
     if (ids is None) == (failed_since is None):
         raise ValueError("retry_failed takes either ids or failed_since, not both or neither")
@@ -150,17 +158,28 @@ def retry_failed(
         wanted = sorted(set(ids))
         if not wanted:
             raise ValueError("retry_failed: no ids given")
-        _refuse_unless_failed(session, wanted)
-        chosen = and_(failed, TASKS.c.id.in_(wanted))
+        found = _lock_rows(session, TASKS.c.id.in_([i for i in wanted if _possible_id(i)]))
+        refused = {i: _why_not(found.get(i)) for i in wanted if _why_not(found.get(i))}
+        if refused:
+            raise RetryRefused(refused)
     else:
         since = cast(datetime, failed_since)
         if since.tzinfo is None or since.utcoffset() is None:
             raise ValueError("failed_since must be an aware datetime (UTC)")
-        chosen = and_(failed, ended_at() >= since)
+        found = _lock_rows(session, and_(failed, ended_at() >= since))
+        wanted = []
+        for task_id, row in sorted(found.items()):
+            why = _why_not(row)
+            if why:
+                log.warning("outbox task %s: not retried: %s", task_id, why)
+            else:
+                wanted.append(task_id)
+        if not wanted:
+            return []
     stamp = f"[retried {now.isoformat(timespec='seconds')}] "
     statement = (
         update(TASKS)
-        .where(chosen)
+        .where(failed, TASKS.c.id.in_(wanted))
         .values(
             status=TaskStatus.PENDING.value,
             attempts=0,
@@ -181,17 +200,38 @@ def retry_failed(
     return [task_id for task_id, _ in retried]
 
 
-def _refuse_unless_failed(session: Session, ids: Sequence[int]) -> None:
-    possible = [task_id for task_id in ids if _possible_id(task_id)]
-    query = select(TASKS.c.id, TASKS.c.status).where(EMAIL, TASKS.c.id.in_(possible))
-    found = {row.id: row.status for row in session.execute(query)}
-    refused = {
-        task_id: "no such outbox row" if task_id not in found else f"status is {found[task_id]}"
-        for task_id in ids
-        if found.get(task_id) != TaskStatus.FAILED.value
-    }
-    if refused:
-        raise RetryRefused(refused)
+class _Locked(NamedTuple):
+    status: str
+    payload: str | None
+
+
+def _lock_rows(session: Session, where: ColumnElement[bool]) -> dict[int, _Locked]:
+    """The email rows matching ``where``, locked until the caller's transaction ends."""
+    query = select(TASKS.c.id, TASKS.c.status, sql_cast(TASKS.c.payload, Text)).where(EMAIL, where)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=TASKS)
+    return {row[0]: _Locked(row[1], row[2]) for row in session.execute(query)}
+
+
+def _why_not(row: _Locked | None) -> str:
+    """Why this row cannot be retried ("" when it can)."""
+    if row is None:
+        return "no such outbox row"
+    if row.status != TaskStatus.FAILED.value:
+        return f"status is {row.status}"
+    payload, _ = _read_payload(row.payload)
+    context = payload.get("context")
+    template = payload.get("template")
+    if not isinstance(context, dict) or not isinstance(template, str):
+        return ""  # the send will say what is wrong with it, as before
+    gone = sorted(f for f in sensitive_fields(template) if context.get(f) is None)
+    if gone:
+        return (
+            f"its {', '.join(gone)} was removed when it ended (secrets are not kept), so it "
+            "could never be sent; an expiry warning's link is re-issued by "
+            "ExpireUnconfirmedRegistrationsJob while the registration is open"
+        )
+    return ""
 
 
 # app_tasks.id is a BIGINT: an id outside its range cannot exist, and binding one fails

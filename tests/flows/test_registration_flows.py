@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
-AS_OF = datetime(2026, 1, 10, 5, 0, tzinfo=UTC)
+# A run of today: a warning's link must outlive the real time of sending.
+AS_OF = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
 
 
 def seed(db: Database) -> None:
@@ -84,6 +85,7 @@ def test_backjobs_run_takes_flow_and_seed_names(sqlite_db: Database, tmp_path: P
         "BACKJOBS_DATABASE_URL": sqlite_db.url,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "BACKJOBS_ALLOW_FUTURE_AS_OF": "true",  # the reminder runs an hour after today's AS_OF
     }
 
     def backjobs(*args: str) -> subprocess.CompletedProcess[str]:
@@ -92,12 +94,13 @@ def test_backjobs_run_takes_flow_and_seed_names(sqlite_db: Database, tmp_path: P
             command, cwd=Path.cwd(), env=env, capture_output=True, text=True, timeout=180
         )
 
-    done = backjobs("ExpireUnconfirmedRegistrationsJob", "--as-of", "2026-01-10T05:00:00Z")
+    done = backjobs("ExpireUnconfirmedRegistrationsJob", "--as-of", AS_OF.isoformat())
     assert done.returncode == 0, done.stderr
     assert "expire-unconfirmed-registrations-job: completed" in done.stdout
     assert "warned                       1" in done.stdout
     assert "declined                     1" in done.stdout
-    done = backjobs("pending-users-reminder-job", "--as-of", "2026-01-10T06:00:00Z")
+    reminder_at = (AS_OF + timedelta(hours=1)).isoformat()
+    done = backjobs("pending-users-reminder-job", "--as-of", reminder_at)
     assert done.returncode == 0, done.stderr
     assert "users_listed                 1" in done.stdout
     users = users_by_email(sqlite_db)

@@ -39,9 +39,11 @@ Result = ExpireUnconfirmedRegistrationsResult
 
 
 def run(db: Database, *, now: datetime = AS_OF, s: Settings | None = None) -> Result:
+    """Both parts, replayed as if the real time were ``now``."""
     s = s or settings()
-    warned = warn_expiring_registrations(db.engine, now=now, settings=s)
-    return warned.merge(decline_expired_registrations(db.engine, now=now, settings=s))
+    warned = warn_expiring_registrations(db.engine, now=now, settings=s, wall=lambda: now)
+    declined = decline_expired_registrations(db.engine, now=now, settings=s, wall=lambda: now)
+    return warned.merge(declined)
 
 
 def created_for_expiry(expiry: datetime) -> datetime:
@@ -178,7 +180,7 @@ def test_display_names_are_escaped_and_a_bad_address_is_skipped(
     bad_old = add_user(db, "also\nbad", created_at=AS_OF - timedelta(days=30))
     with caplog.at_level(logging.WARNING, logger="backjobs"):
         result = run(db)
-    assert result == Result(warned=1, declined=1, declined_unwarned=1, invalid_addresses=2)
+    assert result == Result(warned=1, declined=1, declined_unwarned=1, invalid_users=2)
     assert f"user {bad} has an invalid email address" in caplog.text
     [email] = queued(db)
     html = render_email(email["template"], email["context"]).html
@@ -249,7 +251,7 @@ def test_a_failed_batch_names_no_token(db: Database) -> None:
                 "BEGIN SELECT RAISE(ABORT, 'outbox refused'); END"
             )
     with pytest.raises(Exception, match="outbox refused") as failed:
-        warn_expiring_registrations(db.engine, now=AS_OF, settings=settings())
+        warn_expiring_registrations(db.engine, now=AS_OF, settings=settings(), wall=lambda: AS_OF)
     assert "confirm-email" not in str(failed.value) and "token=" not in str(failed.value)
     assert tokens(db, users_by_email(db)["ann@example.com"].id) == []  # rolled back
     assert users_by_email(db)["ann@example.com"].expiry_warning_sent_at is None

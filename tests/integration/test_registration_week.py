@@ -45,8 +45,9 @@ def seed(db: Database) -> None:
 def day(db: Database, midnight: datetime) -> None:
     settings = get_settings()
     expire_at = midnight + timedelta(hours=5)  # the crons: 0 5 * * *, 0 6 * * *
-    warn_expiring_registrations(db.engine, now=expire_at, settings=settings)
-    decline_expired_registrations(db.engine, now=expire_at, settings=settings)
+    at = lambda: expire_at  # noqa: E731 — the week is replayed as if it were happening
+    warn_expiring_registrations(db.engine, now=expire_at, settings=settings, wall=at)
+    decline_expired_registrations(db.engine, now=expire_at, settings=settings, wall=at)
     with session_scope(db.engine) as session:
         remind_admins_of_pending_users(
             session, now=midnight + timedelta(hours=6), settings=settings

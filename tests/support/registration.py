@@ -4,10 +4,14 @@ readers of what the jobs left behind (queued emails, tokens)."""
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from backjobs.models import AppTask, EmailConfirmationToken, User
 from backjobs.settings import Settings, load_settings
@@ -84,3 +88,86 @@ def token_in(text: str) -> str:
     found = TOKEN_IN_LINK.search(text)
     assert found is not None, f"no confirmation link in {text!r}"
     return found.group(1)
+
+
+# --- Races on PostgreSQL: a window held open by a lock, never by a sleep ----------------
+
+GATE_KEY = 4242  # the advisory lock a gated trigger waits on while a test holds it
+ROW_LOCK_WAITS = frozenset({"transactionid", "tuple"})
+
+
+def install_gate(db: Database, *, table: str, when: str) -> None:
+    """A trigger holding every UPDATE of ``table`` whose rows match ``when`` (SQL over
+    ``OLD``/``NEW``) while a test keeps the gate closed (:func:`gate_closed`): the
+    statement has its row locks and waits there, with the rest of its transaction."""
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION test_gate() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock_shared({GATE_KEY}); RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER test_gate BEFORE UPDATE ON {table} FOR EACH ROW "
+            f"WHEN ({when}) EXECUTE FUNCTION test_gate()"
+        )
+
+
+@contextmanager
+def gate_closed(db: Database) -> Iterator[None]:
+    """Hold the gate: gated updates wait until the block ends."""
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({GATE_KEY})")
+        try:
+            yield
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({GATE_KEY})")
+            conn.commit()
+
+
+def wait_for_lock_waits(
+    db: Database,
+    *,
+    events: frozenset[str],
+    count: int = 1,
+    timeout: float = 60,
+    or_done: threading.Event | None = None,
+) -> None:
+    """Poll until ``count`` sessions of ``db`` wait on a lock of those ``events``
+    (``advisory``, or a row's: :data:`ROW_LOCK_WAITS`), or until ``or_done`` is set."""
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND wait_event = ANY(:events)"
+    )
+    deadline = time.monotonic() + timeout
+    with db.engine.connect() as conn:
+        while True:
+            waiting = conn.execute(query, {"events": sorted(events)}).scalar_one()
+            conn.rollback()
+            if waiting >= count or (or_done is not None and or_done.is_set()):
+                return
+            assert time.monotonic() < deadline, f"no session waited on {sorted(events)}"
+            time.sleep(0.02)  # polling the condition, not standing in for it
+
+
+class Outcome:
+    """What a call made on another thread returned or raised."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
+def on_thread(call: Callable[[], Any]) -> tuple[threading.Thread, Outcome]:
+    outcome = Outcome()
+
+    def target() -> None:
+        try:
+            outcome.value = call()
+        except BaseException as exc:  # handed to the test's thread
+            outcome.error = exc
+        finally:
+            outcome.done.set()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome

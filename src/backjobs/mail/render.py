@@ -68,6 +68,9 @@ class RegistrationExpiryWarning(_Context):
     display_name: str | None = None
     confirmation_link: str
     expires_at: datetime
+    # The token the link carries (its id, not a secret): when this row fails for good,
+    # ExpireUnconfirmedRegistrationsJob re-issues the link if that token is still the newest.
+    token_id: int | None = None
 
 
 class RegistrationExpired(_Context):
@@ -110,6 +113,8 @@ def check_header(value: str, *, what: str) -> str:
 
 def check_address(address: str) -> str:
     """A bare address (``user@example.com``), else ``ValueError`` naming it."""
+    if not isinstance(address, str):
+        raise ValueError(f"an email address must be text, not {type(address).__name__}")
     check_header(address, what=f"email address {address!r}")
     if len(address) > MAX_ADDRESS_LENGTH or not _ADDRESS.fullmatch(address):
         raise ValueError(f"invalid email address {address!r}")

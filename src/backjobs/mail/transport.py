@@ -86,12 +86,21 @@ class PickupTransport:
 
     A temporary dot-file is written, synced and renamed into place, so a reader of the
     folder never sees half a message; a resend of the same task replaces its file.
+
+    A folder that cannot be created or written (a file in its place, permissions, a full
+    disk, a read-only mount) is the configuration's fault, never the message's: it raises
+    :class:`ServerUnavailable` naming ``BACKJOBS_EMAIL_PICKUP_DIR``, so the job hands its
+    rows back without using an attempt, as for an SMTP outage; later sends through this
+    transport are not tried (``attempted=False``).
     """
 
     def __init__(self, *, directory: Path) -> None:
         self._directory = directory
+        self._broken: str | None = None
 
     def send(self, email: OutgoingEmail) -> list[Refusal]:
+        if self._broken is not None:
+            raise ServerUnavailable(self._broken, attempted=False)
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
             target = self._directory / f"{_file_name(email.message_id)}.eml"
@@ -106,7 +115,12 @@ class PickupTransport:
                 Path(temp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            raise TransientSendError(f"cannot write to pickup folder: {exc}") from None
+            reason = exc.strerror or str(exc)
+            self._broken = (
+                f"BACKJOBS_EMAIL_PICKUP_DIR {self._directory}: cannot write a message there "
+                f"({reason}); fix the folder or the setting"
+            )
+            raise ServerUnavailable(self._broken) from None
         return []
 
     def close(self) -> None:
