@@ -93,6 +93,9 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
         stack.project_file, env=stack.child_env(prefect_home="prefect-client", client=True)
     )
     say(f"deployed {len(changes)} deployments from {stack.project_file}")
+    for change in changes.values():
+        for line in change.report:  # what changed on the server, re-activations named
+            say(f"  {line}")
     stack_api.run(stack, stack_api.wait_worker_online(stack, timeout=300))
     runs = stack_api.run(stack, stack_api.trigger_each(list(changes))) if fresh_worker else []
     return {
