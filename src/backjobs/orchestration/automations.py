@@ -3,7 +3,7 @@
 For each deployment of prefect.yaml (``<job>`` = its name):
 
 - ``backjobs-<job>-alert`` — reactive: a run of the deployment reached Failed, Crashed,
-  TimedOut or Completed (also a Completed-type state named otherwise, ``Completed*``); it
+  TimedOut or Completed (also a Completed-type state named ``Completed …``); it
   calls the alert receiver (:mod:`backjobs.orchestration.alert_receiver`), which decides
   between ``failed``, ``still failing``, ``recovered`` and silence (one incident per job);
 - ``backjobs-<job>-silent`` — proactive, only for a job with an active schedule: no
@@ -42,7 +42,9 @@ PREFIX = "backjobs-"
 BLOCK_NAME = "backjobs-alert-receiver"
 DEFAULT_HEARTBEAT_SECONDS = 30
 ZOMBIE_HEARTBEATS = 3  # a zombie trigger's window must be >= 2 heartbeat intervals
-ENDED = ("Completed*", "Failed", "Crashed", "TimedOut", "Cancelled")
+# Prefect reads "*" as one character or more: "Completed*" alone misses plain Completed.
+COMPLETED = ("Completed", "Completed*")
+ENDED = (*COMPLETED, "Failed", "Crashed", "TimedOut", "Cancelled")
 
 
 class JobSchedule(NamedTuple):
@@ -136,7 +138,7 @@ def wanted_automations(
     }
     alert_trigger = _trigger(
         deployment_id,
-        expect=["Completed*", "Failed", "Crashed", "TimedOut"],
+        expect=[*COMPLETED, "Failed", "Crashed", "TimedOut"],
         posture="Reactive",
         within=0,
         for_each=["prefect.resource.id"],
@@ -166,7 +168,7 @@ def wanted_automations(
     if silent_after is not None:
         silent_trigger = _trigger(
             deployment_id,
-            expect=["Completed*"],
+            expect=list(COMPLETED),
             posture="Proactive",
             within=silent_after.total_seconds(),
         )
