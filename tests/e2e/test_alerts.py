@@ -9,7 +9,12 @@ checked last, when its window (one ``* * * * *`` period) has long passed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -42,6 +47,14 @@ def flaky_job(fail: bool = True) -> str:
     return "ok"
 
 
+@flow(name="sleepy-job")
+def sleepy_job(seconds: float = 600) -> str:
+    import time
+
+    time.sleep(seconds)
+    return "ok"
+
+
 @flow(name="quiet-job")
 def quiet_job() -> str:
     return "ok"
@@ -55,6 +68,13 @@ def project_file(folder: Path) -> None:
             "description": "Triggered only (no schedule); fails when told to.",
             "entrypoint": "flows/alerting.py:flaky_job",
             "work_pool": {"name": POOL},
+        },
+        {
+            "name": "sleepy-job",
+            "description": "Triggered only (no schedule); sleeps.",
+            "entrypoint": "flows/alerting.py:sleepy_job",
+            "work_pool": {"name": POOL},
+            "concurrency_limit": {"limit": 1, "collision_strategy": "CANCEL_NEW"},
         },
         {
             "name": "quiet-job",
@@ -116,8 +136,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def run(command: list[str], *, env: dict[str, str], cwd: Path) -> str:
-    import subprocess
-
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -125,8 +143,6 @@ def run(command: list[str], *, env: dict[str, str], cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def deployed(stack: Stack) -> dict[str, str]:
-    import sys
-
     bin_dir = Path(sys.executable).parent
     env = stack.dash.prefect_env | {
         "BACKJOBS_ALERT_SILENT_AFTER_PERIODS": "1",
@@ -136,7 +152,7 @@ def deployed(stack: Stack) -> dict[str, str]:
         run([str(bin_dir / "prefect"), "work-pool", "create", "--type", "process", pool],
             env=env, cwd=stack.project)  # fmt: skip
     out = run([str(bin_dir / "backjobs"), "deploy"], env=env, cwd=stack.project)
-    assert "automations: 5 created" in out, out
+    assert "automations: 7 created" in out, out
     return env
 
 
@@ -144,12 +160,66 @@ def alerts_of(bodies: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
     return [b for b in bodies if b["job"] == job]
 
 
+def start_worker(stack: Stack, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL],
+        cwd=stack.project,
+        env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return worker
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+
+def test_a_run_whose_worker_and_process_die_is_crashed_within_3_minutes_and_frees_its_slot(
+    stack: Stack, deployed: dict[str, str]
+) -> None:
+    deployment = stack.api("deployments/name/sleepy-job/sleepy-job")
+    create = f"deployments/{deployment['id']}/create_flow_run"
+    worker = start_worker(stack, deployed)
+    try:
+        doomed = stack.api(create, {"parameters": {"seconds": 600}})["id"]
+        running = wait_state(stack, doomed, "RUNNING", timeout=120)
+        wait_heartbeat(stack, doomed, timeout=60)
+        host_pid = str(running.get("infrastructure_pid") or "")
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and what shares its group
+        if host_pid.rpartition(":")[2].isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(host_pid.rpartition(":")[2]), signal.SIGKILL)
+        worker.wait(timeout=10)
+        killed = time.monotonic()
+        crashed = wait_state(stack, doomed, "CRASHED", timeout=240)
+        took = time.monotonic() - killed
+        assert took <= 180, f"Crashed {took:.0f} s after the kill"
+        message = crashed["state"]["message"]
+        assert "zombie detector" in message and "last heartbeat" in message, message
+        assert "ran on worker" in message, message
+        alert = stack.hook.wait_for(
+            lambda b: any(a["flow_run_id"] == doomed for a in b), timeout=60, what="crash alert"
+        )
+        assert [a["state"] for a in alert if a["flow_run_id"] == doomed] == ["Crashed"]
+        worker = start_worker(stack, deployed)
+        next_run = stack.api(create, {"parameters": {"seconds": 1}})["id"]
+        [after] = wait_final(stack, [next_run], timeout=120)
+        assert after["state_name"] == "Completed", after["state"]  # the slot was freed
+    finally:
+        stop(worker)
+
+
 def test_ten_failures_are_all_counted_grouped_and_recovery_is_one_notice(
     stack: Stack, deployed: dict[str, str]
 ) -> None:
-    import subprocess
-    import sys
-
     deployment = stack.api("deployments/name/flaky-job/flaky-job")
     ids = [
         stack.api(
@@ -157,13 +227,7 @@ def test_ten_failures_are_all_counted_grouped_and_recovery_is_one_notice(
         )["id"]
         for _ in range(10)
     ]
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", POOL],
-        cwd=stack.project,
-        env=deployed | {"PREFECT_WORKER_QUERY_SECONDS": "2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    worker = start_worker(stack, deployed)
     try:
         runs = wait_final(stack, ids, timeout=240)
         assert sorted(r["state_name"] for r in runs) == ["Failed"] * 10
@@ -193,11 +257,10 @@ def test_ten_failures_are_all_counted_grouped_and_recovery_is_one_notice(
             lambda b: any(a["kind"] == "recovered" for a in b), timeout=60, what="recovered"
         )
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        stop(worker)
     recovered = [a for a in alerts_of(bodies, "flaky-job") if a["kind"] == "recovered"]
     assert len(recovered) == 1 and recovered[0]["flow_run_id"] == ok["id"]
-    emails = alert_emails(stack.app_db)
+    emails = [e for e in alert_emails(stack.app_db) if e["context"]["job"] == "flaky-job"]
     assert len(emails) == len(alerts_of(stack.hook.received(), "flaky-job"))
     assert all(e["to"] == ["ops@example.com"] for e in emails), emails  # approved admins only
 
@@ -235,4 +298,30 @@ def wait_final(stack: Stack, ids: list[str], *, timeout: float) -> list[dict[str
             return list(runs)
         if time.monotonic() > deadline:
             pytest.fail(f"runs not final in {timeout} s: {[r['state_name'] for r in runs]}")
+        time.sleep(1)
+
+
+def wait_state(stack: Stack, run_id: str, state_type: str, *, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = stack.api(f"flow_runs/{run_id}")
+        if run["state_type"] == state_type:
+            return dict(run)
+        if time.monotonic() > deadline:
+            pytest.fail(f"run not {state_type} in {timeout} s: {run['state_name']}")
+        time.sleep(1)
+
+
+def wait_heartbeat(stack: Stack, run_id: str, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    query = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+        },
+        "limit": 1,
+    }
+    while not stack.api("events/filter", query)["events"]:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no heartbeat from run {run_id} in {timeout} s")
         time.sleep(1)
