@@ -133,6 +133,18 @@ class Settings(BaseSettings):
     dashboard_auth_string: SecretStr | None = None
     dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
 
+    # Alerts (backjobs.orchestration.alerts): where they are POSTed as JSON (besides the
+    # admins' email), how often a job still failing alerts again (0: at every failure),
+    # and after how many schedule periods without a completed run a job counts as silent
+    # (never sooner than alert_silent_min_minutes: 10 unless a test rig lowers it).
+    alert_webhook_url: str | None = None
+    alert_repeat_minutes: Annotated[float, Field(ge=0, le=7 * DAY // MINUTE)] = 60.0
+    alert_silent_after_periods: Annotated[int, Field(gt=0, le=1000)] = 3
+    alert_silent_min_minutes: Annotated[float, Field(gt=0, le=7 * DAY // MINUTE)] = 10.0
+    # Where the server's automations reach `backjobs dashboard` (default: PREFECT_API_URL of
+    # `backjobs deploy` without /api, + /backjobs/alerts).
+    alert_receiver_url: str | None = None
+
     # The local stack (backjobs stack): its folder (app database, files, mail, and
     # stack/ with the Prefect server's database, logs, pid files), relative to the cwd.
     stack_dir: Path = Path("var")
@@ -168,6 +180,15 @@ class Settings(BaseSettings):
     @classmethod
     def _base_url(cls, value: str) -> str:
         return check_base_url(value)
+
+    @field_validator("alert_webhook_url", "alert_receiver_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if not value:  # set but empty: no webhook
+            return None
+        if not re.match(r"https?://[^\s/]+", value) or any(c.isspace() for c in value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @field_validator("confirmation_path")
     @classmethod

@@ -63,6 +63,11 @@ def _dashboard(args: argparse.Namespace) -> int:
     prefect_defaults()
     # The server process has no flow run to send its own logs to.
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Triggers see every run's state at once (no 15-minute hold for a Scheduled event the
+    # scheduler never emitted): see backjobs.orchestration.causal_ordering.
+    os.environ.setdefault(
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING", "backjobs.orchestration.causal_ordering"
+    )
     config = dashboard_config(settings, host=args.host, port=args.port)
     engine = make_engine(config.database_url)
     try:

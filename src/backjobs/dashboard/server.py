@@ -187,16 +187,29 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
     if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
         updates[prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED] = False
     with prefect.settings.temporary_settings(updates=updates):
+        prefect_app = create_app(final=True)
         gate = DashboardGate(
-            create_app(final=True),
+            prefect_app,
             secret=config.secret,
             admins=AdminDirectory(engine, cache_seconds=config.admin_cache_seconds),
             auth_string=config.auth_string,
             public_url=config.public_url,
             login_url=config.login_url,
         )
+        # The automations' alerts arrive in front of the gate (their own credential check).
+        from backjobs.orchestration.alert_receiver import AlertReceiver
+        from backjobs.settings import get_settings
+
+        app = AlertReceiver(
+            gate,
+            prefect_app=prefect_app,
+            auth_string=config.auth_string,
+            engine=engine,
+            settings=get_settings(),
+            public_url=config.public_url,
+        )
         server = uvicorn.Server(
-            uvicorn.Config(gate, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
+            uvicorn.Config(app, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
         )
         logging.getLogger("uvicorn.access").addFilter(_NoQueryString())
         logging.getLogger("backjobs.orchestration").setLevel(logging.INFO)

@@ -89,8 +89,31 @@ class Generic(_Context):
         return check_header(value, what="subject")
 
 
+class JobAlert(_Context):
+    """A job's failure, silence or recovery (backjobs.orchestration.alerts), for the admins."""
+
+    job: str = Field(min_length=1, max_length=200)
+    kind: str = Field(min_length=1, max_length=40)  # failed, still failing, recovered, silent
+    at: datetime
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    state: str | None = None
+    message: str = ""
+    failed_parts: list[str] = Field(default_factory=list, max_length=100)
+    first_failure_at: datetime | None = None
+    failures: int = Field(default=0, ge=0)
+    new_failures: int = Field(default=0, ge=0)
+    url: str | None = None
+
+    @field_validator("job", "kind")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        return check_header(value, what="job alert subject")
+
+
 TEMPLATES: dict[str, type[_Context]] = {
     "generic": Generic,
+    "job-alert": JobAlert,
     "pending_users_reminder": PendingUsersReminder,
     "registration_expiry_warning": RegistrationExpiryWarning,
     "registration_expired": RegistrationExpired,

@@ -162,9 +162,12 @@ async def _sync_all(
     client: Any, wanted: Mapping[str, list[WantedSchedule]]
 ) -> dict[str, ScheduleChanges]:
     changes = {}
+    ids = {}
     for name, schedules in wanted.items():
         deployment = await client.read_deployment_by_name(f"{name}/{name}")
+        ids[name] = str(deployment.id)
         changes[name] = await sync_schedules(client, deployment.id, schedules)
+    await _sync_automations(client, ids, wanted)
     return changes
 
 
@@ -254,6 +257,31 @@ def _activity(schedule: ServerSchedule) -> str:
 def _shown(schedule: ServerSchedule) -> str:
     zone = "" if schedule.timezone == "UTC" else f" {schedule.timezone}"
     return f"`{schedule.cron}`{zone} {_activity(schedule)}"
+
+
+async def _sync_automations(
+    client: Any, ids: Mapping[str, str], wanted: Mapping[str, list[WantedSchedule]]
+) -> None:
+    """The alert and zombie automations (backjobs.orchestration.automations)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    from backjobs.orchestration.automations import JobSchedule, sync_job_automations
+
+    jobs = {
+        name: (ids[name], [JobSchedule(w.cron, w.timezone, w.day_or, w.active) for w in found])
+        for name, found in wanted.items()
+    }
+    auth = PREFECT_API_AUTH_STRING.value()
+    done = await sync_job_automations(
+        client,
+        jobs,
+        api_url=str(PREFECT_API_URL.value()),
+        auth_string=auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth,
+    )
+    print(
+        f"automations: {len(done.created)} created, {len(done.replaced)} replaced, "
+        f"{len(done.deleted)} deleted, {done.unchanged} unchanged"
+    )
 
 
 async def sync_schedules(

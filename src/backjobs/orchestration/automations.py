@@ -1,0 +1,278 @@
+"""The server-side automations of backjobs, declared here and kept in step by ``backjobs deploy``.
+
+For each deployment of prefect.yaml (``<job>`` = its name):
+
+- ``backjobs-<job>-alert`` — reactive: a run of the deployment reached Failed, Crashed,
+  TimedOut or Completed (also a Completed-type state named ``Completed …``); it
+  calls the alert receiver (:mod:`backjobs.orchestration.alert_receiver`), which decides
+  between ``failed``, ``still failing``, ``recovered`` and silence (one incident per job);
+- ``backjobs-<job>-silent`` — proactive, only for a job with an active schedule: no
+  Completed run within ``BACKJOBS_ALERT_SILENT_AFTER_PERIODS`` schedule periods (the
+  longest gap between two fire times), never less than ``BACKJOBS_ALERT_SILENT_MIN_MINUTES``
+  (10);
+- ``backjobs-<job>-zombie`` — Prefect's "detect zombie flows" pattern: after a run's
+  heartbeat, expect another heartbeat or a final state within 3 heartbeat intervals
+  (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 30 s: detection about 90-95 s after the last
+  heartbeat); the receiver then sets the run Crashed if it is still Running.
+
+Every automation calls the receiver through one Webhook block, ``backjobs-alert-receiver``:
+the dashboard's address as this process reaches it (PREFECT_API_URL without ``/api``, or
+``BACKJOBS_ALERT_RECEIVER_URL``) with the machine credential (PREFECT_API_AUTH_STRING) as
+basic auth. The sync owns the automations whose name starts with ``backjobs-``: it creates
+the missing ones, replaces changed ones (a fingerprint in the description tells), and
+deletes those no deployment of the file needs; other automations are never touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+from backjobs.orchestration.alert_receiver import RECEIVER_PATH, Signal
+from backjobs.orchestration.alerts import silent_window
+
+PREFIX = "backjobs-"
+BLOCK_NAME = "backjobs-alert-receiver"
+DEFAULT_HEARTBEAT_SECONDS = 30
+ZOMBIE_HEARTBEATS = 3  # a zombie trigger's window must be >= 2 heartbeat intervals
+# Prefect reads "*" as one character or more: "Completed*" alone misses plain Completed.
+COMPLETED = ("Completed", "Completed*")
+ENDED = (*COMPLETED, "Failed", "Crashed", "TimedOut", "Cancelled")
+
+
+class JobSchedule(NamedTuple):
+    cron: str
+    timezone: str
+    day_or: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class AutomationChanges:
+    created: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    unchanged: int = 0
+
+
+def cron_period(schedule: JobSchedule, *, now: datetime, samples: int = 30) -> timedelta:
+    """The longest gap between two of the next ``samples`` fire times of a cron."""
+    from zoneinfo import ZoneInfo
+
+    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
+
+    start = now.astimezone(ZoneInfo(schedule.timezone))
+    it = croniter(schedule.cron, start, day_or=schedule.day_or)  # type: ignore[no-untyped-call]
+    times: list[datetime] = [it.get_next(datetime) for _ in range(samples)]  # type: ignore[no-untyped-call]
+    return max(later - earlier for earlier, later in itertools.pairwise(times))
+
+
+def job_silent_window(
+    schedules: Sequence[JobSchedule], *, periods: int, floor: timedelta, now: datetime
+) -> timedelta | None:
+    """The job's silent window, or None when no active schedule makes it run on its own."""
+    active = [s for s in schedules if s.active]
+    if not active:
+        return None
+    period = min(cron_period(s, now=now) for s in active)
+    return silent_window(period=period, periods=periods, floor=floor)
+
+
+def _trigger(
+    deployment_id: str, *, expect: Sequence[str], posture: str, within: float, **more: Any
+) -> dict[str, Any]:
+    return {
+        "type": "event",
+        "match": {"prefect.resource.id": "prefect.flow-run.*"},
+        "match_related": {
+            "prefect.resource.role": "deployment",
+            "prefect.resource.id": f"prefect.deployment.{deployment_id}",
+        },
+        "expect": [f"prefect.flow-run.{name}" for name in expect],
+        "posture": posture,
+        "threshold": 1,
+        "within": within,
+        **more,
+    }
+
+
+def _call(block_id: str, payload: Mapping[str, str]) -> list[dict[str, Any]]:
+    # Values are JSON strings with Jinja placeholders; only ids, names and times go in.
+    body = "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in payload.items()) + "}"
+    return [{"type": "call-webhook", "block_document_id": block_id, "payload": body}]
+
+
+RUN_ID = "\"{{ event.resource.id | replace('prefect.flow-run.', '') }}\""
+
+
+def wanted_automations(
+    job: str,
+    deployment_id: str,
+    *,
+    block_id: str,
+    silent_after: timedelta | None,
+    heartbeat_seconds: int,
+) -> list[dict[str, Any]]:
+    """The automations one deployment needs (see the module docstring)."""
+    common = {"job": json.dumps(job), "deployment_id": json.dumps(deployment_id)}
+    state_call = {
+        "signal": json.dumps(Signal.STATE),
+        **common,
+        "flow_run_id": RUN_ID,
+        "event_id": '"{{ event.id }}"',
+        "event": '"{{ event.event }}"',
+    }
+    zombie_call = {
+        "signal": json.dumps(Signal.ZOMBIE),
+        **common,
+        "flow_run_id": RUN_ID,
+        "last_heartbeat": '"{{ event.occurred }}"',
+        "heartbeat_seconds": str(heartbeat_seconds),
+    }
+    alert_trigger = _trigger(
+        deployment_id,
+        expect=[*COMPLETED, "Failed", "Crashed", "TimedOut"],
+        posture="Reactive",
+        within=0,
+        for_each=["prefect.resource.id"],
+    )
+    zombie_trigger = _trigger(
+        deployment_id,
+        expect=["heartbeat", *ENDED],
+        after=["prefect.flow-run.heartbeat"],
+        posture="Proactive",
+        within=heartbeat_seconds * ZOMBIE_HEARTBEATS,
+        for_each=["prefect.resource.id"],
+    )
+    found = [
+        _automation(
+            f"{PREFIX}{job}-alert",
+            f"Alerts when a run of {job} fails, and when it recovers.",
+            alert_trigger,
+            _call(block_id, state_call),
+        ),
+        _automation(
+            f"{PREFIX}{job}-zombie",
+            f"Marks a run of {job} Crashed when its heartbeats stop.",
+            zombie_trigger,
+            _call(block_id, zombie_call),
+        ),
+    ]
+    if silent_after is not None:
+        silent_trigger = _trigger(
+            deployment_id,
+            expect=list(COMPLETED),
+            posture="Proactive",
+            within=silent_after.total_seconds(),
+        )
+        found.append(
+            _automation(
+                f"{PREFIX}{job}-silent",
+                f"Alerts when {job} has no completed run for {silent_after}.",
+                silent_trigger,
+                _call(block_id, {"signal": json.dumps(Signal.SILENT), **common}),
+            )
+        )
+    return found
+
+
+def _automation(
+    name: str, description: str, trigger: dict[str, Any], actions: list[dict[str, Any]]
+) -> dict[str, Any]:
+    spec = {"name": name, "trigger": trigger, "actions": actions, "enabled": True}
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return spec | {"description": f"{description} Managed by backjobs deploy ({fingerprint})."}
+
+
+def receiver_url(api_url: str, *, override: str | None = None) -> str:
+    if override:
+        return override
+    base = api_url.rstrip("/")
+    return base.removesuffix("/api") + RECEIVER_PATH
+
+
+async def ensure_receiver_block(client: Any, *, url: str, auth_string: str | None) -> str:
+    """The Webhook block the automations call; its id."""
+    from prefect.blocks.webhook import Webhook
+    from pydantic import SecretStr
+
+    headers = {}
+    if auth_string:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth_string.encode()).decode()
+    block = Webhook(method="POST", url=SecretStr(url), headers=headers)
+    block_id = await block.save(BLOCK_NAME, overwrite=True, client=client)
+    return str(block_id)
+
+
+async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> AutomationChanges:
+    """Make the server's ``backjobs-*`` automations exactly ``wanted``."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    existing = {a.name: a for a in await client.read_automations() if a.name.startswith(PREFIX)}
+    created, replaced = [], []
+    unchanged = 0
+    for spec in wanted:
+        current = existing.pop(spec["name"], None)
+        if current is not None and current.description == spec["description"] and current.enabled:
+            unchanged += 1
+            continue
+        if current is not None:
+            await client.delete_automation(current.id)
+            replaced.append(spec["name"])
+        else:
+            created.append(spec["name"])
+        await client.create_automation(AutomationCore.model_validate(spec))
+    for leftover in existing.values():
+        await client.delete_automation(leftover.id)
+    return AutomationChanges(
+        created=tuple(created),
+        replaced=tuple(replaced),
+        deleted=tuple(sorted(existing)),
+        unchanged=unchanged,
+    )
+
+
+async def sync_job_automations(
+    client: Any,
+    deployments: Mapping[str, tuple[str, Sequence[JobSchedule]]],
+    *,
+    api_url: str,
+    auth_string: str | None,
+) -> AutomationChanges:
+    """The receiver block, then every deployment's automations (``name -> (id, schedules)``).
+
+    Settings read here (this process, the deploying one): BACKJOBS_ALERT_SILENT_AFTER_PERIODS,
+    BACKJOBS_ALERT_SILENT_MIN_MINUTES, BACKJOBS_ALERT_RECEIVER_URL and
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the one the pool's job template gives the runs).
+    """
+    from backjobs.settings import get_settings
+
+    settings = get_settings()
+    url = receiver_url(api_url, override=settings.alert_receiver_url)
+    block_id = await ensure_receiver_block(client, url=url, auth_string=auth_string)
+    heartbeat_env = os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    heartbeat = int(heartbeat_env or DEFAULT_HEARTBEAT_SECONDS)
+    now = datetime.now(UTC)
+    wanted = []
+    for job, (deployment_id, schedules) in sorted(deployments.items()):
+        window = job_silent_window(
+            schedules,
+            periods=settings.alert_silent_after_periods,
+            floor=timedelta(minutes=settings.alert_silent_min_minutes),
+            now=now,
+        )
+        wanted += wanted_automations(
+            job,
+            deployment_id,
+            block_id=block_id,
+            silent_after=window,
+            heartbeat_seconds=max(heartbeat, DEFAULT_HEARTBEAT_SECONDS),
+        )
+    return await sync_automations(client, wanted)

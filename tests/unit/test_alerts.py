@@ -1,0 +1,102 @@
+"""The alert rules: one incident per job, repeats, recovery, silence (pure logic)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from backjobs.mail.render import render_email
+from backjobs.orchestration.alert_delivery import alert_document
+from backjobs.orchestration.alerts import AlertKind, IncidentBook, RunInfo, silent_window
+from backjobs.orchestration.automations import JobSchedule, cron_period, job_silent_window
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def run(n: int, state: str = "Failed") -> RunInfo:
+    return RunInfo(flow_run_id=f"id-{n}", name=f"run-{n}", state=state, message=f"boom {n}")
+
+
+def test_first_failure_alerts_then_repeats_at_most_every_repeat_with_the_count() -> None:
+    book = IncidentBook(repeat=timedelta(minutes=60))
+    first = book.failure("email-send-job", run(1), now=T0)
+    assert first is not None and first.kind is AlertKind.FAILED
+    assert (first.failures, first.new_failures, first.first_failure_at) == (1, 1, T0)
+    for n in range(2, 6):
+        assert book.failure("email-send-job", run(n), now=T0 + timedelta(minutes=n)) is None
+    assert book.due(now=T0 + timedelta(minutes=59)) == []
+    [again] = book.due(now=T0 + timedelta(minutes=60))
+    assert again.kind is AlertKind.STILL_FAILING
+    assert (again.failures, again.new_failures, again.run) == (5, 4, run(5))
+    assert book.due(now=T0 + timedelta(minutes=200)) == []  # nothing new to report
+    later = book.failure("email-send-job", run(6), now=T0 + timedelta(minutes=121))
+    assert later is not None and (later.kind, later.new_failures) == (AlertKind.STILL_FAILING, 1)
+
+
+def test_recovery_is_one_notice_counting_what_was_not_reported() -> None:
+    book = IncidentBook(repeat=timedelta(minutes=60))
+    book.failure("cleanup-job", run(1), now=T0)
+    book.failure("cleanup-job", run(2), now=T0 + timedelta(minutes=1))
+    done = book.completed("cleanup-job", run(3, "Completed"), now=T0 + timedelta(minutes=2))
+    assert done is not None and done.kind is AlertKind.RECOVERED
+    assert (done.failures, done.new_failures) == (2, 1)
+    assert book.completed("cleanup-job", run(4, "Completed"), now=T0 + timedelta(minutes=3)) is None
+
+
+def test_each_job_is_its_own_incident_and_repeat_zero_alerts_every_failure() -> None:
+    book = IncidentBook(repeat=timedelta(0))
+    kinds = [book.failure("a", run(n), now=T0) for n in range(3)]
+    assert [k.kind if k else None for k in kinds] == [
+        AlertKind.FAILED,
+        AlertKind.STILL_FAILING,
+        AlertKind.STILL_FAILING,
+    ]
+    other = book.failure("b", run(9), now=T0)
+    assert other is not None and other.kind is AlertKind.FAILED
+
+
+def test_silence_alerts_once_not_while_failing_and_recovers() -> None:
+    book = IncidentBook(repeat=timedelta(minutes=60))
+    silent = book.silent("cleanup-job", now=T0)
+    assert silent is not None and silent.kind is AlertKind.SILENT and silent.run is None
+    assert book.silent("cleanup-job", now=T0 + timedelta(hours=1)) is None
+    back = book.completed("cleanup-job", run(1, "Completed"), now=T0 + timedelta(hours=2))
+    assert back is not None and back.kind is AlertKind.RECOVERED
+    book.failure("email-send-job", run(2), now=T0)
+    assert book.silent("email-send-job", now=T0 + timedelta(minutes=10)) is None
+
+
+def test_silent_window_is_periods_of_the_cron_never_under_the_floor() -> None:
+    every_2 = JobSchedule("*/2 * * * *", "UTC", True, True)
+    daily = JobSchedule("0 23 * * *", "UTC", True, True)
+    assert cron_period(every_2, now=T0) == timedelta(minutes=2)
+    assert cron_period(daily, now=T0) == timedelta(days=1)
+    floor = timedelta(minutes=10)
+    assert job_silent_window([every_2], periods=3, floor=floor, now=T0) == floor
+    assert job_silent_window([daily], periods=3, floor=floor, now=T0) == timedelta(days=3)
+    paused = daily._replace(active=False)
+    assert job_silent_window([paused], periods=3, floor=floor, now=T0) is None
+    assert silent_window(period=timedelta(hours=1), periods=2) == timedelta(hours=2)
+
+
+def test_the_alert_email_names_job_run_state_parts_count_and_link() -> None:
+    book = IncidentBook(repeat=timedelta(0))
+    book.failure("cleanup-job", run(1), now=T0)
+    failing = RunInfo("abc", "lucky-fox", "Failed", "1 of 4 parts failed", ("delete: no disk",))
+    alert = book.failure("cleanup-job", failing, now=T0 + timedelta(minutes=5))
+    assert alert is not None
+    document = alert_document(alert, public_url="https://jobs.example/", deployment_id="d")
+    assert document["url"] == "https://jobs.example/runs/flow-run/abc"
+    assert {k: document[k] for k in ("job", "kind", "flow_run_id", "state")} == {
+        "job": "cleanup-job",
+        "kind": "still failing",
+        "flow_run_id": "abc",
+        "state": "Failed",
+    }
+    context = {k: v for k, v in document.items() if k != "message"} | {
+        "message": document["message"]
+    }
+    email = render_email("job-alert", context)
+    assert "cleanup-job" in email.subject and "still failing" in email.subject
+    for text in ("lucky-fox", "1 of 4 parts failed", "delete: no disk", "2030-01-01 12:00"):
+        assert text in email.text, text
+    assert "https://jobs.example/runs/flow-run/abc" in email.html
