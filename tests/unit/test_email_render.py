@@ -41,6 +41,14 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "expires_at": WHEN + timedelta(days=2),
     },
     "registration_expired": {"display_name": "Ann", "expired_at": WHEN},
+    "job-alert": {
+        "job": "cleanup-job", "kind": "still failing", "at": WHEN, "flow_run_id": "6b1f",
+        "flow_run_name": "brisk-otter", "state": "Failed",
+        "message": "cleanup-job: 1 of 4 parts failed: empty_trash_bin (OperationalError: x)",
+        "failed_parts": ["empty_trash_bin (OperationalError: x)"],
+        "first_failure_at": WHEN, "failures": 3, "new_failures": 2,
+        "url": "https://jobs.example.com/runs/flow-run/6b1f",
+    },
 }  # fmt: skip
 
 

@@ -79,6 +79,7 @@ class ScheduleChanges:
     deleted: int = 0
     unchanged: int = 0
     report: list[str] = field(default_factory=list)
+    automations: list[str] = field(default_factory=list)
 
 
 class ServerSchedule(NamedTuple):
@@ -118,7 +119,10 @@ def deploy(
     )
     after = asyncio.run(_with_client(_read_all, names, env=env or {}))
     for name, change in changes.items():
-        change.report = describe_changes(name, before.get(name), after.get(name) or [])
+        change.report = [
+            *describe_changes(name, before.get(name), after.get(name) or []),
+            *change.automations,
+        ]
     return changes
 
 
@@ -167,8 +171,26 @@ async def _sync_all(
         deployment = await client.read_deployment_by_name(f"{name}/{name}")
         ids[name] = str(deployment.id)
         changes[name] = await sync_schedules(client, deployment.id, schedules)
-    await _sync_automations(client, ids, wanted)
+    done = await _sync_automations(client, ids, wanted)
+    for verb, names in (("created", done.created), ("replaced", done.replaced)):
+        for automation in names:
+            job = _job_of(automation, changes)
+            changes[job].automations.append(f"{job}: automation {automation} {verb}")
+    for automation in done.deleted:  # of a job prefect.yaml no longer has, or a stale kind
+        job = _job_of(automation, changes)
+        if job in changes:
+            changes[job].automations.append(f"{job}: automation {automation} deleted")
+        else:
+            print(f"automation {automation} deleted (no such job in prefect.yaml)")
     return changes
+
+
+def _job_of(automation: str, jobs: Mapping[str, Any]) -> str:
+    """The job an automation named ``backjobs-<job>-<kind>`` belongs to."""
+    for job in sorted(jobs, key=len, reverse=True):
+        if automation.startswith(f"backjobs-{job}-"):
+            return job
+    return automation
 
 
 async def _read_all(client: Any, names: list[str]) -> dict[str, list[ServerSchedule] | None]:
@@ -261,7 +283,7 @@ def _shown(schedule: ServerSchedule) -> str:
 
 async def _sync_automations(
     client: Any, ids: Mapping[str, str], wanted: Mapping[str, list[WantedSchedule]]
-) -> None:
+) -> Any:
     """The alert and zombie automations (backjobs.orchestration.automations)."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
@@ -278,10 +300,7 @@ async def _sync_automations(
         api_url=str(PREFECT_API_URL.value()),
         auth_string=auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth,
     )
-    print(
-        f"automations: {len(done.created)} created, {len(done.replaced)} replaced, "
-        f"{len(done.deleted)} deleted, {done.unchanged} unchanged"
-    )
+    return done
 
 
 async def sync_schedules(
