@@ -49,6 +49,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import ClassVar
 
 from sqlalchemy import Engine
 
@@ -64,6 +65,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EmailSendResult:
     """What one EmailSendJob run did (flat counts: shown as the run's artifact)."""
+
+    # Work left undone (the run ends "Completed with problems"): emails failed for good,
+    # and sends whose outcome another sender overwrote (the lease was too short).
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("failed", "lost")
 
     sent: int = 0
     retried: int = 0  # back to pending with backoff (some or all recipients)

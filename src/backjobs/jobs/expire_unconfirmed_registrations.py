@@ -34,7 +34,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import BigInteger, Engine, any_, bindparam, insert, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -59,6 +59,8 @@ EXPIRED_TEMPLATE = "registration_expired"
 @dataclass(frozen=True)
 class ExpireUnconfirmedRegistrationsResult:
     """What a run (or one part) did; ``None``: that part did not report."""
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("invalid_addresses",)  # users skipped
 
     warned: int | None = None
     declined: int | None = None

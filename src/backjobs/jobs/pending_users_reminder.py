@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -43,6 +43,8 @@ TEMPLATE = "pending_users_reminder"
 @dataclass(frozen=True)
 class PendingUsersReminderResult:
     """What one run did: users listed (and marked), those left for the next run, emails."""
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("skipped_no_admin",)  # nobody told
 
     users_listed: int = 0
     users_left_for_next_run: int = 0
