@@ -55,6 +55,9 @@ def test_a_failing_part_fails_the_run_by_name_and_spares_the_others(app_env: Dat
     with pytest.raises(ExceptionGroup) as raised:
         state.result()
     assert "cleanup-job: 1 of 4 parts failed: remove_orphaned_files" in str(raised.value)
+    # The state's message names the part and its reason (issue 17, item 5).
+    assert "1 of 4 parts failed: remove_orphaned_files (" in (state.message or "")
+    assert "could not be removed" in (state.message or ""), state.message
     # Tokens, markers and outbox rows were deleted; of the files only the stuck one is left.
     assert counts(app_env) == (1, 1, 2)
     assert outbox_rows(app_env) == 2

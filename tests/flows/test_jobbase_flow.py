@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 
 import pytest
 
@@ -23,6 +24,18 @@ class Seen:
 def example_job(as_of: datetime) -> Seen:
     """Returns the clock it was given."""
     return Seen(as_of)
+
+
+@dataclass(frozen=True)
+class Tally:
+    done: int
+    failed: int
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("failed",)
+
+
+@job_flow("TallyJob")
+def tally_job(as_of: datetime) -> Tally:
+    return Tally(done=3, failed=as_of.day - 1)  # the 1st: none failed
 
 
 @job_flow("BrokenJob")
@@ -82,3 +95,21 @@ def test_an_as_of_in_the_future_is_refused_unless_allowed(
     monkeypatch.setenv("BACKJOBS_ALLOW_FUTURE_AS_OF", "true")
     get_settings.cache_clear()
     assert example_job(as_of=tomorrow).as_of == tomorrow
+
+
+def test_work_left_undone_completes_under_another_name_with_the_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 17, item 5: "Completed" over skipped rows is a defect; the UI shows the name."""
+    caplog.set_level(logging.INFO)
+    clean = tally_job(as_of=datetime(2020, 1, 1), return_state=True)
+    assert (clean.type.value, clean.name) == ("COMPLETED", "Completed")
+    troubled = tally_job(as_of=datetime(2020, 1, 3), return_state=True)
+    assert troubled.is_completed() and troubled.type.value == "COMPLETED"
+    assert troubled.name == "Completed with problems"
+    assert troubled.message == "tally-job: failed=2 (the reasons are in the run's logs)"
+    assert troubled.result() == Tally(done=3, failed=2)
+    assert tally_job(as_of=datetime(2020, 1, 3)) == Tally(done=3, failed=2)  # a plain call
+    text = messages(caplog)
+    assert "[TallyJob] Job completed with problems: failed=2" in text
+    assert text.count("[TallyJob] Job completed successfully") == 1  # the clean run only

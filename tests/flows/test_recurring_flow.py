@@ -60,6 +60,11 @@ def test_the_flow_creates_each_occurrence_once(app_env: Database) -> None:
     seed(app_env)
     state = process_recurring_transactions_job(as_of=AS_OF, return_state=True)
     assert state.is_completed()
+    # The invalid definition was skipped: the run says so in its state (issue 17, item 5).
+    assert state.name == "Completed with problems"
+    assert state.message == (
+        "process-recurring-transactions-job: invalid=1 (the reasons are in the run's logs)"
+    )
     assert state.result() == RecurringTransactionsResult(
         through="2028-03-01",
         definitions_processed=2,

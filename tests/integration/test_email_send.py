@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from backjobs.jobs.email_send import EmailSendResult, EmailServerUnavailable, send_due_emails
-from backjobs.mail import make_transport
+from backjobs.jobs.email_send import EmailSendResult, EmailServerUnavailable
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings
@@ -264,14 +265,15 @@ def test_unreachable_server_fails_the_run_and_uses_no_attempt(
     monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
     get_settings.cache_clear()
     ids = [enqueue(smtp_env, f"user{i}@example.com") for i in range(5)]
-    # Six runs during an outage: each fails loudly, the two batches it claimed (one in
-    # flight, the next one) go back, and no row loses an attempt (issue 8, case 4).
+    # Six runs during an outage: each fails loudly, what it claimed (its first claim, one
+    # email per connection while the pace is unknown) goes back, and no row loses an
+    # attempt (issue 8, case 4).
     for _ in range(6):
         with pytest.raises(EmailServerUnavailable, match="Connection refused") as caught:
             run(smtp_env)
         partial = caught.value.partial_result
         assert (partial.sent, partial.failed, partial.due_now) == (0, 0, 5)
-        assert partial.released in (2, 4)  # the next batch may be claimed before the failure
+        assert partial.released == 1
     rows = [row(smtp_env, task_id) for task_id in ids]
     assert {(t.status, t.attempts, t.locked_until, t.next_attempt_at) for t in rows} == {
         ("pending", 0, None, NOW)
@@ -319,26 +321,84 @@ def test_smtp_login_never_shows_the_password(
         assert (task.status, task.attempts, task.last_error) == ("pending", 0, None)
 
 
-def test_time_budget_stops_claiming(
+BUDGET, SMTP_TIMEOUT, SLOW = 3.0, 5.0, 1.0  # seconds; the sink takes SLOW per message
+
+
+def slow_outbox(db: Database, server: SmtpServer, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """40 due emails, a server that takes SLOW s a message, two connections."""
+    monkeypatch.setenv("BACKJOBS_EMAIL_TIME_BUDGET_SECONDS", str(BUDGET))
+    monkeypatch.setenv("BACKJOBS_SMTP_TIMEOUT_SECONDS", str(SMTP_TIMEOUT))
+    monkeypatch.setenv("BACKJOBS_EMAIL_CONNECTIONS", "2")
+    get_settings.cache_clear()
+    server.handler.data_delay = SLOW
+    return [enqueue(db, f"user{i}@example.com") for i in range(40)]
+
+
+def untouched(db: Database, ids: list[int]) -> list[int]:
+    """The ids among ``ids`` still pending, due as enqueued, with no attempt used."""
+    with db.session() as s:
+        rows = [s.get_one(AppTask, i) for i in ids]
+        return [
+            r.id
+            for r in rows
+            if (r.status, r.attempts, r.locked_until, r.claim_token) == ("pending", 0, None, None)
+            and r.next_attempt_at == NOW
+        ]
+
+
+def test_the_time_budget_bounds_the_run_and_hands_back_the_rest(
     smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("BACKJOBS_EMAIL_BATCH_SIZE", "2")
+    """Issue 19, item 3: claims sized by the pace, no send after the budget.
+
+    Before, the first claim took a whole batch (40 here) and sent it: 20 s for a 3 s budget.
+    """
+    ids = slow_outbox(smtp_env, smtp_server, monkeypatch)
+    started = time.monotonic()
+    result = run(smtp_env)
+    elapsed = time.monotonic() - started
+    assert elapsed <= BUDGET + SMTP_TIMEOUT, elapsed
+    assert 2 <= result.sent < 40 and result.failed == result.retried == 0
+    assert len(smtp_server.messages) == result.sent
+    # Every email not sent is pending as it was: due, no attempt used, no lease.
+    left = untouched(smtp_env, ids)
+    assert len(left) == 40 - result.sent == result.due_now
+    # Claimed no more than the pace allowed: what it handed back is at most a few.
+    assert result.released <= 4, result
+
+
+class Stopped(BaseException):
+    """What Prefect's TerminationSignal is to the job: a BaseException in its thread."""
+
+
+def test_a_stopped_run_records_what_it_sent_and_hands_back_the_rest(
+    smtp_env: Database, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17, item 9: cancelled mid-send, no row is left leased or with an attempt used."""
+    ids = slow_outbox(smtp_env, smtp_server, monkeypatch)
     monkeypatch.setenv("BACKJOBS_EMAIL_TIME_BUDGET_SECONDS", "90")
     get_settings.cache_clear()
-    for i in range(5):
-        enqueue(smtp_env, f"user{i}@example.com")
-    steps = iter(range(1000))  # a reading: 30 s later; budget 90 s: two claims
-    settings = get_settings()
-    transport = make_transport(settings)
-    result = send_due_emails(
-        smtp_env.engine,
-        now=NOW,
-        settings=settings,
-        transport=transport,
-        monotonic=lambda: next(steps) * 30.0,
-    )
-    transport.close()
-    assert result == EmailSendResult(sent=4, due_now=1)
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 2.5)  # while the second claim is being sent
+    try:
+        with pytest.raises(Stopped):
+            run(smtp_env)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with smtp_env.session() as s:
+        rows = {i: s.get_one(AppTask, i) for i in ids}
+        completed = {i for i, r in rows.items() if r.status == "completed"}
+        assert {r.status for r in rows.values()} <= {"completed", "pending"}
+    # What the server took is recorded as sent (never sent again), and only that.
+    assert completed
+    taken = sorted(message_id_of(smtp_env, i) for i in completed)
+    assert sorted(smtp_server.message_ids()) == taken
+    assert sorted(untouched(smtp_env, ids)) == sorted(set(ids) - completed)
 
 
 def test_pickup_folder_gets_one_eml_per_task(

@@ -79,7 +79,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {part}", file=sys.stderr)
         return 1
     result: Any = state.result()
-    print(f"{job.name}: completed (flow run {state.state_details.flow_run_id})")
+    # "completed", or "completed with problems" and the counts of work left undone.
+    print(f"{job.name}: {state.name.lower()} (flow run {state.state_details.flow_run_id})")
+    if state.name != "Completed" and state.message:
+        print(f"  {state.message}")
     for row in result_rows(result):
         print(f"  {row['count']:<28} {row['value']}")
     return 0

@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from sqlalchemy import Engine, delete, select
 
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CleanupResult:
     """What a CleanupJob run (or one of its parts) did; ``None``: that part did not report."""
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("orphaned_files_bad_keys",)  # rows left
 
     refresh_tokens_deleted: int | None = None
     markers_deleted: int | None = None

@@ -2,18 +2,21 @@
 
 :func:`deliver` runs on a sender thread and never raises: it renders the row's payload,
 hands the message to the transport and says what became of it (:class:`Delivery`). A
-:class:`Halt` stops every later send of the run once the server failed (those rows come
-back ``UNTRIED``: no attempt used). :func:`to_acks` turns a batch's outcomes into the
-acknowledgement :func:`backjobs.jobs.email_queue.acknowledge` writes: sent, retried with
-backoff (:func:`backoff_seconds`), failed, or released; and counts them (:class:`Tally`).
+:class:`Halt` stops every later send of the run once the server failed, the run's time
+budget is spent or the run is stopped (those rows come back ``UNTRIED``: no attempt
+used). :func:`to_acks` turns a batch's outcomes into the acknowledgement
+:func:`backjobs.jobs.email_queue.acknowledge` writes: sent, retried with backoff
+(:func:`backoff_seconds`), failed, or released; and counts them (:class:`Tally`).
 See :mod:`backjobs.jobs.email_send` for the rules.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -80,10 +83,15 @@ class Tally:
 
 @dataclass
 class Halt:
-    """Set once: no send starts after it. ``server_reason`` when the server caused it."""
+    """Set once: no send starts after it. ``server_reason`` when the server caused it.
+
+    It also sets itself at ``deadline`` (on ``monotonic``): the run's time budget.
+    """
 
     reason: str | None = None
     server_reason: str | None = None
+    deadline: float = math.inf
+    monotonic: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, reason: str, *, server: bool = False) -> None:
@@ -92,6 +100,15 @@ class Halt:
                 self.reason = reason
                 if server:
                     self.server_reason = reason
+
+    def stopped(self) -> str | None:
+        """Why no send may start now, else ``None``."""
+        if self.reason is None and self.monotonic() >= self.deadline:
+            self.set(BUDGET_SPENT)
+        return self.reason
+
+
+BUDGET_SPENT = "the run's time budget is spent"
 
 
 def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -108,8 +125,9 @@ def deliver(
     wall: Callable[[], datetime],
     halt: Halt,
 ) -> Outcome:
-    if halt.reason is not None:
-        return Outcome(task, Delivery.UNTRIED, halt.reason)
+    stopped = halt.stopped()
+    if stopped is not None:
+        return Outcome(task, Delivery.UNTRIED, stopped)
     if task.attempts > task.max_attempts:
         # Claimed that often without an answer: earlier senders died while sending it.
         return Outcome(

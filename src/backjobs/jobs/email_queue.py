@@ -20,7 +20,7 @@ over cannot undo the new owner's work, and :func:`acknowledge` reports the rows 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -116,11 +116,14 @@ def claim_due(
     lease_until: datetime,
     limit: int,
     token: str,
+    skip: Collection[int] = (),
 ) -> list[ClaimedTask]:
     """Lease up to ``limit`` due rows (priority desc, then age) in one statement.
 
     ``now`` is the job's as_of (what is due); ``at`` the real time (which leases lapsed);
-    ``lease_until`` the new lease, on the real clock; ``token`` the claim's owner token.
+    ``lease_until`` the new lease, on the real clock; ``token`` the claim's owner token;
+    ``skip`` pending rows not to take (those this sender already retried: with an as_of
+    ahead of the real clock, a retry's backoff would not keep it from coming due again).
 
     Two locked candidate sets, each read through its own index: pending rows in claim
     order (the partial index ``ix_app_tasks_claim`` on pending rows only) and rows whose
@@ -136,9 +139,12 @@ def claim_due(
     order = (TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
     columns = (TASKS.c.id, TASKS.c.priority, TASKS.c.created_at)
     email = TASKS.c.task_type == TaskType.EMAIL_SEND.value
+    pending = [email, TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now]
+    if skip:
+        pending.append(TASKS.c.id.not_in(list(skip)))
     fresh = (
         select(*columns)
-        .where(email, TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now)
+        .where(*pending)
         .order_by(*order)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -191,6 +197,24 @@ def renew(session: Session, *, tokens: Sequence[str], lease_until: datetime) -> 
         update(TASKS)
         .where(TASKS.c.claim_token.in_(tokens), TASKS.c.status == TaskStatus.PROCESSING.value)
         .values(locked_until=lease_until)
+    )
+    return int(cast(CursorResult[Any], session.execute(statement)).rowcount)
+
+
+def release_held(session: Session, *, tokens: Sequence[str]) -> int:
+    """Hand back every row still held under ``tokens``, untried: ``pending`` again, due as
+    before, its attempt given back. For a sender that stops before deciding its claims."""
+    if not tokens:
+        return 0
+    statement = (
+        update(TASKS)
+        .where(TASKS.c.claim_token.in_(tokens), TASKS.c.status == TaskStatus.PROCESSING.value)
+        .values(
+            status=TaskStatus.PENDING.value,
+            locked_until=None,
+            claim_token=None,
+            attempts=TASKS.c.attempts - 1,
+        )
     )
     return int(cast(CursorResult[Any], session.execute(statement)).rowcount)
 

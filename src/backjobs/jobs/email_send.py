@@ -34,8 +34,21 @@ lapse, backoff, ``completed_at`` and the ``Date:`` header use the real clock (``
 read when used). **Leases are renewed** while a batch is in flight: the run renews every
 live claim of its own each ``lease / 3`` seconds, so a slow server never lets a second
 run take a row that is still being sent; a run that dies stops renewing and its rows are
-claimed again one lease later. No new batch is claimed once
-``BACKJOBS_EMAIL_TIME_BUDGET_SECONDS`` (monotonic) is spent.
+claimed again one lease later.
+
+**The time budget bounds the run** (``BACKJOBS_EMAIL_TIME_BUDGET_SECONDS``, monotonic from
+the run's start). Each claim takes only what the run can send in the budget left, judged
+from its pace so far (:mod:`backjobs.jobs.email_pace`). Once the budget is spent no send
+starts: the claimed rows not tried go back to ``pending``, due as before, with their
+attempt handed back (counted ``released``). A send in progress at that moment ends first,
+so a run sends for at most the budget plus one message's SMTP exchange, whose every reply
+waits at most ``BACKJOBS_SMTP_TIMEOUT_SECONDS``.
+
+**A stopped run hands back its claims.** When the run is cancelled (Prefect raises
+``TerminationSignal``, a ``BaseException``, in the flow's thread), no further send starts,
+the sends in progress end and are recorded (a message the server took is never sent
+again), and every other claimed row goes back to ``pending`` with no attempt used. A run
+killed outright (SIGKILL) cannot: its rows are claimed again after the lease.
 """
 
 from __future__ import annotations
@@ -46,15 +59,25 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from typing import ClassVar
 
 from sqlalchemy import Engine
 
 from backjobs.db import session_scope
 from backjobs.jobs import email_queue
-from backjobs.jobs.email_outcome import Halt, Outcome, Tally, deliver, to_acks
+from backjobs.jobs.email_outcome import (
+    BUDGET_SPENT,
+    Delivery,
+    Halt,
+    Outcome,
+    Tally,
+    deliver,
+    to_acks,
+)
+from backjobs.jobs.email_pace import Pace
+from backjobs.jobs.email_queue import ClaimedTask
 from backjobs.mail.transport import Transport
 from backjobs.settings import Settings
 
@@ -65,10 +88,14 @@ logger = logging.getLogger(__name__)
 class EmailSendResult:
     """What one EmailSendJob run did (flat counts: shown as the run's artifact)."""
 
+    # Work left undone (the run ends "Completed with problems"): emails failed for good,
+    # and sends whose outcome another sender overwrote (the lease was too short).
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("failed", "lost")
+
     sent: int = 0
     retried: int = 0  # back to pending with backoff (some or all recipients)
     failed: int = 0
-    released: int = 0  # claimed, then handed back untried: the server was unavailable
+    released: int = 0  # claimed, handed back untried: server unavailable, or budget spent
     lost: int = 0  # claimed, but another sender held the row when we acknowledged
     due_now: int = 0  # still due at as_of when the run ended
     waiting: int = 0  # pending, due later (a retry's backoff or a not_before)
@@ -81,6 +108,9 @@ class EmailServerUnavailable(RuntimeError):
     def __init__(self, message: str, partial_result: EmailSendResult) -> None:
         super().__init__(message)
         self.partial_result = partial_result
+
+
+MAX_RETRIED_PER_RUN = 10_000
 
 
 def wall_clock() -> datetime:
@@ -97,32 +127,43 @@ def send_due_emails(
     monotonic: Callable[[], float] = time.monotonic,
     wall: Callable[[], datetime] = wall_clock,
 ) -> EmailSendResult:
-    """Send every email due at ``now`` within the time budget; count what happened.
+    """Send the emails due at ``now`` that fit in the time budget; count what happened.
 
-    Raises :class:`EmailServerUnavailable` when the server failed the run.
+    Raises :class:`EmailServerUnavailable` when the server failed the run. When the run is
+    stopped (a ``BaseException`` such as Prefect's ``TerminationSignal`` on cancel), the
+    sends in progress end and are recorded, every other claimed row goes back to
+    ``pending`` with its attempt handed back, and the exception goes on.
     """
-    started = monotonic()
-    tally = Tally()
-    halt = Halt()
+    pace = Pace(
+        started=monotonic(),
+        budget=settings.email_time_budget_seconds,
+        probe=settings.email_connections,
+        monotonic=monotonic,
+    )
+    halt = Halt(deadline=pace.deadline, monotonic=monotonic)
     with ThreadPoolExecutor(
         max_workers=settings.email_connections, thread_name_prefix="email-send"
     ) as pool:
-        drain = _Drain(engine, pool, now, wall, settings, transport, rng or random.Random(), halt)
-        in_flight: _InFlight | None = None
-        claimed: _InFlight | None = None
+        drain = _Drain(
+            engine, pool, now, wall, settings, transport, rng or random.Random(), halt, pace
+        )
         try:
-            # Double-buffered: the next batch is claimed while the workers send this one,
-            # so the database round trips overlap with SMTP instead of adding to it.
-            while True:
-                go_on = monotonic() - started < settings.email_time_budget_seconds
-                claimed = drain.claim() if go_on and halt.reason is None else None
-                if in_flight is not None:
-                    tally.add(drain.finish(in_flight, also_renew=claimed))
-                in_flight, claimed = claimed, None
-                if in_flight is None:
-                    break
-        finally:
-            halt.set("the run stopped")  # on error: start no send nobody will record
+            drain.run()
+        except Exception:
+            halt.set("the run failed")  # start no send nobody will record
+            raise
+        except BaseException:
+            halt.set("the run was stopped")
+            drain.wind_down()
+            raise
+    tally = drain.tally
+    if halt.reason == BUDGET_SPENT and tally.released:
+        logger.info(
+            "time budget of %g s spent: %d emails handed back untried (no attempt used) "
+            "for the next run",
+            settings.email_time_budget_seconds,
+            tally.released,
+        )
     with session_scope(engine) as session:
         queue = email_queue.count_queue(session, now=now, at=wall())
     result = EmailSendResult(
@@ -149,8 +190,11 @@ class _InFlight:
     token: str
     futures: list[Future[Outcome]]
 
+    def unsent(self) -> int:
+        return sum(not future.done() for future in self.futures)
 
-@dataclass(frozen=True)
+
+@dataclass
 class _Drain:
     engine: Engine
     pool: ThreadPoolExecutor
@@ -160,14 +204,40 @@ class _Drain:
     transport: Transport
     rng: random.Random
     halt: Halt
+    pace: Pace
+    tally: Tally = field(default_factory=Tally)
+    # Claims not yet recorded, by owner token (None: the claim itself is under way).
+    open: dict[str, _InFlight | None] = field(default_factory=dict)
+    retried: set[int] = field(default_factory=set)  # never claimed again in this run
 
     @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.settings.email_lease_seconds)
 
-    def claim(self) -> _InFlight | None:
-        """Claim a batch (committed before anything is sent) and hand it to the workers."""
+    def run(self) -> None:
+        """Claim, send and record batch after batch until nothing is due or fits."""
+        # Double-buffered: the next batch is claimed while the workers send this one, so
+        # the database round trips overlap with SMTP instead of adding to it.
+        in_flight: _InFlight | None = None
+        while True:
+            unsent = in_flight.unsent() if in_flight is not None else 0
+            room = 0
+            if self.halt.stopped() is None:
+                room = self.pace.room(unsent=unsent, limit=self.settings.email_batch_size)
+            if len(self.retried) > MAX_RETRIED_PER_RUN:
+                room = 0  # a server refusing this much: leave the rest to the next run
+            claimed = self.claim(room) if room > 0 else None
+            if in_flight is not None:
+                self.finish(in_flight)
+            if claimed is None and (room > 0 or in_flight is None):
+                return  # nothing due, or nothing fits with nothing in flight
+            in_flight = claimed  # None: look again, now that the pace is known
+
+    def claim(self, limit: int) -> _InFlight | None:
+        """Claim up to ``limit`` rows (committed before anything is sent) and hand them
+        to the workers."""
         token = uuid.uuid4().hex
+        self.open[token] = None  # a stop from here on hands back whatever it claimed
         at = self.wall()
         with session_scope(self.engine) as session:
             batch = email_queue.claim_due(
@@ -175,23 +245,27 @@ class _Drain:
                 now=self.now,
                 at=at,
                 lease_until=at + self.lease,
-                limit=self.settings.email_batch_size,
+                limit=limit,
                 token=token,
+                skip=self.retried,
             )
         if not batch:
+            del self.open[token]
             return None
-        send = partial(
-            deliver,
-            transport=self.transport,
-            settings=self.settings,
-            wall=self.wall,
-            halt=self.halt,
-        )
-        return _InFlight(token, [self.pool.submit(send, task) for task in batch])
+        in_flight = _InFlight(token, [self.pool.submit(self._send, task) for task in batch])
+        self.open[token] = in_flight
+        return in_flight
 
-    def finish(self, in_flight: _InFlight, *, also_renew: _InFlight | None) -> Tally:
-        """Wait for the batch's sends, renewing the leases meanwhile; record every outcome."""
-        tokens = [b.token for b in (in_flight, also_renew) if b is not None]
+    def _send(self, task: ClaimedTask) -> Outcome:
+        outcome = deliver(
+            task, transport=self.transport, settings=self.settings, wall=self.wall, halt=self.halt
+        )
+        if outcome.delivery is not Delivery.UNTRIED:
+            self.pace.count()
+        return outcome
+
+    def finish(self, in_flight: _InFlight) -> None:
+        """Wait for the batch's sends, renewing every open lease meanwhile; record them."""
         every = max(0.05, self.settings.email_lease_seconds / 3)
         pending: set[Future[Outcome]] = set(in_flight.futures)
         while True:
@@ -200,14 +274,32 @@ class _Drain:
             if not pending:
                 break
             with session_scope(self.engine) as session:
-                email_queue.renew(session, tokens=tokens, lease_until=self.wall() + self.lease)
-        return self._record(in_flight.token, [future.result() for future in in_flight.futures])
+                email_queue.renew(
+                    session, tokens=list(self.open), lease_until=self.wall() + self.lease
+                )
+        self._record(in_flight.token, [future.result() for future in in_flight.futures])
 
-    def _record(self, token: str, outcomes: list[Outcome]) -> Tally:
+    def wind_down(self) -> None:
+        """After a stop: the sends in progress end and are recorded; every other claimed
+        row goes back to pending, its attempt handed back."""
+        for in_flight in list(self.open.values()):
+            if in_flight is not None:
+                self.finish(in_flight)
+        with session_scope(self.engine) as session:
+            self.tally.released += email_queue.release_held(session, tokens=list(self.open))
+        self.open.clear()
+        logger.warning(
+            "sending stopped: %d sent, %d emails handed back untried (no attempt used)",
+            self.tally.sent,
+            self.tally.released,
+        )
+
+    def _record(self, token: str, outcomes: list[Outcome]) -> None:
         at = self.wall()
         acks, tally = to_acks(outcomes, at=at, settings=self.settings, rng=self.rng)
         with session_scope(self.engine) as session:
             lost = email_queue.acknowledge(session, token=token, at=at, acks=acks)
+        self.open.pop(token, None)
         if lost:
             logger.warning(
                 "lost the lease of app tasks %s (taken over by another sender); "
@@ -215,4 +307,5 @@ class _Drain:
                 ", ".join(map(str, lost)),
             )
         tally.lost = len(lost)
-        return tally
+        self.tally.add(tally)
+        self.retried.update(retry.id for retry in acks.retries)

@@ -49,7 +49,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import Engine, bindparam, func, insert, select, text, update
 from sqlalchemy.exc import StatementError
@@ -99,6 +99,8 @@ class ExpireUnconfirmedRegistrationsResult:
     undone until their data is fixed). ``warnings_reissued``: users re-armed because their
     warning failed for good (they are also counted in ``warned``).
     """
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("invalid_users",)  # users skipped
 
     warned: int | None = None
     declined: int | None = None

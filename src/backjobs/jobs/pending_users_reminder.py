@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
@@ -57,6 +57,8 @@ RUN_LOCK = 0x6261636B6A505552
 @dataclass(frozen=True)
 class PendingUsersReminderResult:
     """What one run did: users listed (and marked), those left for the next run, emails."""
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("skipped_no_admin", "invalid_users")
 
     users_listed: int = 0
     users_left_for_next_run: int = 0

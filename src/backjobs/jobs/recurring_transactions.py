@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from sqlalchemy import Engine, String, cast, or_, select, text
 from sqlalchemy.orm import Session
@@ -69,6 +69,8 @@ CHUNK_ROWS = 50_000
 @dataclass(frozen=True)
 class RecurringTransactionsResult:
     """What a run did: the date it processed through, and counts."""
+
+    PROBLEM_COUNTS: ClassVar[tuple[str, ...]] = ("invalid",)  # definitions skipped
 
     through: str
     definitions_processed: int = 0

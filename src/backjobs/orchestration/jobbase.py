@@ -10,14 +10,23 @@ flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
   "from the future" deletes tokens still valid and markers still in their retention.
   ``BACKJOBS_ALLOW_FUTURE_AS_OF=true`` allows it, for rehearsals and test rigs;
 - sends the domain's warnings and errors (``logging.getLogger("backjobs...")``) to the
-  run's logs in the UI (:func:`route_domain_logs_to_runs`), whatever the environment of
-  the worker or of ``backjobs run``;
+  run's logs in the UI, whatever the environment of the worker or of ``backjobs run``,
+  and keeps logging harmless when the console is gone (a dead worker's pipes): see
+  :mod:`backjobs.orchestration.runlogs`;
 - logs ``[CleanupJob] Starting job execution``, then ``... Job completed successfully``,
   a warning ``... Job was cancelled`` on cancellation, or an error with the traceback
   ``... Job failed with error`` on failure, re-raising in both cases as the seed does.
-  Each failure's traceback appears once in the run's logs (:class:`OneTracebackPerFailure`):
-  a part's where its task failed, the job's own where the job base logs it; Prefect's
-  engine repeats only the message;
+  Each failure's traceback appears once in the run's logs: a part's where its task
+  failed, the job's own where the job base logs it; Prefect's engine repeats only the
+  message;
+- **ends in a state that says what happened.** A result whose type names counts of work
+  left undone (``PROBLEM_COUNTS``: an email that failed, an invalid recurring definition,
+  a bad storage key, a user skipped for an invalid address) and has any above zero ends
+  the run in a Completed-type state named ``Completed with problems`` whose message gives
+  those counts (``failed=2``), with a warning ``... Job completed with problems``. It is
+  still a completed run (green in the UI, ``is_completed()``, no alert), but never the
+  plain "Completed" of a clean run. A failed run made of parts fails with a message
+  naming each failed part and its reason (:class:`PartsFailed`);
 - publishes the body's result (a frozen dataclass of counts) as a table artifact keyed
   ``<flow-name>-result`` and logs it, so the UI shows what the run did; when the body
   fails with an error that carries a ``partial_result`` (:class:`PartsFailed`, or a
@@ -32,24 +41,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar, cast
 
 from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import State
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
+from prefect.states import Completed
 
+from backjobs.orchestration.runlogs import prepare_run_logging
 from backjobs.settings import get_settings
 
 R = TypeVar("R")
 
 CANCELLED = (TerminationSignal, KeyboardInterrupt, asyncio.CancelledError)
 FUTURE_AS_OF_TOLERANCE = timedelta(minutes=5)
-DOMAIN_LOGGER = "backjobs"
 
 
 class FutureAsOfRefused(ValueError):
@@ -101,87 +111,6 @@ def _duration(delta: timedelta) -> str:
     return f"{delta // timedelta(minutes=1)} minutes"
 
 
-def route_domain_logs_to_runs() -> None:
-    """Send the ``backjobs`` loggers' records to the current run's logs (idempotent).
-
-    Prefect configures logging once, when ``prefect`` is first imported: only then does
-    ``PREFECT_LOGGING_EXTRA_LOGGERS=backjobs`` attach its API handler. A worker started
-    without it, or ``backjobs run`` (whose imports come first), would leave the domain's
-    warnings on stderr, unattributed. So the job base attaches Prefect's ``APILogHandler``
-    itself at every flow start, unless one is there already (the variable was set in
-    time): never twice. The records still propagate to the console as before.
-    """
-    from prefect.logging.handlers import APILogHandler
-
-    domain = logging.getLogger(DOMAIN_LOGGER)
-    if not any(isinstance(h, APILogHandler) for h in domain.handlers):
-        domain.addHandler(_run_log_handler())
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        engine_logger = logging.getLogger(name)
-        if not any(isinstance(f, OneTracebackPerFailure) for f in engine_logger.filters):
-            engine_logger.addFilter(ONE_TRACEBACK_PER_FAILURE)
-
-
-def _run_log_handler() -> logging.Handler:
-    from prefect.context import FlowRunContext, TaskRunContext
-    from prefect.logging.handlers import APILogHandler
-
-    class RunLogHandler(APILogHandler):
-        """Prefect's API handler, for records logged inside a run only.
-
-        The domain also logs outside runs (the app enqueueing, ``backjobs outbox``) and
-        from its own threads, where no run is known: those stay on the console instead of
-        making Prefect warn that a log had no flow run id.
-        """
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if (
-                getattr(record, "flow_run_id", None)
-                or FlowRunContext.get() is not None
-                or TaskRunContext.get() is not None
-            ):
-                super().emit(record)
-
-    return RunLogHandler()
-
-
-class OneTracebackPerFailure(logging.Filter):
-    """Keep the traceback of an exception the first time a run logger logs it.
-
-    A part's error used to be printed three times: by the task engine ("Task run failed
-    with exception"), by the job base ("Job failed with error") and by the flow engine
-    ("Encountered exception during execution"). The first record keeps the traceback and
-    marks the exception; later records of the same exception (or of a group all of whose
-    exceptions are marked) keep their message and lose only the repeated traceback.
-    """
-
-    MARK = "_backjobs_traceback_logged"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is None:
-            return True
-        if self._logged(exc):
-            record.exc_info = None
-            record.exc_text = None
-        else:
-            try:
-                setattr(exc, self.MARK, True)
-            except AttributeError:  # pragma: no cover - exceptions take attributes
-                pass
-        return True
-
-    def _logged(self, exc: BaseException) -> bool:
-        if getattr(exc, self.MARK, False):
-            return True
-        if isinstance(exc, BaseExceptionGroup):
-            return all(self._logged(e) for e in exc.exceptions)
-        return False
-
-
-ONE_TRACEBACK_PER_FAILURE = OneTracebackPerFailure()
-
-
 def result_rows(result: Any, *, missing: str = "not reported") -> list[dict[str, str]]:
     """A result dataclass as ``[{"count": field, "value": value}]`` rows.
 
@@ -205,13 +134,27 @@ def _show(value: Any, missing: str = "not reported") -> str:
     return str(value)
 
 
-ATTENTION_COUNTS = ("failed", "invalid", "lost")
+COMPLETED_WITH_PROBLEMS = "Completed with problems"
+PROBLEM_COUNTS = "PROBLEM_COUNTS"
+"""The class attribute of a result type that names its counts of work left undone."""
 
 
-def _needs_attention(result: Any) -> str:
-    """``failed=1, invalid=2``: the counts of a completed run that ops should look at."""
-    counts = [(name, getattr(result, name, None)) for name in ATTENTION_COUNTS]
+def problems(result: Any) -> str:
+    """``failed=1, lost=2``: the result's non-zero counts of work left undone, else ``""``.
+
+    Which counts those are is the result type's to say, in its ``PROBLEM_COUNTS``.
+    """
+    names: Sequence[str] = getattr(type(result), PROBLEM_COUNTS, ())
+    counts = [(name, getattr(result, name, None)) for name in names]
     return ", ".join(f"{name}={n}" for name, n in counts if isinstance(n, int) and n > 0)
+
+
+def final_state(job_name: str, result: R, problem_counts: str) -> R | State[R]:
+    """The run's result, or a ``Completed with problems`` state carrying it."""
+    if not problem_counts:
+        return result
+    message = f"{kebab(job_name)}: {problem_counts} (the reasons are in the run's logs)"
+    return Completed(name=COMPLETED_WITH_PROBLEMS, message=message, data=result)
 
 
 def publish_result(job_name: str, result: Any, *, description: str | None = None) -> None:
@@ -292,11 +235,22 @@ def gather_parts(parts: Mapping[str, PrefectFuture[P]], *, empty: P) -> P:
     result = dataclasses.replace(result, failed_parts=tuple(errors))  # type: ignore[type-var]
     from prefect.runtime import flow_run
 
+    reasons = "; ".join(f"{name} ({reason_of(error)})" for name, error in errors.items())
     raise PartsFailed(
-        f"{flow_run.flow_name}: {len(errors)} of {len(parts)} parts failed: {', '.join(errors)}",
+        f"{flow_run.flow_name}: {len(errors)} of {len(parts)} parts failed: {reasons}",
         list(errors.values()),
         result,
     )
+
+
+REASON_LENGTH = 300
+
+
+def reason_of(error: BaseException) -> str:
+    """``OSError: disk full``: an error's type and the first line of its message, capped."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= REASON_LENGTH else text[: REASON_LENGTH - 1] + "…"
 
 
 def job_flow(
@@ -305,8 +259,8 @@ def job_flow(
     """Decorate a job body ``(as_of) -> result`` into the job's Prefect flow."""
 
     def decorate(body: Callable[[datetime], R]) -> Flow[..., R]:
-        def run(as_of: datetime | None = None) -> R:
-            route_domain_logs_to_runs()
+        def run(as_of: datetime | None = None) -> R | State[R]:
+            prepare_run_logging()
             logger = get_run_logger()
             when = resolve_as_of(as_of)
             logger.info("[%s] Starting job execution (as_of %s)", job_name, when.isoformat())
@@ -329,24 +283,27 @@ def job_flow(
                 logger.error("[%s] Job failed with error: %s", job_name, exc, exc_info=True)
                 raise
             publish_result(job_name, result)
-            attention = _needs_attention(result)
-            if attention:
+            problem_counts = problems(result)
+            if problem_counts:
                 logger.warning(
-                    "[%s] Job completed with %s; the reasons are in the log lines above",
+                    "[%s] Job completed with problems: %s; the reasons are in the log lines above",
                     job_name,
-                    attention,
+                    problem_counts,
                 )
-            logger.info("[%s] Job completed successfully", job_name)
-            return result
+            else:
+                logger.info("[%s] Job completed successfully", job_name)
+            return final_state(job_name, result, problem_counts)
 
         run.__name__ = run.__qualname__ = kebab(job_name).replace("-", "_")
         run.__module__ = body.__module__
         run.__doc__ = body.__doc__
-        return flow(
+        job = flow(
             name=kebab(job_name),
             description=description or (body.__doc__ or "").strip().split("\n")[0] or None,
             log_prints=False,
             **flow_options,
         )(run)
+        # Calling the flow returns the result either way: Prefect unwraps a returned state.
+        return cast(Flow[..., R], job)
 
     return decorate
