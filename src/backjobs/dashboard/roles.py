@@ -115,7 +115,7 @@ def _rule(method: str, path: str, kind: Kind, body_check: BodyCheck | None = Non
 
 _R, _O = Kind.READ, Kind.OPERATE
 _GET_READS = """
-    /admin/settings /admin/version /artifacts/* /artifacts/*/latest
+    /admin/settings /admin/storage /admin/version /artifacts/* /artifacts/*/latest
     /automations/* /automations/related-to/* /block_capabilities/ /block_documents/*
     /block_schemas/* /block_schemas/checksum/* /block_types/* /block_types/slug/*
     /block_types/slug/*/block_documents /block_types/slug/*/block_documents/name/*
