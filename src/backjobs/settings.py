@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     dashboard_login_url: str | None = None
     dashboard_auth_string: SecretStr | None = None
     dashboard_admin_cache_seconds: Annotated[float, Field(ge=0, le=30)] = 30.0
+    # The session a sign-in link is exchanged for lasts this long; a token whose exp is
+    # further ahead than the maximum is refused (the app cannot mint year-2999 tokens).
+    dashboard_session_minutes: Annotated[int, Field(gt=0, le=7 * DAY // MINUTE)] = 480
+    dashboard_max_token_minutes: Annotated[int, Field(gt=0, le=366 * DAY // MINUTE)] = 10080
 
     # Alerts (backjobs.orchestration.alerts): where they are POSTed as JSON (besides the
     # admins' email), how often a job still failing alerts again (0: at every failure),

@@ -1,7 +1,9 @@
 """The dashboard gate, against a real ``backjobs dashboard`` (Prefect server + UI) on a free port.
 
-Who gets in over HTTP and websocket, the sign-in link, the same-origin rule for the cookie,
-a demoted admin, and the one-line start-up errors.
+Who gets in over HTTP and websocket, token purposes and lifetimes, what an admin may call,
+the sign-in link and its session, sign-out, the same-origin rule for the cookie, a demoted
+admin, websockets closed with their credential, the audit trail, query strings kept out
+of the log, and the one-line start-up errors.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import unquote
 
 import httpx
@@ -34,13 +37,14 @@ from tests.support.dashboard import (
     migrated_sqlite,
     unsigned_token,
 )
-from tests.support.prefect_api import free_port
+from tests.support.prefect_api import call_json, free_port
 
 pytestmark = pytest.mark.slow
 
-ADMIN, USER, DEMOTED = "1", "2", "3"
+ADMIN, USER, DEMOTED, SOCKET_ADMIN = "1", "2", "3", "4"
 CACHE_SECONDS = 1.0
 FILTER = "/api/flow_runs/filter"
+HUMAN_READS = ("/events/out", "/logs/out")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def app_db(tmp_path_factory: pytest.TempPathFactory) -> str:
             text(
                 "INSERT INTO users (id, email, is_admin) VALUES "
                 "(1, 'admin@example.com', true), (2, 'user@example.com', false), "
-                "(3, 'demoted@example.com', true)"
+                "(3, 'demoted@example.com', true), (4, 'socket@example.com', true)"
             )
         )
     engine.dispose()
@@ -86,8 +90,23 @@ CREDENTIALS: dict[str, tuple[dict[str, str], int]] = {
     "non-admin": (bearer(make_token(USER)), 403),
     "unknown user": (bearer(make_token("999")), 403),
     "admin by id": (bearer(make_token(ADMIN)), 200),
-    "admin by email": (bearer(make_token("Admin@Example.com")), 200),
+    "admin by email": (bearer(make_token("admin@example.com")), 401),  # ids only
+    "odd sub": (bearer(make_token("²")), 401),
+    "200-digit sub": (bearer(make_token("9" * 200)), 401),
+    "exp in 2999": (bearer(make_token(ADMIN, minutes=(2999 - 2026) * 525_960)), 401),
+    "exp beyond the maximum": (bearer(make_token(ADMIN, minutes=10080 + 5)), 401),
+    "sign-in link as bearer": (bearer(make_token(ADMIN, extra={"purpose": "sign-in"})), 401),
+    "session as bearer": (bearer(make_token(ADMIN, extra={"purpose": "session"})), 401),
+    "api token as bearer": (bearer(make_token(ADMIN, extra={"purpose": "api"})), 200),
     "admin cookie": ({"Cookie": f"prefect_jwt={make_token(ADMIN)}"}, 200),
+    "session cookie": (
+        {"Cookie": f"prefect_jwt={make_token(ADMIN, extra={'purpose': 'session'})}"},
+        200,
+    ),
+    "sign-in link as cookie": (
+        {"Cookie": f"prefect_jwt={make_token(ADMIN, extra={'purpose': 'sign-in'})}"},
+        401,
+    ),
     "non-admin cookie": ({"Cookie": f"prefect_jwt={make_token(USER)}"}, 403),
     "expired cookie": ({"Cookie": f"prefect_jwt={make_token(ADMIN, minutes=-1)}"}, 401),
     "machine": ({"Authorization": basic(AUTH_STRING)}, 200),
@@ -150,6 +169,9 @@ def test_websocket_first_message_auth(
     dash: GatedDashboard, path: str, token: str | None, outcome: str
 ) -> None:
     # What Prefect's own clients do: the "prefect" subprotocol, no header, an auth message.
+    # An admin reads events and logs; sending events and claiming task runs are machines'.
+    if token != AUTH_STRING and outcome == "auth_success" and path not in HUMAN_READS:
+        outcome = "1008 Forbidden"
     assert asyncio.run(first_message_outcome(f"{dash.ws_api}{path}", token)) == outcome
 
 
@@ -239,13 +261,31 @@ def test_sign_in_link_sets_the_cookie_once(dash: GatedDashboard, app_db: str) ->
         for attribute in ("prefect_jwt=", "HttpOnly", "SameSite=strict", "Path=/"):
             assert attribute in cookie
         assert "Secure" not in cookie  # plain http on localhost
+        session = browser.cookies["prefect_jwt"]
+        assert session != token  # the cookie is a session of its own, not the link
+        claims = jwt.decode(session, SECRET, algorithms=["HS256"])
+        assert claims["purpose"] == "session" and claims["sub"] == ADMIN
+        assert 480 * 60 - 120 < claims["exp"] - time.time() <= 480 * 60
         assert browser.get(f"{dash.url}/api/admin/version").status_code == 200
         assert browser.get(f"{dash.url}/v2/", headers={"Accept": "text/html"}).status_code == 200
 
-        signed_out = browser.get(f"{dash.url}/auth/sign-out")
+        # Sign-out is a POST with the dashboard's Origin; its GET only shows the button.
+        sign_out = f"{dash.url}/auth/sign-out"
+        shown = browser.get(sign_out)
+        assert '<form method="post" action="/auth/sign-out">' in shown.text
+        assert "set-cookie" not in shown.headers
+        assert browser.post(sign_out, headers={"Origin": "https://evil.example"}).status_code == 403
+        assert browser.post(sign_out).status_code == 403
+        assert browser.delete(sign_out).status_code == 405
+        assert browser.get(f"{dash.url}/api/admin/version").status_code == 200  # still in
+        signed_out = browser.post(sign_out, headers={"Origin": dash.url})
         assert 'prefect_jwt=""' in signed_out.headers["set-cookie"]
         assert browser.get(f"{dash.url}/api/admin/version").status_code == 401
 
+    # The spent link's token is no credential, in any place.
+    assert httpx.get(f"{dash.api}/admin/version", headers=bearer(token)).status_code == 401
+    link_cookie = {"Cookie": f"prefect_jwt={token}"}
+    assert httpx.get(f"{dash.api}/admin/version", headers=link_cookie).status_code == 401
     again = httpx.get(link)
     assert again.status_code == 401 and "already used" in again.text
     twice = httpx.post(sign_in, data={"token": token}, headers={"Origin": dash.url})
@@ -256,6 +296,37 @@ def test_sign_in_link_sets_the_cookie_once(dash: GatedDashboard, app_db: str) ->
     log = dash.log()
     assert "/auth/sign-in" in log
     assert token not in log and token[-20:] not in log
+
+
+def test_a_spent_app_link_without_purpose_is_no_credential(dash: GatedDashboard) -> None:
+    link_token = make_token(ADMIN, extra={"jti": "app-link-1"})  # as the app signs it
+    assert httpx.get(f"{dash.api}/admin/version", headers=bearer(link_token)).status_code == 200
+    posted = httpx.post(
+        f"{dash.url}/auth/sign-in", data={"token": link_token}, headers={"Origin": dash.url}
+    )
+    assert posted.status_code == 200
+    assert httpx.get(f"{dash.api}/admin/version", headers=bearer(link_token)).status_code == 401
+
+
+def test_a_bare_dashboard_token_is_an_api_token_and_no_link(
+    dash: GatedDashboard, app_db: str
+) -> None:
+    env = dashboard_env(dash.log_path.parent, app_db_url=app_db, port=dash.port)
+    done = subprocess.run(
+        [BACKJOBS, "dashboard-token", "admin@example.com"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["purpose"] == "api"
+    assert httpx.get(f"{dash.api}/admin/version", headers=bearer(token)).status_code == 200
+    as_link = httpx.get(f"{dash.url}/auth/sign-in", params={"token": token})
+    assert as_link.status_code == 401
+    as_cookie = {"Cookie": f"prefect_jwt={token}"}
+    assert httpx.get(f"{dash.api}/admin/version", headers=as_cookie).status_code == 401
 
 
 def test_sign_in_link_for_a_non_admin_or_forged_token_is_refused(dash: GatedDashboard) -> None:
@@ -344,3 +415,192 @@ def test_prefects_own_auth_string_is_refused(
     env = dashboard_env(tmp_path_factory.mktemp("h"), app_db_url=app_db, port=free_port())
     env["PREFECT_SERVER_API_AUTH_STRING"] = "a:b"
     assert "BACKJOBS_DASHBOARD_AUTH_STRING" in start_error(env)
+
+
+def test_dev_secret_behind_a_proxy_is_refused(
+    app_db: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = dashboard_env(tmp_path_factory.mktemp("h"), app_db_url=app_db, port=free_port())
+    del env["BACKJOBS_JWT_SECRET"]
+    env["BACKJOBS_DASHBOARD_PUBLIC_URL"] = "https://jobs.example.com"  # README's production
+    line = start_error(env)  # on 127.0.0.1, the default host
+    assert "BACKJOBS_JWT_SECRET is the development default" in line
+    assert "https://jobs.example.com" in line
+
+
+# -- Roles, the audit trail, websockets that end with their credential.
+
+
+def machine_call(dash: GatedDashboard, method: str, path: str, body: object = None) -> Any:
+    return call_json(method, f"{dash.api}{path}", headers=dash.machine_headers(), body=body)
+
+
+def test_an_admin_operates_and_is_audited_but_configures_nothing(dash: GatedDashboard) -> None:
+    flow = machine_call(dash, "POST", "/flows/", {"name": "roles-flow"})
+    deployment = machine_call(
+        dash, "POST", "/deployments/", {"name": "roles-deployment", "flow_id": flow["id"]}
+    )["id"]
+    admin = bearer(make_token(ADMIN))
+    with httpx.Client(base_url=dash.api, headers=admin, timeout=30) as client:
+        refused = {
+            "POST /variables/": client.post("/variables/", json={"name": "v", "value": 1}),
+            "POST /deployments/": client.post(
+                "/deployments/", json={"name": "x", "flow_id": flow["id"]}
+            ),
+            "PATCH /deployments/id": client.patch(
+                f"/deployments/{deployment}", json={"parameters": {"a": 1}}
+            ),
+            "DELETE /deployments/id": client.delete(f"/deployments/{deployment}"),
+            "POST /work_pools/": client.post("/work_pools/", json={"name": "p"}),
+            "POST /block_documents/": client.post("/block_documents/", json={}),
+            "POST /events": client.post("/events", json=[]),
+            "POST /flow_runs/": client.post("/flow_runs/", json={"flow_id": flow["id"]}),
+            "GET /block_documents/filter secrets": client.post(
+                "/block_documents/filter", json={"include_secrets": True}
+            ),
+            "GET block type secrets": client.get(
+                "/block_types/slug/secret/block_documents", params={"include_secrets": "true"}
+            ),
+            "a route Prefect may add": client.post("/deployments/bulk_pause", json={}),
+        }
+        assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 403)
+        assert "machine credential" in refused["POST /variables/"].json()["exception_message"]
+        assert client.post("/block_documents/filter", json={}).status_code == 200
+        paused = client.post(f"/deployments/{deployment}/pause_deployment")
+        assert paused.status_code == 200, paused.text
+        run = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": {}})
+        assert run.status_code == 201, run.text
+        cancelled = client.post(
+            f"/flow_runs/{run.json()['id']}/set_state",
+            json={"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True},
+        )
+        assert cancelled.status_code == 201, cancelled.text
+    with httpx.Client(base_url=dash.api, headers=dash.machine_headers(), timeout=30) as machine:
+        assert machine.get("/variables/name/v").status_code == 404  # never created
+        assert machine.post("/variables/", json={"name": "m", "value": 1}).status_code == 201
+
+    run_id = run.json()["id"]
+    who = "who=user:1 <admin@example.com>"
+    wait_for_log(dash, f"set_state 201 flow_run={run_id}")
+    log = wait_for_log(dash, "audit who=machine POST /api/variables/ 201")
+    assert f"audit {who} POST /api/deployments/{deployment}/pause_deployment 200" in log
+    assert f"audit {who} POST /api/deployments/{deployment}/create_flow_run 201" in log
+    assert f"deployment={deployment} flow_run={run_id}" in log
+    assert f"audit {who} POST /api/flow_runs/{run_id}/set_state 201 flow_run={run_id}" in log
+    assert f"audit {who} POST /api/variables/ 403" in log
+    assert "audit who=machine POST /api/variables/ 201" in log
+    assert "audit who=user:1 <admin@example.com> POST /api/flow_runs/filter" not in log
+
+
+def wait_for_log(dash: GatedDashboard, needle: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in dash.log():
+        assert time.monotonic() < deadline, f"{needle!r} not in the log:\n{dash.log()[-3000:]}"
+        time.sleep(0.2)
+    return dash.log()
+
+
+def test_an_admin_may_not_open_the_machines_websockets(dash: GatedDashboard) -> None:
+    admin = bearer(make_token(ADMIN))
+    for path in ("/events/in", "/task_runs/subscriptions/scheduled"):
+        assert asyncio.run(handshake_status(f"{dash.ws_api}{path}", admin)) == 403
+        outcome = asyncio.run(first_message_outcome(f"{dash.ws_api}{path}", make_token(ADMIN)))
+        assert outcome == "1008 Forbidden"
+
+
+async def close_code(url: str, headers: dict[str, str], limit: float) -> int:
+    """The close code of an open events/logs socket once the server closes it."""
+    async with connect(url, additional_headers=headers, subprotocols=["prefect"]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "auth", "token": None}))
+        assert json.loads(await ws.recv())["type"] == "auth_success"
+        await ws.send(json.dumps({"type": "filter", "filter": {}}))
+        try:
+            async with asyncio.timeout(limit):
+                while True:
+                    await ws.recv()
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return closed.rcvd.code
+    raise AssertionError("unreachable")
+
+
+def test_a_socket_closes_at_its_tokens_exp(dash: GatedDashboard) -> None:
+    token = make_token(ADMIN, minutes=6 / 60)  # exp in 6 s
+    exp = jwt.decode(token, SECRET, algorithms=["HS256"])["exp"]
+    url = f"{dash.ws_api}/events/out"
+    code = asyncio.run(close_code(url, bearer(token), limit=60))
+    assert code == 1008
+    assert abs(time.time() - exp) < 3  # closed at exp (whole seconds), not later
+
+
+def test_a_socket_closes_when_its_user_is_demoted(dash: GatedDashboard, app_db: str) -> None:
+    url = f"{dash.ws_api}/logs/out"
+
+    async def demote_while_open() -> tuple[float, int]:
+        waiting = asyncio.create_task(close_code(url, bearer(make_token(SOCKET_ADMIN)), limit=60))
+        await asyncio.sleep(2)
+        assert not waiting.done()  # an admin's socket stays open
+        engine = make_engine(app_db)
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM users WHERE id = 4"))
+        engine.dispose()
+        demoted_at = time.monotonic()
+        code = await waiting
+        return time.monotonic() - demoted_at, code
+
+    after, code = asyncio.run(demote_while_open())
+    assert code == 1008
+    # Within BACKJOBS_DASHBOARD_ADMIN_CACHE_SECONDS (1 s here), plus a lookup's time and
+    # the minimum re-check step on a loaded machine.
+    assert after < CACHE_SECONDS + 2.0, after
+
+
+def test_binary_frames_are_refused_cleanly(dash: GatedDashboard) -> None:
+    async def first_binary() -> str:
+        async with connect(f"{dash.ws_api}/logs/out", subprotocols=["prefect"]) as ws:  # type: ignore[list-item]
+            await ws.send(json.dumps({"type": "auth", "token": make_token(ADMIN)}).encode())
+            try:
+                await ws.recv()
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                return f"{closed.rcvd.code} {closed.rcvd.reason}"
+        return "open"
+
+    async def binary_after_header_auth() -> int:
+        headers = bearer(make_token(ADMIN))
+        async with connect(
+            f"{dash.ws_api}/events/out",
+            additional_headers=headers,
+            subprotocols=["prefect"],  # type: ignore[list-item]
+        ) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": None}).encode())
+            try:
+                await ws.recv()
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                return closed.rcvd.code
+        return 0
+
+    assert asyncio.run(first_binary()) == "1008 Unauthorized"
+    assert asyncio.run(binary_after_header_auth()) == 1003
+    time.sleep(0.5)
+    assert "Traceback" not in dash.log()
+
+
+def test_no_query_string_in_the_log(dash: GatedDashboard) -> None:
+    secret_query = "token=query-secret-4711"
+    headers = bearer(make_token(ADMIN))
+    status = asyncio.run(handshake_status(f"{dash.ws_api}/events/out?{secret_query}", headers))
+    assert status == 101
+    assert httpx.get(f"{dash.api}/admin/version?{secret_query}", headers=headers).status_code == 200
+    wait_for_log(dash, "GET /api/admin/version")
+    assert "query-secret-4711" not in dash.log()
+
+
+def test_an_odd_sub_is_no_error(dash: GatedDashboard) -> None:
+    for sub in ("²", "9" * 200, "١٢"):
+        assert (
+            httpx.get(f"{dash.api}/admin/version", headers=bearer(make_token(sub))).status_code
+            == 401
+        )
+    assert " ERROR " not in dash.log() and "cannot check admin status" not in dash.log()

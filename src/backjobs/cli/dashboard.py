@@ -84,7 +84,7 @@ def _dashboard_token(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from backjobs.dashboard.server import public_url
-    from backjobs.dashboard.tokens import admin_token, sign_in_url
+    from backjobs.dashboard.tokens import Purpose, admin_token, sign_in_url
     from backjobs.settings import get_settings
 
     settings = get_settings()
@@ -92,7 +92,10 @@ def _dashboard_token(args: argparse.Namespace) -> int:
         raise ValueError("--minutes must be between 1 and 10080 (a week)")
     require_database_file()
     try:
-        token = admin_token(args.email, settings=settings, minutes=args.minutes)
+        # A link is of purpose sign-in (spent once, exchanged for a session); a bare
+        # token is an API token, refused as a link.
+        purpose = Purpose.SIGN_IN if args.url else Purpose.API
+        token = admin_token(args.email, settings=settings, minutes=args.minutes, purpose=purpose)
     except SQLAlchemyError as exc:
         raise database_unusable(exc, doing="cannot read the admins") from None
     print(sign_in_url(public_url(settings), token) if args.url else token)

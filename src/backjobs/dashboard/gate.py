@@ -12,6 +12,11 @@ Who gets in, on HTTP and websocket alike:
   subprotocol: the gate accepts such a socket itself, checks that message (an admin JWT
   is accepted there too) and only then hands the socket, message included, to Prefect.
 
+What each may call is :mod:`backjobs.dashboard.roles` (an allow-list for admins: deny by
+default); each changing request is audited (:mod:`backjobs.dashboard.audit`); a socket
+closes when its credential ends (:mod:`backjobs.dashboard.sockets`); the UI's pages carry
+a Content-Security-Policy that lets them load and call nothing but the dashboard.
+
 Everything else gets 401 (no, forged, malformed or expired credential) or 403 (a valid
 token whose user is not an admin); a refused websocket gets the same status on its
 handshake, or close code 1008 after a bad first message. ``GET /api/health`` and
@@ -19,8 +24,10 @@ handshake, or close code 1008 after a bad first message. ``GET /api/health`` and
 or a websocket authenticated by the cookie alone must carry an ``Origin`` equal to the
 dashboard's own origin, so another site cannot act through a signed-in admin's browser.
 
-A one-time sign-in link (``/auth/sign-in?token=…``) is checked on GET and spent only by
-the POST of the button its page shows, so a scanner that fetches links leaves it usable.
+A one-time sign-in link (``/auth/sign-in?token=…``, a token of purpose ``sign-in``) is
+checked on GET and spent only by the POST of the button its page shows, so a scanner that
+fetches links leaves it usable; that POST answers with a new session token as the cookie.
+Sign-out is a POST with the dashboard's Origin (its GET shows a button).
 """
 
 from __future__ import annotations
@@ -30,20 +37,36 @@ import base64
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import time
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from backjobs.dashboard import audit
+from backjobs.dashboard.audit import Who
 from backjobs.dashboard.pages import (
+    CONTENT_SECURITY_POLICY,
     refusal_page,
     sign_in_form_response,
+    sign_out_form_response,
     signed_in_response,
     signed_out_response,
+)
+from backjobs.dashboard.roles import HUMAN_SOCKETS, Kind, Role, check_body, decide
+from backjobs.dashboard.sockets import (
+    WS_POLICY_VIOLATION,
+    ASGIApp,
+    GuardedSocket,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    relay,
 )
 from backjobs.dashboard.tokens import (
     COOKIE_NAME,
@@ -51,23 +74,20 @@ from backjobs.dashboard.tokens import (
     SIGN_OUT_PATH,
     AdminClaims,
     AdminDirectory,
+    Channel,
+    Purpose,
     TokenError,
     UsedTokenIds,
+    mint_token,
     verify_token,
 )
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/api/health", "/api/ready"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_FORM_BYTES = 16 * 1024  # a sign-in form holds one token
-WS_POLICY_VIOLATION = 1008
+MAX_CHECKED_BODY_BYTES = 1024 * 1024  # a run's parameters
 FIRST_MESSAGE_TIMEOUT_SECONDS = 10.0
 
 
@@ -81,6 +101,19 @@ class Via(Enum):
 class Access(NamedTuple):
     status: int  # 200 let in, 401, 403, 503
     via: Via
+    who: Who = audit.MACHINE
+    exp: int | None = None  # a human's token's exp
+
+    @property
+    def role(self) -> Role:
+        return Role.MACHINE if self.via is Via.MACHINE else Role.HUMAN
+
+
+class Checked(NamedTuple):
+    allowed: bool
+    kind: Kind
+    reason: str
+    receive: Receive  # replays the body when it was read for a check
 
 
 class DashboardGate:
@@ -95,6 +128,8 @@ class DashboardGate:
         auth_string: str | None = None,
         public_url: str | None = None,
         login_url: str | None = None,
+        session_minutes: int = 480,
+        max_token_minutes: int = 10080,
     ) -> None:
         self.app = app
         self._secret = secret
@@ -102,6 +137,8 @@ class DashboardGate:
         self._auth_string = auth_string.encode() if auth_string else None
         self._public_origin = _origin_of(public_url) if public_url else None
         self._login_url = login_url
+        self._session_minutes = session_minutes
+        self._max_token_minutes = max_token_minutes
         self._used_links = UsedTokenIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,25 +156,79 @@ class DashboardGate:
         if path == SIGN_IN_PATH:
             return await self._sign_in(scope, receive, send)
         if path == SIGN_OUT_PATH:
-            return await signed_out_response(self._cookie_secure(scope))(scope, receive, send)
-        access = await self._authenticate(Headers(scope=scope))
-        if access == (200, Via.COOKIE) and method not in SAFE_METHODS:
-            if not self._same_origin(scope):
-                logger.warning("refused %s %s: cookie without the dashboard's Origin", method, path)
-                access = Access(403, Via.COOKIE)
+            return await self._sign_out(scope, receive, send)
+        access = await self._http_access(scope)
         if access.status != 200:
             return await self._refusal(scope, access.status)(scope, receive, send)
+        decision = await self._decide(scope, access, receive)
+        receive = decision.receive
+        if not decision.allowed:
+            logger.warning("refused %s %s to %s: %s", method, path, access.who, decision.reason)
+            if decision.kind is Kind.OPERATE:
+                audit.log_change(who=access.who, method=method, path=path, status=403)
+            return await self._refusal(scope, 403, decision.reason)(scope, receive, send)
+        if not path.startswith("/api/"):
+            send = _with_csp(send)
+        if decision.kind is Kind.OPERATE:
+            return await self._audited(scope, receive, send, access.who)
         await self.app(scope, receive, send)
+
+    async def _http_access(self, scope: Scope) -> Access:
+        access = await self._authenticate(Headers(scope=scope))
+        if access[:2] == (200, Via.COOKIE) and scope["method"] not in SAFE_METHODS:
+            if not self._same_origin(scope):
+                method, path = scope["method"], scope["path"]
+                logger.warning("refused %s %s: cookie without the dashboard's Origin", method, path)
+                access = access._replace(status=403)
+        return access
+
+    async def _decide(self, scope: Scope, access: Access, receive: Receive) -> Checked:
+        """The role's decision, with the request's JSON body checked where a rule says so."""
+        query = scope.get("query_string", b"")
+        decision = decide(access.role, scope["method"], scope["path"], query)
+        checked = Checked(decision.allowed, decision.kind, decision.reason, receive)
+        if decision.allowed and decision.body_check is not None:
+            body, replay = await _buffered(receive)
+            problem = check_body(decision.body_check, body) if body is not None else "too big"
+            checked = checked._replace(receive=replay)
+            if problem is not None:
+                checked = checked._replace(allowed=False, reason=problem)
+        return checked
+
+    async def _audited(self, scope: Scope, receive: Receive, send: Send, who: Who) -> None:
+        status, captured = [500], bytearray()
+        keep_body = audit.creates_run(scope["path"])
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif keep_body and len(captured) <= audit.MAX_CAPTURED_BYTES:
+                captured.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            audit.log_change(
+                who=who,
+                method=scope["method"],
+                path=scope["path"],
+                status=status[0],
+                response_body=bytes(captured),
+            )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         access = await self._authenticate(headers)
         if access.via is Via.COOKIE and access.status == 200 and not self._same_origin(scope):
-            access = Access(403, Via.COOKIE)
+            access = access._replace(status=403)
         if access.via is not Via.NOTHING:
+            if access.status == 200 and not self._socket_allowed(scope, access):
+                access = access._replace(status=403)
             if access.status != 200:
                 return await _deny_handshake(scope, receive, send, access.status)
-            return await self.app(scope, receive, send)
+            socket = GuardedSocket(receive, send, path=scope["path"], replay=[], accepted=False)
+            return await self._relay(scope, socket, access)
         if "prefect" not in _subprotocols(headers):
             return await _deny_handshake(scope, receive, send, 401)
         await self._first_message_auth(scope, receive, send)
@@ -154,21 +245,38 @@ class DashboardGate:
             first = {"type": "timeout"}
         if first["type"] == "websocket.disconnect":
             return
-        status = await self._token_status(_auth_message_token(first))
-        if status != 200:
-            reason = "Unauthorized" if status == 401 else "Forbidden"
+        access = await self._message_access(_auth_message_token(first))
+        if access.status == 200 and not self._socket_allowed(scope, access):
+            access = access._replace(status=403)
+        if access.status != 200:
+            reason = "Unauthorized" if access.status == 401 else "Forbidden"
             await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION, "reason": reason})
             return
-        replay = [connect, first]
+        socket = GuardedSocket(
+            receive, send, path=scope["path"], replay=[connect, first], accepted=True
+        )
+        await self._relay(scope, socket, access)
 
-        async def replaying_receive() -> Message:
-            return replay.pop(0) if replay else await receive()
+    def _socket_allowed(self, scope: Scope, access: Access) -> bool:
+        return access.role is Role.MACHINE or scope["path"] in HUMAN_SOCKETS
 
-        async def send_after_accept(message: Message) -> None:
-            if message["type"] != "websocket.accept":  # already accepted above
-                await send(message)
+    async def _relay(self, scope: Scope, socket: GuardedSocket, access: Access) -> None:
+        still_allowed = None
+        if access.role is Role.HUMAN and access.who.user_id is not None:
+            user_id, max_age = access.who.user_id, self._admins.cache_seconds / 2
 
-        await self.app(scope, replaying_receive, send_after_accept)
+            async def still_admin() -> bool:
+                return (await self._admins.lookup(user_id, max_age=max_age)).is_admin
+
+            still_allowed = still_admin
+        await relay(
+            self.app,
+            scope,
+            socket,
+            exp=access.exp,
+            still_allowed=still_allowed,
+            check_seconds=self._admins.cache_seconds / 2,
+        )
 
     async def _authenticate(self, headers: Headers) -> Access:
         authorization = headers.get("authorization")
@@ -178,11 +286,11 @@ class DashboardGate:
                 ok = self._machine_header_ok(authorization)
                 return Access(200 if ok else 401, Via.MACHINE)
             if scheme.lower() == "bearer":
-                return Access(await self._admin_status(value.strip()), Via.BEARER)
+                return await self._human(value.strip(), Via.BEARER, Channel.BEARER)
             return Access(401, Via.BEARER)
         token = cookie_parser(headers.get("cookie", "")).get(COOKIE_NAME)
         if token:
-            return Access(await self._admin_status(token), Via.COOKIE)
+            return await self._human(token, Via.COOKIE, Channel.COOKIE)
         return Access(401, Via.NOTHING)
 
     def _machine_header_ok(self, authorization: str) -> bool:
@@ -196,31 +304,45 @@ class DashboardGate:
             return False
         return hmac.compare_digest(decoded, self._auth_string)
 
-    async def _token_status(self, token: str | None) -> int:
-        """A first-message token: the machine auth string, or an admin JWT."""
+    async def _message_access(self, token: str | None) -> Access:
+        """A first-message token: the machine auth string, or an admin's API token."""
         if not token:
-            return 401
+            return Access(401, Via.NOTHING)
         if self._auth_string is not None and hmac.compare_digest(token.encode(), self._auth_string):
-            return 200
-        return await self._admin_status(token)
+            return Access(200, Via.MACHINE)
+        return await self._human(token, Via.BEARER, Channel.BEARER)
 
-    async def _admin_status(self, token: str) -> int:
+    def _claims(self, token: str, channel: Channel) -> AdminClaims:
+        claims = verify_token(
+            token,
+            secret=self._secret,
+            now=time.time(),
+            max_minutes=self._max_token_minutes,
+            channel=channel,
+        )
+        if channel is not Channel.LINK and claims.jti and self._used_links.used(claims.jti):
+            raise TokenError("a spent sign-in link")
+        return claims
+
+    async def _human(self, token: str, via: Via, channel: Channel) -> Access:
         try:
-            claims = verify_token(token, secret=self._secret)
+            claims = self._claims(token, channel)
         except TokenError:
-            return 401
+            return Access(401, via)
         try:
-            return 200 if await self._admins.is_admin(claims.sub) else 403
+            user = await self._admins.lookup(claims.sub)
         except Exception as exc:  # the app DB is down: nobody is known to be an admin
             logger.error("cannot check admin status: %s", type(exc).__name__)
-            return 503
+            return Access(503, via)
+        return Access(200 if user.is_admin else 403, via, Who(claims.sub, user.email), claims.exp)
 
     async def _sign_in(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A one-time sign-in link: GET shows a button, its POST uses the link up.
+        """A one-time sign-in link: GET shows a button, its POST spends the link.
 
         Opening the link only checks it, so a mail scanner or a chat preview that fetches
         it leaves it usable; pressing the button (a same-origin form POST, the token in
-        its body) spends it and sets the cookie.
+        its body) spends it and sets the cookie to a new session token, so the link's
+        own token is never a credential.
         """
         method = scope["method"]
         if method in ("GET", "HEAD"):
@@ -241,27 +363,50 @@ class DashboardGate:
             response = self._refusal(scope, status, problem, html=True)
             return await response(scope, receive, send)
         if not spend:
-            return await sign_in_form_response(token)(scope, receive, send)
-        logger.info("admin %s signed in to the dashboard", claims.sub)
-        response = signed_in_response(token, claims.exp, self._cookie_secure(scope))
-        await response(scope, receive, send)
+            return await sign_in_form_response(token)(scope, receive, _with_csp(send))
+        now = datetime.now(UTC)
+        session = mint_token(
+            sub=claims.sub,
+            secret=self._secret,
+            now=now,
+            minutes=self._session_minutes,
+            purpose=Purpose.SESSION,
+        )
+        logger.info("admin user:%s signed in to the dashboard", claims.sub)
+        expires = int(now.timestamp()) + self._session_minutes * 60
+        response = signed_in_response(session, expires, self._cookie_secure(scope))
+        await response(scope, receive, _with_csp(send))
 
     async def _check_link(self, token: str, *, spend: bool) -> tuple[int, str, AdminClaims | None]:
         """(status, problem, claims): claims only when the link lets an admin in."""
+        invalid = "This sign-in link is invalid or has expired."
         try:
-            claims = verify_token(token, secret=self._secret)
+            claims = self._claims(token, Channel.LINK)
         except TokenError:
-            return 401, "This sign-in link is invalid or has expired.", None
-        status = await self._admin_status(token)
-        if status != 200:
-            return status, "", None
-        if not claims.jti:  # an API token, not a link
-            return 401, "This sign-in link is invalid or has expired.", None
+            return 401, invalid, None
+        if not claims.jti:  # not minted as a one-time link
+            return 401, invalid, None
+        access = await self._human(token, Via.NOTHING, Channel.LINK)
+        if access.status != 200:
+            return access.status, "", None
         if self._used_links.used(claims.jti) or (
             spend and not self._used_links.claim(claims.jti, claims.exp)
         ):
             return 401, "This sign-in link was already used.", None
         return 200, "", claims
+
+    async def _sign_out(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        if method in ("GET", "HEAD"):
+            return await sign_out_form_response()(scope, receive, _with_csp(send))
+        if method != "POST":
+            refused = PlainTextResponse("Method Not Allowed", 405, {"allow": "GET, HEAD, POST"})
+            return await refused(scope, receive, send)
+        if not self._same_origin(scope):
+            logger.warning("refused a sign-out: posted without the dashboard's Origin")
+            return await self._refusal(scope, 403, html=True)(scope, receive, send)
+        response = signed_out_response(self._cookie_secure(scope))
+        await response(scope, receive, _with_csp(send))
 
     def _refusal(
         self, scope: Scope, status: int, problem: str = "", *, html: bool = False
@@ -272,8 +417,12 @@ class DashboardGate:
         )
         if not (html or wants_html):
             message = {401: "Unauthorized", 403: "Forbidden"}.get(status, "Unavailable")
+            if status == 403 and problem:
+                message = f"Forbidden: {problem}"
             return JSONResponse({"exception_message": message}, status_code=status)
-        return HTMLResponse(refusal_page(status, problem, self._login_url), status_code=status)
+        response = HTMLResponse(refusal_page(status, problem, self._login_url), status_code=status)
+        response.headers["content-security-policy"] = CONTENT_SECURITY_POLICY
+        return response
 
     def _same_origin(self, scope: Scope) -> bool:
         origin = Headers(scope=scope).get("origin")
@@ -285,6 +434,47 @@ class DashboardGate:
 
     def _cookie_secure(self, scope: Scope) -> bool:
         return scope.get("scheme") == "https" or (self._public_origin or "").startswith("https:")
+
+
+def _with_csp(send: Send) -> Send:
+    """``send`` that adds the UI's Content-Security-Policy to a response's headers."""
+
+    async def send_with_csp(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                (k, v) for k, v in message.get("headers", []) if k != b"content-security-policy"
+            ]
+            headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_csp
+
+
+async def _buffered(receive: Receive) -> tuple[bytes | None, Receive]:
+    """The whole request body (None when too big) and a ``receive`` that replays it."""
+    chunks: list[bytes] = []
+    size, more = 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        more = message.get("more_body", False)
+        if size > MAX_CHECKED_BODY_BYTES:
+            return None, receive
+    body = b"".join(chunks)
+    sent = [False]
+
+    async def replay() -> Message:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
 
 
 async def _form_field(receive: Receive, name: str) -> str:
@@ -315,10 +505,10 @@ def _subprotocols(headers: Headers) -> list[str]:
 
 
 def _auth_message_token(message: Message) -> str | None:
-    if message.get("type") != "websocket.receive":
-        return None
+    if message.get("type") != "websocket.receive" or message.get("text") is None:
+        return None  # a binary frame: refused like a missing token
     try:
-        data = json.loads(message.get("text") or message.get("bytes") or "")
+        data = json.loads(message["text"])
     except ValueError:
         return None
     if not isinstance(data, dict) or data.get("type") != "auth":

@@ -1,4 +1,5 @@
-"""The dashboard's own pages: signed in (sets the cookie), signed out, refused."""
+"""The dashboard's own pages (signed in, signing out, refused) and the UI's
+Content-Security-Policy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,30 @@ from html import escape
 
 from starlette.responses import HTMLResponse, Response
 
-from backjobs.dashboard.tokens import COOKIE_NAME, SIGN_IN_PATH
+from backjobs.dashboard.tokens import COOKIE_NAME, SIGN_IN_PATH, SIGN_OUT_PATH
+
+# Sent with every page of the UI (everything outside /api/): the UI may load scripts,
+# styles, images and fonts, and call, only the dashboard itself ('self' covers its
+# ws:/wss: too). It stops the analytics host Prefect's UI calls on every page even with
+# PREFECT_SERVER_ANALYTICS_ENABLED=false. Inline styles stay allowed (the UI's
+# components set style attributes; they load nothing); data: and blob: images and fonts
+# are made in the page, not fetched from elsewhere.
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "connect-src 'self'",
+        "script-src 'self'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "worker-src 'self' blob:",
+        "manifest-src 'self'",
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
 
 
 def sign_in_form_response(token: str) -> Response:
@@ -52,6 +76,18 @@ def signed_in_response(token: str, exp: int, secure: bool) -> Response:
     response.headers["cache-control"] = "no-store"
     response.headers["referrer-policy"] = "no-referrer"
     return response
+
+
+def sign_out_form_response() -> Response:
+    # Sign-out changes the browser's state: a POST with the dashboard's Origin, so
+    # another site cannot sign an admin out; the GET only shows the button.
+    return HTMLResponse(
+        page(
+            "Sign out of the dashboard",
+            f'<form method="post" action="{SIGN_OUT_PATH}">'
+            '<button type="submit">Sign out</button></form>',
+        )
+    )
 
 
 def signed_out_response(secure: bool) -> Response:

@@ -6,18 +6,23 @@ call the API through the gate (``PREFECT_UI_API_URL``). Before serving, the sett
 checked and every problem an operator can fix is one line (:class:`DashboardError`).
 
 Local development means listening on the loopback interface only (``127.0.0.1``,
-``localhost`` or ``::1``): there, the development ``BACKJOBS_JWT_SECRET`` is tolerated.
+``localhost`` or ``::1``) with a loopback public URL: only there is the development (or a
+shorter than 32 bytes) ``BACKJOBS_JWT_SECRET`` tolerated. Behind a proxy the dashboard
+listens on loopback, but its public URL (``https://jobs.example.com``) is not: a real
+secret is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -46,6 +51,8 @@ class DashboardConfig:
     login_url: str | None
     database_url: str
     admin_cache_seconds: float = 30.0
+    session_minutes: int = 480
+    max_token_minutes: int = 10080
 
 
 def dashboard_config(settings: Settings, *, host: str | None, port: int | None) -> DashboardConfig:
@@ -64,6 +71,8 @@ def dashboard_config(settings: Settings, *, host: str | None, port: int | None) 
         login_url=settings.dashboard_login_url,
         database_url=settings.database_url,
         admin_cache_seconds=settings.dashboard_admin_cache_seconds,
+        session_minutes=settings.dashboard_session_minutes,
+        max_token_minutes=settings.dashboard_max_token_minutes,
     )
 
 
@@ -81,19 +90,26 @@ def public_url(settings: Settings, *, host: str | None = None, port: int | None 
 def check_secret(config: DashboardConfig) -> None:
     if not config.secret:
         raise DashboardError("BACKJOBS_JWT_SECRET is empty: set a random secret")
-    if config.host in LOOPBACK_HOSTS:
+    if local_only(config):
         return
+    where = config.host if config.host not in LOOPBACK_HOSTS else config.public_url
     if config.secret == DEVELOPMENT_JWT_SECRET:
         raise DashboardError(
             f"BACKJOBS_JWT_SECRET is the development default; set a secret of at least "
-            f"{MIN_SECRET_BYTES} bytes to listen on {config.host} (the default is only "
-            "accepted on 127.0.0.1/localhost)"
+            f"{MIN_SECRET_BYTES} bytes to serve {where} (the default is only accepted on "
+            "127.0.0.1/localhost with a loopback BACKJOBS_DASHBOARD_PUBLIC_URL)"
         )
     if len(config.secret.encode()) < MIN_SECRET_BYTES:
         raise DashboardError(
             f"BACKJOBS_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes; use a longer "
-            f"random secret to listen on {config.host}"
+            f"random secret to serve {where}"
         )
+
+
+def local_only(config: DashboardConfig) -> bool:
+    """Listening on loopback, and browsers reach it on loopback too (no proxy in front)."""
+    public_host = urlsplit(config.public_url).hostname or ""
+    return config.host in LOOPBACK_HOSTS and public_host in LOOPBACK_HOSTS
 
 
 def check_prefect_auth_setting() -> None:
@@ -151,14 +167,40 @@ def startup_notes(config: DashboardConfig) -> list[str]:
     return notes
 
 
-class _NoQueryString(logging.Filter):
-    """Drops the query string from uvicorn's access log: a sign-in link carries a token."""
+class NoQueryString(logging.Filter):
+    """Drops query strings from log lines (uvicorn's access log and its websocket lines):
+    a sign-in link or a websocket handshake may carry a token in its query."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+        if isinstance(record.args, tuple):
+            record.args = tuple(_without_query(arg) for arg in record.args)
+        if isinstance(record.msg, str) and "?" in record.msg:
+            record.msg = QUERY.sub("", record.msg)
         return True
+
+
+QUERY = re.compile(r"(?<=[^\s?])\?[^\s\"']*")
+
+
+def _without_query(arg: object) -> object:
+    return QUERY.sub("", arg) if isinstance(arg, str) and "?" in arg else arg
+
+
+def _configure_logs() -> None:
+    """Query strings out of every line; the audit trail and the gate's lines at INFO."""
+    scrub = NoQueryString()
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn", "backjobs"):
+        logging.getLogger(name).addFilter(scrub)
+    for handler in logging.getLogger().handlers + logging.getLogger("uvicorn").handlers:
+        handler.addFilter(scrub)
+    dashboard = logging.getLogger("backjobs.dashboard")
+    dashboard.setLevel(logging.INFO)
+    if not dashboard.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(scrub)
+        dashboard.addHandler(handler)
+        dashboard.propagate = False
 
 
 def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
@@ -167,7 +209,7 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
     check_prefect_auth_setting()
     check_app_database(engine)
     sock = bind_socket(config.host, config.port)
-    if config.host in LOOPBACK_HOSTS and len(config.secret.encode()) < MIN_SECRET_BYTES:
+    if local_only(config) and len(config.secret.encode()) < MIN_SECRET_BYTES:
         from jwt.warnings import InsecureKeyLengthWarning
 
         warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
@@ -195,6 +237,8 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
             auth_string=config.auth_string,
             public_url=config.public_url,
             login_url=config.login_url,
+            session_minutes=config.session_minutes,
+            max_token_minutes=config.max_token_minutes,
         )
         # The automations' alerts arrive in front of the gate (their own credential check).
         from backjobs.orchestration.alert_receiver import AlertReceiver
@@ -211,7 +255,7 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
         )
-        logging.getLogger("uvicorn.access").addFilter(_NoQueryString())
+        _configure_logs()
         logging.getLogger("backjobs.orchestration").setLevel(logging.INFO)
         print(f"backjobs dashboard: serving {config.public_url} (API {config.public_url}/api)")
         for note in startup_notes(config):

@@ -1,15 +1,30 @@
 """Dashboard tokens: HS256 JWTs signed with ``BACKJOBS_JWT_SECRET``, and who is an admin.
 
-A token's ``sub`` is a user id (``"42"``) or an email of the app's ``users`` table; the
-bearer is let in while that user's ``is_admin`` is true. ``exp`` is required. Only HS256
-is accepted: ``alg: none`` and every other algorithm are refused by PyJWT. Tokens minted
-here also carry a ``jti``, which makes a sign-in link usable once (see
-:class:`UsedTokenIds`). The app can mint the same tokens with its own JWT library and the
-same secret: ``{"sub": "<user id>", "exp": <unix time>}`` is all the gate needs.
+The claims the gate reads:
+
+- ``sub`` (required): the user id of the app's ``users`` table, as a string of ASCII
+  digits (``"42"``). Only ids are accepted, not emails: an id names one row forever,
+  while an email can change hands and has look-alikes (``K`` and the Kelvin sign ``K``
+  fold to the same letter in one database and not in another). Anything else is refused
+  (401) like a forged token.
+- ``exp`` (required): refused once past, and refused when it lies more than
+  ``BACKJOBS_DASHBOARD_MAX_TOKEN_MINUTES`` (default 10080, a week) ahead.
+- ``purpose`` (optional): what the token is for; a token is refused (401) everywhere else.
+  ``sign-in`` is a one-time link, spent at ``POST /auth/sign-in``; ``session`` is what the
+  link is exchanged for, the ``prefect_jwt`` cookie; ``api`` is an ``Authorization:
+  Bearer`` token (``backjobs dashboard-token`` without ``--url``). A token without a
+  ``purpose`` (what the app signs itself) works as cookie, Bearer and link, as before.
+- ``jti`` (a link needs one): a link's id. Once a link is spent, a token with that
+  ``jti`` is refused everywhere until it expires, even one without a ``purpose``.
+
+Only HS256 is accepted: ``alg: none`` and every other algorithm are refused by PyJWT. The
+app can mint the same tokens with its own JWT library and the same secret:
+``{"sub": "<user id>", "exp": <unix time>}`` is all the gate needs.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -17,6 +32,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 import anyio.to_thread
@@ -32,40 +49,83 @@ ALGORITHM = "HS256"
 COOKIE_NAME = "prefect_jwt"
 SIGN_IN_PATH = "/auth/sign-in"
 SIGN_OUT_PATH = "/auth/sign-out"
+USER_ID = re.compile(r"[0-9]{1,18}")  # ASCII only: "²".isdigit() is true; below 2**63
+
+
+class Purpose(StrEnum):
+    SIGN_IN = "sign-in"
+    SESSION = "session"
+    API = "api"
+
+
+class Channel(StrEnum):
+    """Where a token was presented."""
+
+    LINK = "link"  # the body of POST /auth/sign-in (or the query of its GET)
+    COOKIE = "cookie"
+    BEARER = "bearer"  # Authorization: Bearer, or a websocket's first auth message
+
+
+# Which purposes each channel takes; None: a token without a purpose (the app's own).
+ACCEPTED: dict[Channel, frozenset[Purpose | None]] = {
+    Channel.LINK: frozenset({Purpose.SIGN_IN, None}),
+    Channel.COOKIE: frozenset({Purpose.SESSION, None}),
+    Channel.BEARER: frozenset({Purpose.API, None}),
+}
 
 
 class TokenError(ValueError):
-    """A token that is malformed, forged, of another algorithm, expired, or lacks a claim."""
+    """A token that is malformed, forged, of another algorithm, expired, lives too long,
+    names no user id, or is presented where its purpose does not belong."""
 
 
 @dataclass(frozen=True)
 class AdminClaims:
-    sub: str
+    sub: str  # a user id: ASCII digits
     exp: int
     jti: str | None
+    purpose: Purpose | None
 
 
-def mint_token(*, sub: str, secret: str, now: datetime, minutes: int) -> str:
-    """A signed token for ``sub`` valid ``minutes`` from ``now``, with a fresh ``jti``."""
+class UserAccess(NamedTuple):
+    is_admin: bool
+    email: str | None  # None: no such user
+
+
+def mint_token(*, sub: str, secret: str, now: datetime, minutes: float, purpose: Purpose) -> str:
+    """A signed token for user id ``sub``, valid ``minutes`` from ``now``, with a fresh ``jti``."""
     claims = {
         "sub": sub,
         "iat": int(now.timestamp()),
         "exp": int((now + timedelta(minutes=minutes)).timestamp()),
         "jti": uuid.uuid4().hex,
+        "purpose": purpose.value,
     }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def verify_token(token: str, *, secret: str) -> AdminClaims:
-    """The claims of a valid token; :class:`TokenError` for anything else."""
+def verify_token(
+    token: str, *, secret: str, now: float, max_minutes: float, channel: Channel
+) -> AdminClaims:
+    """The claims of a valid token presented on ``channel``; :class:`TokenError` otherwise."""
     try:
         claims = jwt.decode(
             token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]}
         )
     except jwt.InvalidTokenError as exc:
         raise TokenError(type(exc).__name__) from None
-    jti = claims.get("jti")
-    return AdminClaims(sub=str(claims["sub"]), exp=int(claims["exp"]), jti=jti and str(jti))
+    sub, exp = claims["sub"], int(claims["exp"])
+    jti, purpose = claims.get("jti"), claims.get("purpose")
+    if not isinstance(sub, str) or not USER_ID.fullmatch(sub):
+        raise TokenError("sub is not a user id")
+    if exp - now > max_minutes * 60:
+        raise TokenError("exp is further ahead than BACKJOBS_DASHBOARD_MAX_TOKEN_MINUTES")
+    if purpose is not None and purpose not in set(Purpose):
+        raise TokenError("unknown purpose")
+    kind = None if purpose is None else Purpose(purpose)
+    if kind not in ACCEPTED[channel]:
+        raise TokenError(f"a {purpose} token is not accepted as a {channel}")
+    return AdminClaims(sub=sub, exp=exp, jti=None if jti is None else str(jti), purpose=kind)
 
 
 def find_admin_id(session: Session, *, email: str) -> int:
@@ -81,19 +141,26 @@ def find_admin_id(session: Session, *, email: str) -> int:
 
 
 def mint_admin_token(
-    session: Session, *, email: str, secret: str, now: datetime, minutes: int
+    session: Session, *, email: str, secret: str, now: datetime, minutes: int, purpose: Purpose
 ) -> str:
     """A short-lived dashboard token for the admin with this email (LookupError if none)."""
     return mint_token(
-        sub=str(find_admin_id(session, email=email)), secret=secret, now=now, minutes=minutes
+        sub=str(find_admin_id(session, email=email)),
+        secret=secret,
+        now=now,
+        minutes=minutes,
+        purpose=purpose,
     )
 
 
-def admin_token(email: str, *, settings: Settings, minutes: int | None = None) -> str:
+def admin_token(
+    email: str, *, settings: Settings, purpose: Purpose, minutes: int | None = None
+) -> str:
     """A dashboard token for the admin with this email in the configured app database.
 
-    ``sign_in_url(public_url(settings), admin_token(email, settings=settings))`` is the
-    one-time sign-in link that ``backjobs dashboard-token EMAIL --url`` prints.
+    ``sign_in_url(public_url(settings), admin_token(email, settings=settings,
+    purpose=Purpose.SIGN_IN))`` is the one-time sign-in link that ``backjobs
+    dashboard-token EMAIL --url`` prints; ``Purpose.API`` is its bare token.
     LookupError when the email is unknown or not an admin's.
     """
     from backjobs.db import make_engine, session_scope
@@ -109,6 +176,7 @@ def admin_token(email: str, *, settings: Settings, minutes: int | None = None) -
                 secret=settings.jwt_secret.get_secret_value(),
                 now=datetime.now(UTC),
                 minutes=settings.dashboard_token_minutes if minutes is None else minutes,
+                purpose=purpose,
             )
     finally:
         engine.dispose()
@@ -118,21 +186,20 @@ def sign_in_url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}{SIGN_IN_PATH}?{urlencode({'token': token})}"
 
 
-def user_is_admin(engine: Engine, sub: str) -> bool:
-    """Whether ``sub`` (an id or an email) names a user whose ``is_admin`` is true now."""
-    if sub.isdigit():
-        condition = User.id == int(sub)
-    else:
-        condition = func.lower(User.email) == sub.lower()
+def user_access(engine: Engine, user_id: str) -> UserAccess:
+    """Whether user ``user_id`` is an admin now, and their email (for the audit log)."""
     with engine.connect() as conn:
-        return bool(conn.scalar(select(User.is_admin).where(condition)))
+        row = conn.execute(select(User.is_admin, User.email).where(User.id == int(user_id))).first()
+    return UserAccess(False, None) if row is None else UserAccess(bool(row.is_admin), row.email)
 
 
 class AdminDirectory:
-    """Answers "is ``sub`` an admin now?" from the users table, cached ``cache_seconds``.
+    """Answers "is user ``user_id`` an admin now?" from the users table, cached ``cache_seconds``.
 
     Negative answers are cached too, so a promoted or a demoted admin is seen within the
-    interval. The lookup runs in a worker thread: the event loop never waits on the DB.
+    interval. An open websocket asks with ``max_age`` (half the interval) so that it is
+    closed within the interval too. The lookup runs in a worker thread: the event loop
+    never waits on the DB.
     """
 
     def __init__(
@@ -143,18 +210,22 @@ class AdminDirectory:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
-        self._ttl = cache_seconds
+        self.cache_seconds = cache_seconds
         self._clock = clock
-        self._cache: dict[str, tuple[bool, float]] = {}
+        self._cache: dict[str, tuple[UserAccess, float]] = {}
 
-    async def is_admin(self, sub: str) -> bool:
+    async def lookup(self, user_id: str, *, max_age: float | None = None) -> UserAccess:
         now = self._clock()
-        hit = self._cache.get(sub)
-        if hit is not None and hit[1] > now:
+        hit = self._cache.get(user_id)
+        fresh_since = now - (self.cache_seconds if max_age is None else max_age)
+        if hit is not None and hit[1] > fresh_since:
             return hit[0]
-        answer = await anyio.to_thread.run_sync(user_is_admin, self._engine, sub)
-        self._cache[sub] = (answer, now + self._ttl)
+        answer = await anyio.to_thread.run_sync(user_access, self._engine, user_id)
+        self._cache[user_id] = (answer, now)
         return answer
+
+    async def is_admin(self, user_id: str) -> bool:
+        return (await self.lookup(user_id)).is_admin
 
 
 class UsedTokenIds:
@@ -162,6 +233,8 @@ class UsedTokenIds:
 
     Memory of one process: restarting the dashboard forgets them, which lets an unexpired
     link be used once more; links are short-lived (``--minutes``, default 60) for that.
+    The sign-in link's session is a token of its own, so a restart never revives a link
+    as a credential.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:

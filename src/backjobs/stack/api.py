@@ -79,20 +79,29 @@ async def _stuck_runs(client: PrefectClient) -> list[Any]:
 
 
 async def ensure_work_pools(stack: Stack) -> None:
-    """Every work pool prefect.yaml names, as a ``process`` pool, created when missing."""
-    from prefect.client.schemas.actions import WorkPoolCreate
+    """Every work pool prefect.yaml names, a ``process`` pool with the locked-down template.
+
+    Created when missing; an existing pool gets the template too (a stack made before
+    the template existed offers ``command`` and ``env`` to runs).
+    """
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
+
+    from backjobs.stack.pool import locked_process_template
 
     names = {
         str((d.get("work_pool") or {}).get("name") or "")
         for d in load_deployments(stack.project_file)
     } - {""}
+    template = locked_process_template()
     async with _client() as client:
         for name in sorted(names):
             try:
-                await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                await client.create_work_pool(
+                    WorkPoolCreate(name=name, type="process", base_job_template=template)
+                )
             except ObjectAlreadyExists:
-                pass
+                await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
 
 
 async def wait_worker_online(stack: Stack, *, timeout: float) -> None:

@@ -22,6 +22,8 @@ from backjobs.stack import processes
 
 DASHBOARD, WORKER = "dashboard", "worker"
 WORK_POOL = "backjobs"
+# What only the dashboard holds: workers and flow runs never receive these.
+SERVER_SECRETS = ("BACKJOBS_JWT_SECRET", "BACKJOBS_DASHBOARD_AUTH_STRING")
 
 
 class StackError(RuntimeError):
@@ -77,15 +79,25 @@ class Stack:
         }
 
     def child_env(self, *, prefect_home: str, client: bool) -> dict[str, str]:
-        # The shell's PREFECT_* (another server, a profile) must not leak into the stack;
-        # its BACKJOBS_* (SMTP, …) do reach the worker.
+        """The environment of the dashboard (``client=False``) or of a Prefect client.
+
+        The shell's PREFECT_* (another server, a profile) must not leak into the stack;
+        its BACKJOBS_* (SMTP, …) do reach the worker. A client (the worker, and so every
+        flow run; ``deploy``) gets only the machine credential, as PREFECT_API_AUTH_STRING:
+        never the JWT secret (with it, a run could mint admin tokens) nor
+        BACKJOBS_DASHBOARD_AUTH_STRING.
+        """
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env |= self.app_env() | {
             "PREFECT_HOME": str(self.folder / prefect_home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
         }
-        return env | self.client_env() | {"PREFECT_WORKER_QUERY_SECONDS": "5"} if client else env
+        if not client:
+            return env
+        for server_only in SERVER_SECRETS:
+            env.pop(server_only, None)
+        return env | self.client_env() | {"PREFECT_WORKER_QUERY_SECONDS": "5"}
 
 
 def load_stack(settings: Settings, *, var_dir: str | Path | None, project_file: Path) -> Stack:

@@ -236,7 +236,7 @@ def sign_in_link(stack: Stack) -> str | None:
     """A one-time sign-in link for the demo admin, or None without one."""
     import warnings
 
-    from backjobs.dashboard.tokens import mint_admin_token, sign_in_url
+    from backjobs.dashboard.tokens import Purpose, mint_admin_token, sign_in_url
     from backjobs.db import make_engine, session_scope
     from backjobs.stack.demo_data import ADMIN_EMAIL
 
@@ -250,6 +250,7 @@ def sign_in_link(stack: Stack) -> str | None:
                 secret=stack.jwt_secret,
                 now=datetime.now(UTC),
                 minutes=60,
+                purpose=Purpose.SIGN_IN,
             )
     except LookupError:
         return None
