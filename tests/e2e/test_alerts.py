@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def deployed(stack: Stack) -> dict[str, str]:
         run([str(bin_dir / "prefect"), "work-pool", "create", "--type", "process", pool],
             env=env, cwd=stack.project)  # fmt: skip
     out = run([str(bin_dir / "backjobs"), "deploy"], env=env, cwd=stack.project)
-    assert "automations: 7 created" in out, out
+    assert len(re.findall(r"^[a-z-]+: automation backjobs-[a-z-]+ created$", out, re.M)) == 7, out
     return env
 
 

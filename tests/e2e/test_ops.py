@@ -123,10 +123,11 @@ def test_a_worker_run_shows_the_domains_warnings_and_trigger_wait_its_counts(
     assert done.returncode == 0, done.stdout + done.stderr
     # Progress (state changes), then the counts of the run's result artifact.
     # Progress, then the end (a quick run may pass Running between two polls).
-    progress = r"s  (Scheduled|Pending|Submitting|Running)\n.*s  Completed\n"
+    progress = r"s  (Scheduled|Pending|Submitting|Running)\n.*s  Completed with problems\n"
     assert re.search(progress, done.stdout, re.S), done.stdout
     assert re.search(r"invalid\s+1\n", done.stdout), done.stdout
-    assert "process-recurring-transactions-job: completed" in done.stdout
+    assert "process-recurring-transactions-job: completed with problems (run " in done.stdout
+    assert "invalid=1" in done.stdout
     run_id = run_id_in(done.stdout)
     warning = wait_for_log(deployed.server, run_id, "Skipping recurring transaction")
     assert warning["name"] == "backjobs.jobs.recurring_transactions"

@@ -206,6 +206,12 @@ def test_the_time_budget_bounds_a_run_against_a_slow_server(
     run_id = start_run(server, deployment_id)
     run = server.wait_until_final([run_id], timeout=120)[run_id]
     assert run["state_type"] == "COMPLETED", (run["state_name"], run["state"]["message"])
+    # A run's last log lines reach the server shortly after its final state.
+    wait_for(
+        "the run's result logged",
+        lambda: any("[EmailSendJob] Result:" in m for m in log_messages(server, run_id)),
+        timeout=60,
+    )
     logs = server.logs_of(run_id)
     began = next(log for log in logs if "Starting job execution" in log["message"])
     ended = next(log for log in logs if "[EmailSendJob] Result:" in log["message"])

@@ -304,7 +304,9 @@ def _report(waiting: _Waiting, run: Any) -> int:
     for row in rows:
         print(f"  {row['count']:<28} {row['value']}", file=waiting.out)
     if state.is_completed():
-        print(f"{name}: completed (run {run.name})", file=waiting.out)
+        # "completed with problems" and its counts when the run left work undone.
+        said = f": {state.message}" if state.name != "Completed" and state.message else ""
+        print(f"{name}: {state.name.lower()} (run {run.name}){said}", file=waiting.out)
         return 0
     print(f"{name}: run {run.name} ended {state.name}: {state.message}", file=waiting.err)
     failed = {row["value"] for row in rows if row["count"] == "failed_parts"}
