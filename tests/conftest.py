@@ -28,6 +28,17 @@ pytest_plugins = [
 ]
 
 
+# Tiers that start a Prefect server (flows: a temporary one; e2e: servers, workers,
+# browsers) are `slow` as a whole, so the fast loop (`-m "not slow"`) needs no marker per test.
+SERVER_TIERS = frozenset({"flows", "e2e"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent.name in SERVER_TIERS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     # A developer's .env or shell must not leak into tests: run each test from its own

@@ -14,6 +14,8 @@ import pytest
 from tests.support.databases import Database
 from tests.support.prefect_api import clean_env
 
+pytestmark = pytest.mark.slow  # every test runs the backjobs command as a process
+
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = "postgresql://postgres@127.0.0.1:9/backjobs"  # the discard port: refused

@@ -16,6 +16,8 @@ from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from tests.support.databases import Database
 
+pytestmark = pytest.mark.slow  # every test runs the backjobs command as a process
+
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
 SECRET_LINK = "https://app.example/confirm?token=SECRET-TOKEN"
