@@ -9,9 +9,13 @@ names:
 
 - reading everything (``GET``, and the reads the UI makes with ``POST``: ``…/filter``,
   ``…/count``, ``…/paginate``, ``…/history``, ``/api/ui/…``, ``/api/events/filter``),
-  except secret values: a block read with ``include_secrets`` is refused;
+  except secret values: a block read with ``include_secrets`` (in the query, as FastAPI
+  parses it, or in a filter's body) is refused, so secret fields come back obfuscated.
+  Variables are readable: Prefect's variables are not for secrets, and backjobs keeps none;
 - creating runs of existing deployments with parameters only (no ``job_variables``: they
-  choose the command and environment of the run's process on the worker);
+  choose the command and environment of the run's process on the worker; no
+  ``work_queue_name``: Prefect creates a missing queue, and another queue escapes the
+  deployment's queue and its limits);
 - cancelling, retrying or setting the state of runs, resuming paused runs;
 - pausing and resuming deployments and schedules (the ``active`` or ``paused`` field
   only: a cron or a parameter change is a deployment change).
