@@ -7,8 +7,10 @@ Playwright, on one gated dashboard:
 - from the UI it triggers a custom run (a parameter set in the form), cancels it,
   retries a failed run, pauses and resumes a schedule, and every call the UI makes for
   that passes the gate (no 401 or 403);
-- it browses every page of the UI, and no request leaves the dashboard's origin (the
-  Content-Security-Policy stops the analytics host the UI calls on every page).
+- it browses every page of the UI, and no request leaves the dashboard's origin: every
+  request Chromium starts is recorded (answered or failed, so an attempt counts even
+  offline), and the Content-Security-Policy is seen stopping the analytics host the UI
+  calls on every page.
 """
 
 from __future__ import annotations
@@ -194,16 +196,47 @@ def test_an_admin_signs_in_and_operates_from_the_ui(demo: Demo, tmp_path: Path) 
     assert f"PATCH /api/deployments/{demo.deployment}/schedules/" in log
 
 
+class Traffic:
+    """Everything a browser context tried to load or call, recorded as it happens.
+
+    ``attempted`` holds every request Chromium started, whether it was answered or failed
+    (a host that cannot be resolved offline still fires ``request``, then
+    ``requestfailed``); ``blocked`` holds what the Content-Security-Policy stopped before
+    any request was made (the page's ``securitypolicyviolation`` events).
+    """
+
+    def __init__(self, context: Any) -> None:
+        self.attempted: list[str] = []
+        self.failed: list[str] = []
+        self.blocked: list[str] = []
+        self.refused: list[str] = []
+        context.on("request", lambda r: self.attempted.append(r.url))
+        context.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
+        context.on(
+            "response",
+            lambda r: (
+                self.refused.append(f"{r.status} {r.url}") if r.status in (401, 403) else None
+            ),
+        )
+        context.expose_binding(
+            "backjobsBlocked",
+            lambda _source, uri, directive: self.blocked.append(f"{directive} {uri}"),
+        )
+        context.add_init_script(
+            "document.addEventListener('securitypolicyviolation',"
+            " e => window.backjobsBlocked(e.blockedURI, e.effectiveDirective))"
+        )
+
+    def elsewhere(self, origin: str) -> list[str]:
+        """Requests started (sent or failed) to anywhere but ``origin``."""
+        urls = {*self.attempted, *(f.split(" (", 1)[0] for f in self.failed)}
+        return sorted(u for u in urls if not u.startswith((f"{origin}/", "data:", "blob:")))
+
+
 def test_no_request_leaves_the_dashboards_origin(demo: Demo) -> None:
     dash = demo.dash
-    requests: list[str] = []
-    refused: list[str] = []
     with chromium_page() as page:
-        page.on("request", lambda r: requests.append(r.url))
-        page.on(
-            "response",
-            lambda r: refused.append(f"{r.status} {r.url}") if r.status in (401, 403) else None,
-        )
+        traffic = Traffic(page.context)
         sign_in(page, dash)
         visited = [
             *PAGES,
@@ -217,10 +250,17 @@ def test_no_request_leaves_the_dashboards_origin(demo: Demo) -> None:
             policy = response.headers.get("content-security-policy", "")
             assert "connect-src 'self'" in policy and "script-src 'self'" in policy, path
             page.wait_for_load_state("networkidle")
-    elsewhere = sorted(
-        {u for u in requests if not u.startswith((f"{dash.url}/", "data:", "blob:"))}
-    )
-    assert elsewhere == []
-    assert len(requests) > 50  # the pages did load their scripts and call the API
-    assert any("/api/" in u for u in requests)
-    assert refused == []
+    # The UI tries an analytics host on its pages: the policy must stop it before it is a
+    # request; had it not, the attempt would be in ``attempted`` even with no network.
+    elsewhere = traffic.elsewhere(dash.url)
+    assert elsewhere == [], f"failed: {set(traffic.failed)}; blocked: {set(traffic.blocked)}"
+    own = [b for b in traffic.blocked if b.split(" ", 1)[1].startswith(dash.url)]
+    assert own == []  # the policy stops nothing of the dashboard's own
+    # The attempt was seen, and stopped: Prefect 3.9's UI asks an analytics host for its
+    # config on every load (with a policy that let it through, this test fails on
+    # ``elsewhere``: the request is started, then fails offline with
+    # ERR_NAME_NOT_RESOLVED). Drop this line once Prefect's UI stops calling out.
+    assert any(b.startswith("connect-src https://") for b in traffic.blocked), traffic.blocked
+    assert len(traffic.attempted) > 50  # the pages did load their scripts and call the API
+    assert any("/api/" in u for u in traffic.attempted)
+    assert traffic.refused == []

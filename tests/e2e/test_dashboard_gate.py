@@ -604,3 +604,143 @@ def test_an_odd_sub_is_no_error(dash: GatedDashboard) -> None:
             == 401
         )
     assert " ERROR " not in dash.log() and "cannot check admin status" not in dash.log()
+
+
+# -- Secret values: an admin reads block documents, never a secret in them.
+
+CANARY_URL = "http://127.0.0.1:9/canary-url-5151"
+CANARY_HEADER = "Basic canary-credential-5151"
+SECRET_ASKS = (
+    "include_secrets=true",
+    "include_secrets=True",
+    "include_secrets=1",
+    "include_secrets=yes",
+    "include%5Fsecrets=true",  # the key percent-encoded: FastAPI decodes it
+    "%69nclude_secrets=on",
+    "include_secrets=false&include_secrets=true",  # FastAPI takes the last
+)
+
+
+@pytest.fixture(scope="module")
+def webhook_block(dash: GatedDashboard) -> dict[str, str]:
+    """A Webhook block whose url and headers hold secrets, as the alerts' receiver block."""
+    block_type = machine_call(dash, "GET", "/block_types/slug/webhook")
+    schemas = machine_call(
+        dash,
+        "POST",
+        "/block_schemas/filter",
+        {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}},
+    )
+    document = machine_call(
+        dash,
+        "POST",
+        "/block_documents/",
+        {
+            "name": "gate-canary",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schemas[0]["id"],
+            "data": {
+                "method": "POST",
+                "url": CANARY_URL,
+                "headers": {"Authorization": CANARY_HEADER},
+            },
+        },
+    )
+    return {"id": document["id"], "name": document["name"]}
+
+
+def test_an_admin_reads_block_documents_without_their_secrets(
+    dash: GatedDashboard, webhook_block: dict[str, str]
+) -> None:
+    block_id, name = webhook_block["id"], webhook_block["name"]
+    reads = {
+        "GET": [
+            f"/block_documents/{block_id}",
+            "/block_types/slug/webhook/block_documents",
+            f"/block_types/slug/webhook/block_documents/name/{name}",
+        ],
+        "POST": ["/block_documents/filter"],
+    }
+    with httpx.Client(base_url=dash.api, headers=bearer(make_token(ADMIN)), timeout=30) as admin:
+        for method, paths in reads.items():
+            for path in paths:
+                answer = admin.request(method, path, json={} if method == "POST" else None)
+                assert answer.status_code == 200, (path, answer.text)
+                assert "gate-canary" in answer.text
+                assert "canary-url" not in answer.text and "canary-credential" not in answer.text
+                for ask in SECRET_ASKS:
+                    refused = admin.request(
+                        method, f"{path}?{ask}", json={} if method == "POST" else None
+                    )
+                    leaked = "canary-credential" in refused.text
+                    assert (refused.status_code, leaked) == (403, False), (path, ask)
+        for body in (b'{"include_secrets": true}', b'{"include\\u005fsecrets": "true"}'):
+            refused = admin.post("/block_documents/filter", content=body)
+            assert refused.status_code == 403, body
+            assert "canary" not in refused.text
+    # The machine may read them: the canary is there to be found.
+    revealed = httpx.get(
+        f"{dash.api}/block_documents/{block_id}?include_secrets=true",
+        headers=dash.machine_headers(),
+    )
+    assert CANARY_HEADER in revealed.text and CANARY_URL in revealed.text
+
+
+def test_an_admin_sends_no_events_into_the_server(dash: GatedDashboard) -> None:
+    event = {
+        "id": "0b7f06a3-8c6f-4a4e-9a5c-2f4b1c1e5151",
+        "occurred": "2026-01-01T00:00:00Z",
+        "event": "gate.forged-event",
+        "resource": {"prefect.resource.id": "gate.forged"},
+    }
+    with httpx.Client(base_url=dash.api, headers=bearer(make_token(ADMIN)), timeout=30) as admin:
+        for path in ("/events", "/events/", "/events/in"):
+            assert admin.post(path, json=[event]).status_code == 403, path
+    assert (
+        asyncio.run(handshake_status(f"{dash.ws_api}/events/in", bearer(make_token(ADMIN)))) == 403
+    )
+    machine_read = machine_call(
+        dash, "POST", "/events/filter", {"filter": {"event": {"prefix": ["gate."]}}}
+    )
+    assert machine_read["events"] == []
+
+
+def test_an_admin_cannot_choose_a_runs_work_queue(dash: GatedDashboard) -> None:
+    # Prefect creates the named queue in the deployment's pool when it is missing, and a
+    # queue of its own escapes the deployment's queue and its limits: configuration.
+    flow = machine_call(dash, "POST", "/flows/", {"name": "queue-flow"})
+    deployment = machine_call(
+        dash, "POST", "/deployments/", {"name": "queue-deployment", "flow_id": flow["id"]}
+    )["id"]
+    with httpx.Client(base_url=dash.api, headers=bearer(make_token(ADMIN)), timeout=30) as admin:
+        path = f"/deployments/{deployment}/create_flow_run"
+        refused = admin.post(path, json={"parameters": {}, "work_queue_name": "admin-queue"})
+        assert refused.status_code == 403
+        assert "work_queue_name" in refused.json()["exception_message"]
+        assert admin.post(path, json={"parameters": {}, "work_queue_name": None}).status_code == 201
+
+
+# -- The alert receiver (in front of the gate): the machine credential, or nothing.
+
+
+def test_the_alert_receiver_refuses_every_caller_but_the_machine(dash: GatedDashboard) -> None:
+    receiver = f"{dash.url}/backjobs/alerts"
+    body = {"signal": "silent", "job": "gate-test-job"}
+    callers = {
+        "none": {},
+        "admin bearer": bearer(make_token(ADMIN)),
+        "admin api token": bearer(make_token(ADMIN, extra={"purpose": "api"})),
+        "admin cookie": {"Cookie": f"prefect_jwt={make_token(ADMIN)}", "Origin": dash.url},
+        "wrong machine": {"Authorization": basic("worker:guess")},
+        "machine string as bearer": bearer(AUTH_STRING),
+        "machine string bare": {"Authorization": AUTH_STRING},
+        "not base64": {"Authorization": "Basic !!!"},
+    }
+    answers = {name: httpx.post(receiver, json=body, headers=h) for name, h in callers.items()}
+    assert {n: a.status_code for n, a in answers.items()} == dict.fromkeys(callers, 401)
+    for method in ("GET", "PUT", "DELETE"):
+        assert httpx.request(method, receiver).status_code in (401, 405), method
+    # The machine credential gets through to the receiver's own checks (a bad call: 400).
+    accepted = httpx.post(receiver, content=b"{}", headers=dash.machine_headers())
+    assert accepted.status_code == 400, accepted.text
+    assert "gate-test-job" not in dash.log()

@@ -223,7 +223,14 @@ def test_the_machines_routes_and_unknown_ones_are_closed_to_admins(method: str, 
 def test_block_secrets_and_job_variables_are_refused_to_admins() -> None:
     block = f"/api/block_documents/{UUID}"
     assert decide(Role.HUMAN, "GET", block, b"include_secrets=false").allowed
-    assert not decide(Role.HUMAN, "GET", block, b"include_secrets=True").allowed
+    for query in (
+        b"include_secrets=True",
+        b"include%5Fsecrets=true",  # FastAPI decodes the key: the same parameter
+        b"%69nclude_secrets=1",
+        b"include_secrets=false&include_secrets=on",
+    ):
+        assert not decide(Role.HUMAN, "GET", block, query).allowed, query
+        assert decide(Role.MACHINE, "GET", block, query).allowed
     secrets_filter = decide(Role.HUMAN, "POST", "/api/block_documents/filter", b"")
     assert secrets_filter.body_check is not None
     assert check_body(secrets_filter.body_check, b'{"include_secrets": true}')
@@ -232,10 +239,12 @@ def test_block_secrets_and_job_variables_are_refused_to_admins() -> None:
     assert run.body_check is not None
     parameters_only = b'{"parameters": {"as_of": null}, "job_variables": {}}'
     assert check_body(run.body_check, parameters_only) is None
+    assert check_body(run.body_check, b'{"parameters": {}, "work_queue_name": null}') is None
     for body in (
         b'{"job_variables": {"command": "id"}}',
         b'{"job_variables": {"env": {"X": "1"}}}',
         b'{"infrastructure_document_id": "x"}',
+        b'{"parameters": {}, "work_queue_name": "a-queue-of-its-own"}',
         b"[1]",
         b"not json",
     ):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from html import escape
 
-from starlette.responses import HTMLResponse, Response
+from starlette.datastructures import Headers
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from backjobs.dashboard.asgi import Message, Scope, Send
 from backjobs.dashboard.tokens import COOKIE_NAME, SIGN_IN_PATH, SIGN_OUT_PATH
 
 # Sent with every page of the UI (everything outside /api/): the UI may load scripts,
@@ -32,6 +34,36 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "frame-ancestors 'none'",
     )
 )
+
+
+def with_csp(send: Send) -> Send:
+    """``send`` that adds the UI's Content-Security-Policy to a response's headers."""
+
+    async def send_with_csp(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [
+                (k, v) for k, v in message.get("headers", []) if k != b"content-security-policy"
+            ]
+            headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_csp
+
+
+def refusal_response(
+    scope: Scope, status: int, problem: str = "", *, login_url: str | None, html: bool = False
+) -> Response:
+    """401, 403 or 503: JSON for the API, a page saying how to sign in for a browser."""
+    wants_html = "text/html" in Headers(scope=scope).get("accept", "")
+    if not (html or (wants_html and not scope["path"].startswith("/api/"))):
+        message = {401: "Unauthorized", 403: "Forbidden"}.get(status, "Unavailable")
+        if status == 403 and problem:
+            message = f"Forbidden: {problem}"
+        return JSONResponse({"exception_message": message}, status_code=status)
+    response = HTMLResponse(refusal_page(status, problem, login_url), status_code=status)
+    response.headers["content-security-policy"] = CONTENT_SECURITY_POLICY
+    return response
 
 
 def sign_in_form_response(token: str) -> Response:

@@ -9,9 +9,13 @@ names:
 
 - reading everything (``GET``, and the reads the UI makes with ``POST``: ``…/filter``,
   ``…/count``, ``…/paginate``, ``…/history``, ``/api/ui/…``, ``/api/events/filter``),
-  except secret values: a block read with ``include_secrets`` is refused;
+  except secret values: a block read with ``include_secrets`` (in the query, as FastAPI
+  parses it, or in a filter's body) is refused, so secret fields come back obfuscated.
+  Variables are readable: Prefect's variables are not for secrets, and backjobs keeps none;
 - creating runs of existing deployments with parameters only (no ``job_variables``: they
-  choose the command and environment of the run's process on the worker);
+  choose the command and environment of the run's process on the worker; no
+  ``work_queue_name``: Prefect creates a missing queue, and another queue escapes the
+  deployment's queue and its limits);
 - cancelling, retrying or setting the state of runs, resuming paused runs;
 - pausing and resuming deployments and schedules (the ``active`` or ``paused`` field
   only: a cron or a parameter change is a deployment change).
@@ -29,7 +33,8 @@ import re
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, NamedTuple
-from urllib.parse import parse_qs
+
+from starlette.datastructures import QueryParams
 
 
 class Role(StrEnum):
@@ -67,7 +72,9 @@ def _no_secrets(body: Any) -> str | None:
 
 
 # What a human may send when creating a run of a deployment. The UI's custom run sends
-# some of these; job_variables is accepted only empty (the UI sends {}).
+# some of these; job_variables is accepted only empty (the UI sends {}), work_queue_name
+# only null: Prefect creates a named queue that is missing, and a run on a queue of its
+# own escapes its deployment's queue and that queue's limits.
 RUN_FIELDS = frozenset(
     {
         "name",
@@ -94,6 +101,8 @@ def _parameters_only(body: Any) -> str | None:
         return f"fields {', '.join(unknown)} are for the machine credential"
     if body.get("job_variables"):
         return "job_variables are for the machine credential"
+    if body.get("work_queue_name") is not None:
+        return "work_queue_name is for the machine credential (the deployment's queue is used)"
     return None
 
 
@@ -186,7 +195,7 @@ def decide(role: Role, method: str, path: str, query: bytes) -> Decision:
     if not path.startswith("/api/"):  # the UI's pages and assets
         allowed = method in ("GET", "HEAD")
         return Decision(allowed, Kind.READ, None, "" if allowed else "not a page")
-    if b"include_secrets" in query and _asks_for_secrets(query):
+    if query and _asks_for_secrets(query):
         return Decision(False, Kind.READ, None, "include_secrets is for the machine credential")
     lookup = "GET" if method == "HEAD" else method
     for rule in HUMAN_ROUTES:
@@ -197,7 +206,9 @@ def decide(role: Role, method: str, path: str, query: bytes) -> Decision:
 
 
 def _asks_for_secrets(query: bytes) -> bool:
-    values = parse_qs(query.decode("latin-1")).get("include_secrets", [])
+    # Parsed as FastAPI parses it (keys percent-decoded: ``include%5Fsecrets`` is the same
+    # parameter); any value but a plain "no" is refused, every one of a repeated key.
+    values = QueryParams(query).getlist("include_secrets")
     return any(value.strip().lower() not in ("false", "0", "no", "off", "") for value in values)
 
 

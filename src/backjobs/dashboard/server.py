@@ -216,42 +216,15 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
 
     # Prefect re-applies its logging config whenever it builds an in-process client, at
     # PREFECT_SERVER_LOGGING_LEVEL (WARNING): keep uvicorn's access log (query strings
-    # dropped by _NoQueryString) and start-up lines at INFO.
+    # dropped by NoQueryString) and start-up lines at INFO.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_UVICORN_LEVEL", "INFO")
     import prefect.settings
     import uvicorn
     from prefect.server.api.server import create_app
 
-    updates: dict[Any, object] = {
-        prefect.settings.PREFECT_UI_API_URL: f"{config.public_url}/api",
-        prefect.settings.PREFECT_UI_URL: config.public_url,
-    }
-    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
-        updates[prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED] = False
-    with prefect.settings.temporary_settings(updates=updates):
+    with prefect.settings.temporary_settings(updates=_prefect_settings(config)):
         prefect_app = create_app(final=True)
-        gate = DashboardGate(
-            prefect_app,
-            secret=config.secret,
-            admins=AdminDirectory(engine, cache_seconds=config.admin_cache_seconds),
-            auth_string=config.auth_string,
-            public_url=config.public_url,
-            login_url=config.login_url,
-            session_minutes=config.session_minutes,
-            max_token_minutes=config.max_token_minutes,
-        )
-        # The automations' alerts arrive in front of the gate (their own credential check).
-        from backjobs.orchestration.alert_receiver import AlertReceiver
-        from backjobs.settings import get_settings
-
-        app = AlertReceiver(
-            gate,
-            prefect_app=prefect_app,
-            auth_string=config.auth_string,
-            engine=engine,
-            settings=get_settings(),
-            public_url=config.public_url,
-        )
+        app = gated_app(config, prefect_app=prefect_app, engine=engine)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="info", ws_ping_interval=20, ws_ping_timeout=20)
         )
@@ -261,3 +234,46 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
         for note in startup_notes(config):
             print(f"backjobs dashboard: note: {note}", file=sys.stderr)
         server.run(sockets=[sock])
+
+
+def _prefect_settings(config: DashboardConfig) -> dict[Any, object]:
+    """The UI calls the API through the gate; no analytics unless asked for."""
+    import prefect.settings
+
+    updates: dict[Any, object] = {
+        prefect.settings.PREFECT_UI_API_URL: f"{config.public_url}/api",
+        prefect.settings.PREFECT_UI_URL: config.public_url,
+    }
+    if "PREFECT_SERVER_ANALYTICS_ENABLED" not in os.environ:
+        updates[prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED] = False
+    return updates
+
+
+def gated_app(config: DashboardConfig, *, prefect_app: Any, engine: Engine) -> Any:
+    """Prefect's app behind the gate, and the automations' alert receiver in front of it.
+
+    The receiver answers ``POST /backjobs/alerts`` itself, with its own check of the
+    machine credential (401 to anything else, an admin's token included); every other
+    request goes through the gate.
+    """
+    from backjobs.orchestration.alert_receiver import AlertReceiver
+    from backjobs.settings import get_settings
+
+    gate = DashboardGate(
+        prefect_app,
+        secret=config.secret,
+        admins=AdminDirectory(engine, cache_seconds=config.admin_cache_seconds),
+        auth_string=config.auth_string,
+        public_url=config.public_url,
+        login_url=config.login_url,
+        session_minutes=config.session_minutes,
+        max_token_minutes=config.max_token_minutes,
+    )
+    return AlertReceiver(
+        gate,
+        prefect_app=prefect_app,
+        auth_string=config.auth_string,
+        engine=engine,
+        settings=get_settings(),
+        public_url=config.public_url,
+    )

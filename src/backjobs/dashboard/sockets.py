@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import anyio
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from backjobs.dashboard.asgi import ASGIApp, Message, Receive, Scope, Send
+
 StillAllowed = Callable[[], Awaitable[bool]]
 
 WS_POLICY_VIOLATION = 1008

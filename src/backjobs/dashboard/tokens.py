@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Callable
@@ -128,16 +129,35 @@ def verify_token(
     return AdminClaims(sub=sub, exp=exp, jti=None if jti is None else str(jti), purpose=kind)
 
 
+def email_key(email: str) -> str:
+    """How two emails are compared: NFKC-normalised and case-folded, then NFKC again
+    (Unicode's NFKC_Casefold, near enough): ``Kate@`` with the Kelvin sign K is ``kate@``."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", email.strip()).casefold())
+
+
 def find_admin_id(session: Session, *, email: str) -> int:
-    """The id of the admin with this email (case-insensitive); LookupError otherwise."""
+    """The id of the admin with this email; LookupError otherwise.
+
+    Emails are compared by :func:`email_key` on both sides, in Python: SQL ``lower()``
+    folds only ASCII on SQLite and per collation on PostgreSQL, so it would let a
+    look-alike address match on one database and not on the other. The admins are read
+    whole (they are few); two admins whose emails fold alike are refused, never guessed.
+    Only the message for a non-admin uses ``lower()`` (to find the user row it names).
+    """
+    wanted = email_key(email)
+    admins = session.execute(select(User.id, User.email).where(User.is_admin.is_(True))).all()
+    found = sorted(int(row.id) for row in admins if email_key(row.email) == wanted)
+    if len(found) > 1:
+        ids = ", ".join(map(str, found))
+        raise LookupError(f"admins {ids} all have the email {email!r} once case-folded")
+    if found:
+        return found[0]
     user = session.execute(
-        select(User.id, User.is_admin).where(func.lower(User.email) == email.strip().lower())
+        select(User.id).where(func.lower(User.email) == email.strip().lower())
     ).first()
     if user is None:
         raise LookupError(f"no user with email {email!r} in the app database")
-    if not user.is_admin:
-        raise LookupError(f"user {email!r} is not an admin (users.is_admin is false)")
-    return int(user.id)
+    raise LookupError(f"user {email!r} is not an admin (users.is_admin is false)")
 
 
 def mint_admin_token(
