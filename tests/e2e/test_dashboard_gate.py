@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
 
@@ -718,6 +719,26 @@ def test_an_admin_cannot_choose_a_runs_work_queue(dash: GatedDashboard) -> None:
         assert refused.status_code == 403
         assert "work_queue_name" in refused.json()["exception_message"]
         assert admin.post(path, json={"parameters": {}, "work_queue_name": None}).status_code == 201
+
+
+def test_an_admins_run_from_the_future_is_refused_before_it_exists(dash: GatedDashboard) -> None:
+    # The UI's custom run used to accept it; the worker then failed it (a Failed run).
+    flow = machine_call(dash, "POST", "/flows/", {"name": "clock-flow"})
+    deployment = machine_call(
+        dash, "POST", "/deployments/", {"name": "clock-deployment", "flow_id": flow["id"]}
+    )["id"]
+    path = f"/deployments/{deployment}/create_flow_run"
+    ahead = (datetime.now(UTC) + timedelta(minutes=20)).isoformat()
+    with httpx.Client(base_url=dash.api, headers=bearer(make_token(ADMIN)), timeout=30) as admin:
+        refused = admin.post(path, json={"parameters": {"as_of": ahead}})
+        assert refused.status_code == 403
+        assert "BACKJOBS_ALLOW_FUTURE_AS_OF" in refused.json()["exception_message"]
+        past = (datetime.now(UTC) - timedelta(days=3)).isoformat()
+        assert admin.post(path, json={"parameters": {"as_of": past}}).status_code == 201
+    runs = machine_call(
+        dash, "POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}}
+    )
+    assert [r["parameters"]["as_of"] for r in runs] == [past]
 
 
 # -- The alert receiver (in front of the gate): the machine credential, or nothing.

@@ -34,7 +34,7 @@ class DatabaseUnusable(Exception):
 def parse_as_of(value: str, *, option: str = "--as-of", bounded: bool = True) -> datetime:
     """ISO-8601; ``Z`` accepted; a value without offset is UTC. ``bounded``: a job's clock,
     within :data:`EARLIEST_AS_OF` and :data:`LATEST_AS_OF`."""
-    from backjobs.orchestration.jobbase import to_utc
+    from backjobs.clock import to_utc
 
     try:
         parsed = datetime.fromisoformat(value)

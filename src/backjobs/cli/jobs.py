@@ -131,7 +131,7 @@ def _refuse_a_future_as_of(as_of: datetime) -> None:
     from backjobs.settings import get_settings
 
     prefect_defaults()
-    from backjobs.orchestration.jobbase import FutureAsOfRefused, check_as_of
+    from backjobs.clock import FutureAsOfRefused, check_as_of
 
     allowed = get_settings().allow_future_as_of
     try:

@@ -31,10 +31,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 from starlette.datastructures import QueryParams
+
+from backjobs.clock import FutureAsOfRefused, check_as_of, to_utc
+from backjobs.settings import get_settings
 
 
 class Role(StrEnum):
@@ -103,6 +107,24 @@ def _parameters_only(body: Any) -> str | None:
         return "job_variables are for the machine credential"
     if body.get("work_queue_name") is not None:
         return "work_queue_name is for the machine credential (the deployment's queue is used)"
+    return _future_as_of(body.get("parameters"))
+
+
+def _future_as_of(parameters: Any) -> str | None:
+    """A run "from the future" is refused here, before it exists, as ``backjobs trigger``
+    refuses it (the worker would refuse it too, leaving a Failed run in the history).
+    A value that is no date-time is left to the server's parameter check."""
+    value = parameters.get("as_of") if isinstance(parameters, dict) else None
+    if not isinstance(value, str):
+        return None
+    try:
+        as_of = to_utc(datetime.fromisoformat(value))
+    except (ValueError, OverflowError):
+        return None
+    try:
+        check_as_of(as_of, now=datetime.now(UTC), allow_future=get_settings().allow_future_as_of)
+    except FutureAsOfRefused as refused:
+        return str(refused)
     return None
 
 

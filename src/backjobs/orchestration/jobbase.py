@@ -43,7 +43,7 @@ import asyncio
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol, Self, TypeVar, cast
 
 from prefect import Flow, flow, get_run_logger
@@ -53,29 +53,18 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.states import Completed
 
+from backjobs.clock import check_as_of, to_utc
 from backjobs.orchestration.runlogs import prepare_run_logging
 from backjobs.settings import get_settings
 
 R = TypeVar("R")
 
 CANCELLED = (TerminationSignal, KeyboardInterrupt, asyncio.CancelledError)
-FUTURE_AS_OF_TOLERANCE = timedelta(minutes=5)
-
-
-class FutureAsOfRefused(ValueError):
-    """An ``as_of`` too far in the future, without ``BACKJOBS_ALLOW_FUTURE_AS_OF=true``."""
 
 
 def kebab(name: str) -> str:
     """``ProcessRecurringTransactionsJob`` -> ``process-recurring-transactions-job``."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
-
-
-def to_utc(value: datetime) -> datetime:
-    """An aware UTC datetime; a naive value is taken to be UTC already."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def resolve_as_of(as_of: datetime | None) -> datetime:
@@ -88,27 +77,6 @@ def resolve_as_of(as_of: datetime | None) -> datetime:
     if scheduled is not None:
         return to_utc(datetime.fromisoformat(scheduled.isoformat()))
     return datetime.now(UTC)
-
-
-def check_as_of(as_of: datetime, *, now: datetime, allow_future: bool) -> None:
-    """Refuse an ``as_of`` more than 5 minutes after ``now`` unless ``allow_future``."""
-    ahead = as_of - now
-    if ahead <= FUTURE_AS_OF_TOLERANCE or allow_future:
-        return
-    raise FutureAsOfRefused(
-        f"as_of {as_of.isoformat()} is {_duration(ahead)} in the future: a job run on a "
-        "future clock deletes what is still live (refresh tokens still valid, markers "
-        "still in their retention). Use a past or present as_of, or set "
-        "BACKJOBS_ALLOW_FUTURE_AS_OF=true where the job runs (rehearsals, test rigs only)"
-    )
-
-
-def _duration(delta: timedelta) -> str:
-    if delta >= timedelta(days=2):
-        return f"{delta.days} days"
-    if delta >= timedelta(hours=2):
-        return f"{delta // timedelta(hours=1)} hours"
-    return f"{delta // timedelta(minutes=1)} minutes"
 
 
 def result_rows(result: Any, *, missing: str = "not reported") -> list[dict[str, str]]:

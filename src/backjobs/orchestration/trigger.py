@@ -229,7 +229,7 @@ def slot_holder(client: Any, deployment_id: UUID, *, exclude: Any) -> Any:
 def run_as_of(run: Any) -> datetime:
     """The clock a run of a job acts at: its ``as_of`` parameter, else its scheduled time
     (what the job base uses)."""
-    from backjobs.orchestration.jobbase import to_utc
+    from backjobs.clock import to_utc
 
     value = (run.parameters or {}).get("as_of")
     if isinstance(value, datetime):
