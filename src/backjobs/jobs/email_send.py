@@ -22,10 +22,12 @@ on the rows the claim's owner token still holds (rows lost to another sender are
 
 **The server's fault is not the message's.** When the transport raises
 :class:`ServerUnavailable` (connection refused or timed out, EHLO/STARTTLS/TLS/AUTH
-failure, MAIL FROM refused, any 421/530/535; see :mod:`backjobs.mail.smtp`), no
+failure, MAIL FROM refused, any 421/530/535, see :mod:`backjobs.mail.smtp`; a pickup
+folder that cannot be written, see :mod:`backjobs.mail.transport`), no
 further send starts and no further batch is claimed; every claimed row not yet sent goes
 back to ``pending`` with its attempt handed back, and the run raises
-:class:`EmailServerUnavailable` with the server's reply (the run fails in the UI; the
+:class:`EmailServerUnavailable` with the server's reply or the folder's error, starting
+"email transport unavailable: " (the run fails in the UI; the
 task's retry policy does not retry it). Attempts count only when the server answered
 about the message itself.
 
@@ -41,8 +43,8 @@ the run's start). Each claim takes only what the run can send in the budget left
 from its pace so far (:mod:`backjobs.jobs.email_pace`). Once the budget is spent no send
 starts: the claimed rows not tried go back to ``pending``, due as before, with their
 attempt handed back (counted ``released``). A send in progress at that moment ends first,
-so a run sends for at most the budget plus one message's SMTP exchange, whose every reply
-waits at most ``BACKJOBS_SMTP_TIMEOUT_SECONDS``.
+so a run sends for at most the budget plus ``BACKJOBS_SMTP_TIMEOUT_SECONDS``: that timeout
+bounds a message's whole SMTP exchange, not each reply (:mod:`backjobs.mail.smtp`).
 
 **A stopped run hands back its claims.** When the run is cancelled (Prefect raises
 ``TerminationSignal``, a ``BaseException``, in the flow's thread), no further send starts,
@@ -102,8 +104,13 @@ class EmailSendResult:
 
 
 class EmailServerUnavailable(RuntimeError):
-    """The SMTP server (or its configuration) failed the run; ``partial_result`` is what
-    the run did before it stopped."""
+    """The email transport failed the run — the SMTP server, the pickup folder, or their
+    configuration; ``partial_result`` is what the run did before it stopped.
+
+    Its message starts "email transport unavailable: " and then says which, in the
+    transport's words ("cannot open SMTP session with …", "SMTP server … answered …",
+    "cannot write to the pickup folder … (BACKJOBS_EMAIL_PICKUP_DIR): …").
+    """
 
     def __init__(self, message: str, partial_result: EmailSendResult) -> None:
         super().__init__(message)
@@ -176,9 +183,9 @@ def send_due_emails(
         waiting=queue.waiting,
     )
     if halt.server_reason is not None:
-        logger.error("SMTP server unavailable, sending stopped: %s", halt.server_reason)
+        logger.error("email transport unavailable, sending stopped: %s", halt.server_reason)
         raise EmailServerUnavailable(
-            f"SMTP server unavailable: {halt.server_reason} "
+            f"email transport unavailable: {halt.server_reason} "
             f"({result.released} emails handed back untried, no attempt used)",
             result,
         )

@@ -6,13 +6,22 @@ Whose fault a failure is decides what the job does:
   cannot be opened (refused, timeout, DNS), EHLO, STARTTLS or the TLS handshake fails
   (e.g. ``CERTIFICATE_VERIFY_FAILED``), AUTH fails, MAIL FROM is refused (the sender
   setting), any 421 (closing), 530 (authentication required) or 535 (bad credentials),
-  and a connection lost before the message's data was sent. No message is at fault: the
-  job stops, hands the rows back without using an attempt and fails the run with the
-  server's reply. After one, the transport fails fast for the rest of its life;
+  and a connection lost, or the time spent, before the message's data was sent. No
+  message is at fault: the job stops, hands the rows back without using an attempt and
+  fails the run with the server's reply. After one, the transport fails fast for the
+  rest of its life;
 - the message's fault: recipients refused (:class:`RecipientsRefused` when all of them
   are, permanent when every refusal is 5xx), the end of DATA refused (5xx permanent,
-  4xx transient), or the connection lost once the data was on its way (transient: the
-  server may or may not have it, a resend keeps the Message-ID).
+  4xx transient), or the connection lost (or the time spent) once the data was on its
+  way (transient: the server may or may not have it, a resend keeps the Message-ID).
+
+**One timeout per message.** ``timeout`` (``BACKJOBS_SMTP_TIMEOUT_SECONDS``) bounds a
+message's whole exchange — opening a connection when one is needed (connect, EHLO,
+STARTTLS, AUTH), MAIL, RCPT, DATA up to the server's final reply — not each reply:
+every socket operation waits only for the time left (:mod:`backjobs.mail.deadline`).
+When it is spent the connection is dropped and the failure classified by its stage as
+above. :meth:`SmtpTransport.close` says QUIT to the idle connections within
+``QUIT_SECONDS`` in all, then just closes them.
 
 :class:`SmtpTransport` is thread-safe: each ``send`` borrows a connection from a pool of at
 most ``max_connections`` (reused across messages), so N threads keep N connections busy.
@@ -36,6 +45,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from backjobs.mail.deadline import deadline, passed, time_left, time_tls, timed_socket
 from backjobs.mail.render import OutgoingEmail
 from backjobs.mail.transport import (
     PermanentSendError,
@@ -51,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 REFUSALS_BEFORE_RECONNECT = 5
 SERVER_FAULT_CODES = frozenset({421, 530, 535})
+QUIT_SECONDS = 1.0  # for all the QUITs of close(): a courtesy, not worth a long wait
 
 
 @dataclass
@@ -61,6 +72,10 @@ class _Connection:
 
 class _DataStarted(Exception):
     """The connection failed once the message's data was on its way."""
+
+    def __init__(self, reason: str, *, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 class SmtpTransport:
@@ -95,7 +110,7 @@ class SmtpTransport:
             # message; a new transport (the next run) tries again.
             raise ServerUnavailable(self._unavailable, attempted=False)
         try:
-            with self._slots:
+            with self._slots, deadline(self._timeout):
                 return self._send(email)
         except ServerUnavailable as exc:
             self._unavailable = str(exc)
@@ -104,8 +119,9 @@ class SmtpTransport:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for connection in idle:
-            _quietly_quit(connection.smtp)
+        with deadline(min(self._timeout, QUIT_SECONDS)):
+            for connection in idle:
+                _quietly_quit(connection.smtp)
 
     def _send(self, email: OutgoingEmail) -> list[Refusal]:
         connection, reused = self._acquire()
@@ -114,6 +130,10 @@ class SmtpTransport:
                 return self._send_on(connection, email)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 _quietly_quit(connection.smtp)
+                if _timed_out(exc):
+                    raise ServerUnavailable(
+                        f"SMTP server {self._where}: {self._timed_out}; connection dropped"
+                    ) from None
                 if not reused:
                     raise ServerUnavailable(
                         f"SMTP server {self._where} dropped the connection: {_reason(exc)}"
@@ -125,6 +145,13 @@ class SmtpTransport:
     def _where(self) -> str:
         return f"{self._host}:{self._port}"
 
+    @property
+    def _timed_out(self) -> str:
+        return (
+            f"timed out (BACKJOBS_SMTP_TIMEOUT_SECONDS: {self._timeout:g} s "
+            "for a message's whole exchange)"
+        )
+
     def _send_on(self, connection: _Connection, email: OutgoingEmail) -> list[Refusal]:
         try:
             refused = _transact(connection, self._envelope_from, email, where=self._where)
@@ -133,7 +160,8 @@ class SmtpTransport:
             raise
         except _DataStarted as exc:
             _quietly_quit(connection.smtp)
-            raise TransientSendError(f"SMTP connection lost during DATA: {exc}") from None
+            reason = self._timed_out if exc.timed_out else str(exc)
+            raise TransientSendError(f"SMTP connection lost during DATA: {reason}") from None
         except SendError:
             self._release(connection)
             raise
@@ -150,6 +178,8 @@ class SmtpTransport:
         if connection.refusals >= REFUSALS_BEFORE_RECONNECT:
             _quietly_quit(connection.smtp)  # the next send opens a fresh one
             return
+        if connection.smtp.sock is not None:  # idle: no message's deadline any more
+            connection.smtp.sock.settimeout(self._timeout)
         with self._lock:
             self._idle.append(connection)
 
@@ -158,7 +188,8 @@ class SmtpTransport:
             connection = self._connect()
         except (OSError, smtplib.SMTPException) as exc:
             raise ServerUnavailable(
-                f"cannot open SMTP session with {self._where}: {_reason(exc)}"
+                f"cannot open SMTP session with {self._where}: "
+                f"{self._timed_out if _timed_out(exc) else _reason(exc)}"
             ) from None
         logger.debug("opened SMTP connection to %s (%s)", self._where, self._security.value)
         return _Connection(connection)
@@ -174,7 +205,7 @@ class SmtpTransport:
                 server_name=self._server_name,
             )
         else:
-            connection = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
+            connection = _TimedSMTP(self._host, self._port, timeout=self._timeout)
         try:
             connection.ehlo()
             if self._security is SmtpSecurity.STARTTLS:
@@ -191,7 +222,16 @@ class SmtpTransport:
         return connection
 
 
-class _SMTPNamedSSL(smtplib.SMTP_SSL):
+class _TimedSMTP(smtplib.SMTP):
+    """SMTP on a :class:`~backjobs.mail.deadline.TimedSocket`: connecting too waits only
+    for the time left of the message's deadline."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        plain = super()._get_socket(host, port, time_left(timeout))  # type: ignore[misc]
+        return timed_socket(plain)
+
+
+class _SMTPNamedSSL(smtplib.SMTP_SSL, _TimedSMTP):
     """Implicit TLS whose certificate is checked against ``server_name``, not the host."""
 
     def __init__(
@@ -202,7 +242,7 @@ class _SMTPNamedSSL(smtplib.SMTP_SSL):
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         self._host = self._server_name
-        return super()._get_socket(host, port, timeout)  # type: ignore[misc,no-any-return]
+        return super()._get_socket(host, port, timeout)
 
 
 def _transact(
@@ -222,7 +262,7 @@ def _transact(
     try:
         code, reply = smtp.data(email.data)
     except (smtplib.SMTPServerDisconnected, OSError) as exc:
-        raise _DataStarted(_reason(exc)) from None
+        raise _DataStarted(_reason(exc), timed_out=_timed_out(exc)) from None
     if code in SERVER_FAULT_CODES:
         _reset(smtp, code)
         raise ServerUnavailable(f"SMTP server {where} answered DATA: {code} {_text(reply)}")
@@ -282,9 +322,10 @@ def _reset(connection: smtplib.SMTP, code: int) -> None:
 @lru_cache(maxsize=4)
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
+    # Its TLS sockets wait only for the time left of the message's deadline.
     if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
-    return ssl.create_default_context()
+        return time_tls(ssl.create_default_context(cafile=str(ca_file)))
+    return time_tls(ssl.create_default_context())
 
 
 def _text(reply: bytes | str) -> str:
@@ -295,6 +336,11 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, smtplib.SMTPResponseException):
         return f"{exc.smtp_code} {_text(exc.smtp_error)}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether the message's deadline ended the exchange (smtplib wraps the timeout)."""
+    return passed() or isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
 
 
 def _quietly_quit(connection: smtplib.SMTP) -> None:
