@@ -1,4 +1,5 @@
-"""The SMTP transport: pooled connections, each reply classified by the stage it answers.
+"""The SMTP transport: pooled connections, each reply classified by the stage it answers
+(the transaction itself: :mod:`backjobs.mail.smtp_exchange`).
 
 Whose fault a failure is decides what the job does:
 
@@ -37,19 +38,16 @@ import smtplib
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
 from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import SecretStr
 
-from backjobs.mail.deadline import deadline, passed, time_left, time_tls, timed_socket
+from backjobs.mail.deadline import deadline, time_left, time_tls, timed_socket
 from backjobs.mail.render import OutgoingEmail
+from backjobs.mail.smtp_exchange import Connection, DataStarted, reason_of, timed_out, transact
 from backjobs.mail.transport import (
-    PermanentSendError,
-    RecipientsRefused,
     Refusal,
     SendError,
     ServerUnavailable,
@@ -60,22 +58,7 @@ from backjobs.settings import SmtpSecurity
 logger = logging.getLogger(__name__)
 
 REFUSALS_BEFORE_RECONNECT = 5
-SERVER_FAULT_CODES = frozenset({421, 530, 535})
 QUIT_SECONDS = 1.0  # for all the QUITs of close(): a courtesy, not worth a long wait
-
-
-@dataclass
-class _Connection:
-    smtp: smtplib.SMTP
-    refusals: int = 0  # in a row
-
-
-class _DataStarted(Exception):
-    """The connection failed once the message's data was on its way."""
-
-    def __init__(self, reason: str, *, timed_out: bool) -> None:
-        super().__init__(reason)
-        self.timed_out = timed_out
 
 
 class SmtpTransport:
@@ -99,7 +82,7 @@ class SmtpTransport:
         self._username, self._password, self._timeout = username, password, timeout
         self._ca_file, self._server_name = ca_file, tls_server_name or host
         self._envelope_from = parseaddr(sender)[1] or sender
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._unavailable: str | None = None
@@ -130,13 +113,13 @@ class SmtpTransport:
                 return self._send_on(connection, email)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 _quietly_quit(connection.smtp)
-                if _timed_out(exc):
+                if timed_out(exc):
                     raise ServerUnavailable(
                         f"SMTP server {self._where}: {self._timed_out}; connection dropped"
                     ) from None
                 if not reused:
                     raise ServerUnavailable(
-                        f"SMTP server {self._where} dropped the connection: {_reason(exc)}"
+                        f"SMTP server {self._where} dropped the connection: {reason_of(exc)}"
                     ) from None
             # An idle pooled connection the server dropped meanwhile: one fresh try.
             connection, reused = self._open(), False
@@ -152,13 +135,13 @@ class SmtpTransport:
             "for a message's whole exchange)"
         )
 
-    def _send_on(self, connection: _Connection, email: OutgoingEmail) -> list[Refusal]:
+    def _send_on(self, connection: Connection, email: OutgoingEmail) -> list[Refusal]:
         try:
-            refused = _transact(connection, self._envelope_from, email, where=self._where)
+            refused = transact(connection, self._envelope_from, email, where=self._where)
         except ServerUnavailable:
             _quietly_quit(connection.smtp)
             raise
-        except _DataStarted as exc:
+        except DataStarted as exc:
             _quietly_quit(connection.smtp)
             reason = self._timed_out if exc.timed_out else str(exc)
             raise TransientSendError(f"SMTP connection lost during DATA: {reason}") from None
@@ -168,13 +151,13 @@ class SmtpTransport:
         self._release(connection)
         return refused
 
-    def _acquire(self) -> tuple[_Connection, bool]:
+    def _acquire(self) -> tuple[Connection, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self._open(), False
 
-    def _release(self, connection: _Connection) -> None:
+    def _release(self, connection: Connection) -> None:
         if connection.refusals >= REFUSALS_BEFORE_RECONNECT:
             _quietly_quit(connection.smtp)  # the next send opens a fresh one
             return
@@ -183,16 +166,16 @@ class SmtpTransport:
         with self._lock:
             self._idle.append(connection)
 
-    def _open(self) -> _Connection:
+    def _open(self) -> Connection:
         try:
             connection = self._connect()
         except (OSError, smtplib.SMTPException) as exc:
             raise ServerUnavailable(
                 f"cannot open SMTP session with {self._where}: "
-                f"{self._timed_out if _timed_out(exc) else _reason(exc)}"
+                f"{self._timed_out if timed_out(exc) else reason_of(exc)}"
             ) from None
         logger.debug("opened SMTP connection to %s (%s)", self._where, self._security.value)
-        return _Connection(connection)
+        return Connection(connection)
 
     def _connect(self) -> smtplib.SMTP:
         connection: smtplib.SMTP
@@ -245,80 +228,6 @@ class _SMTPNamedSSL(smtplib.SMTP_SSL, _TimedSMTP):
         return super()._get_socket(host, port, timeout)
 
 
-def _transact(
-    connection: _Connection, sender: str, email: OutgoingEmail, *, where: str
-) -> list[Refusal]:
-    """One SMTP transaction, each reply classified by its stage (see the module doc).
-
-    ``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
-    millisecond a message): ours are validated bare addresses.
-    """
-    smtp = connection.smtp
-    _mail_from(smtp, sender, email, where=where)
-    refused = _rcpt_to(connection, email.to, where=where)
-    if len(refused) == len(email.to):
-        _reset(smtp, 0)
-        raise RecipientsRefused(refused)
-    try:
-        code, reply = smtp.data(email.data)
-    except (smtplib.SMTPServerDisconnected, OSError) as exc:
-        raise _DataStarted(_reason(exc), timed_out=_timed_out(exc)) from None
-    if code in SERVER_FAULT_CODES:
-        _reset(smtp, code)
-        raise ServerUnavailable(f"SMTP server {where} answered DATA: {code} {_text(reply)}")
-    if code != 250:
-        _reset(smtp, code)
-        connection.refusals += 1
-        kind = PermanentSendError if 500 <= code < 600 else TransientSendError
-        raise kind(f"SMTP {code} {_text(reply)}")
-    return refused
-
-
-def _mail_from(smtp: smtplib.SMTP, sender: str, email: OutgoingEmail, *, where: str) -> None:
-    smtp.ehlo_or_helo_if_needed()
-    options = ""
-    if not sender.isascii() or not email.data.isascii():
-        if not smtp.has_extn("smtputf8"):
-            raise ServerUnavailable(
-                f"BACKJOBS_EMAIL_FROM {sender!r} is not ASCII and the SMTP server {where} "
-                "does not offer SMTPUTF8"
-            )
-        options = " SMTPUTF8 BODY=8BITMIME"
-        smtp.command_encoding = "utf-8"  # as sendmail does for SMTPUTF8
-    code, reply = smtp.docmd("mail", f"FROM:<{sender}>{options}")
-    if code != 250:
-        _reset(smtp, code)
-        raise ServerUnavailable(
-            f"SMTP server {where} refused the sender {sender!r} (MAIL FROM): {code} {_text(reply)}"
-        )
-
-
-def _rcpt_to(connection: _Connection, to: Sequence[str], *, where: str) -> list[Refusal]:
-    refused: list[Refusal] = []
-    for address in to:
-        code, reply = connection.smtp.docmd("rcpt", f"TO:<{address}>")
-        if code in SERVER_FAULT_CODES:
-            _reset(connection.smtp, code)
-            raise ServerUnavailable(f"SMTP server {where} answered RCPT: {code} {_text(reply)}")
-        if code in (250, 251):
-            connection.refusals = 0
-        else:
-            connection.refusals += 1
-            refused.append(Refusal(address, code, _text(reply)))
-    return refused
-
-
-def _reset(connection: smtplib.SMTP, code: int) -> None:
-    # As sendmail does: a 421 means the server is closing; otherwise abort the transaction.
-    if code == 421:
-        connection.close()
-        return
-    try:
-        connection.rset()
-    except (smtplib.SMTPServerDisconnected, OSError):
-        pass
-
-
 @lru_cache(maxsize=4)
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
@@ -326,21 +235,6 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is not None:
         return time_tls(ssl.create_default_context(cafile=str(ca_file)))
     return time_tls(ssl.create_default_context())
-
-
-def _text(reply: bytes | str) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return f"{exc.smtp_code} {_text(exc.smtp_error)}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Whether the message's deadline ended the exchange (smtplib wraps the timeout)."""
-    return passed() or isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
 
 
 def _quietly_quit(connection: smtplib.SMTP) -> None:
