@@ -273,6 +273,12 @@ def test_unreachable_server_fails_the_run_and_uses_no_attempt(
             run(smtp_env)
         partial = caught.value.partial_result
         assert (partial.sent, partial.failed, partial.due_now) == (0, 0, 5)
+        # What ops read: the transport, then the server's words.
+        assert str(caught.value).startswith(
+            f"email transport unavailable: cannot open SMTP session with "
+            f"{smtp_server.host}:1: ConnectionRefusedError"
+        ), caught.value
+        assert str(caught.value).endswith("(1 emails handed back untried, no attempt used)")
         assert partial.released == 1
     rows = [row(smtp_env, task_id) for task_id in ids]
     assert {(t.status, t.attempts, t.locked_until, t.next_attempt_at) for t in rows} == {

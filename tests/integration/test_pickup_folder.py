@@ -20,9 +20,12 @@ from tests.support.databases import Database
 NOW = datetime(2030, 1, 10, 12, 0, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("where", ["a file in its place", "under a file"])
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("a file in its place", "it exists and is not a folder"), ("under a file", "Not a directory")],
+)
 def test_an_unusable_pickup_folder_uses_no_attempt_and_fails_the_run(
-    db: Database, tmp_path: Path, where: str
+    db: Database, tmp_path: Path, where: str, reason: str
 ) -> None:
     blocker = tmp_path / "mail"
     blocker.write_text("not a folder")
@@ -44,7 +47,12 @@ def test_an_unusable_pickup_folder_uses_no_attempt_and_fails_the_run(
             send_due_emails(db.engine, now=NOW, settings=settings, transport=transport)
     finally:
         transport.close()
-    assert "BACKJOBS_EMAIL_PICKUP_DIR" in str(failed.value) and str(folder) in str(failed.value)
+    # It names the transport at fault, never an SMTP server that is not used.
+    assert str(failed.value).startswith(
+        f"email transport unavailable: cannot write to the pickup folder {folder} "
+        f"(BACKJOBS_EMAIL_PICKUP_DIR): {reason}; fix the folder or the setting"
+    ), failed.value
+    assert "SMTP" not in str(failed.value)
     with db.session() as s:
         rows = s.execute(select(AppTask.status, AppTask.attempts, AppTask.locked_until)).all()
     assert rows == [("pending", 0, None)] * 3

@@ -11,6 +11,10 @@ Server-wide faults: ``mail_answers`` (answers to MAIL FROM, then 250),
 ``SmtpServer(auth_required=True)`` (530 until AUTH), ``SmtpServer(tls=cert)`` (STARTTLS
 with a self-signed certificate from :func:`self_signed_cert`), ``smtputf8=False``.
 ``sessions`` counts the SMTP connections that got as far as MAIL FROM.
+
+Slow servers: ``ehlo_delay``, ``mail_delay``, ``rcpt_delay`` and ``data_delay`` (before the
+final reply to DATA) hold each answer that many seconds; :meth:`SmtpServer.slow_steps`
+sets them all.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class ScriptedHandler:
     def __init__(self) -> None:
         self.messages: list[Received] = []
         self.data_delay = 0.0
+        self.ehlo_delay = 0.0
+        self.mail_delay = 0.0
         self.data_answers: deque[int] = deque()  # answers to the end of DATA, then 250
         self.mail_answers: deque[int] = deque()  # answers to MAIL FROM, then 250
         self.mail_forever: int | None = None  # the answer to every MAIL FROM
@@ -84,9 +90,19 @@ class ScriptedHandler:
             script = self._scripts.get(address.lower())
             return script.popleft() if script else 250
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does itself without this hook
+        if self.ehlo_delay:
+            await asyncio.sleep(self.ehlo_delay)
+        return responses
+
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: Any
     ) -> str:
+        if self.mail_delay:
+            await asyncio.sleep(self.mail_delay)
         with self._lock:
             self.sessions.add(id(session))
             code = self.mail_answers.popleft() if self.mail_answers else 250
@@ -166,6 +182,12 @@ class SmtpServer:
 
     def answer(self, address: str, *codes: int, times: int | None = 1) -> None:
         self.handler.answer(address, *codes, times=times)
+
+    def slow_steps(self, seconds: float) -> None:
+        """Answer EHLO, MAIL, every RCPT and the end of DATA each ``seconds`` late."""
+        handler = self.handler
+        handler.ehlo_delay = handler.mail_delay = handler.rcpt_delay = seconds
+        handler.data_delay = seconds
 
     def message_ids(self) -> list[str]:
         return [received.message_id for received in self.messages]

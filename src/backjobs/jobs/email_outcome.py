@@ -33,7 +33,7 @@ from backjobs.jobs.email_payload import (
     stored_message_id,
 )
 from backjobs.jobs.email_queue import Acks, ClaimedTask, Failure, Retry, Sent
-from backjobs.mail.render import build_message, render_email
+from backjobs.mail.render import OutgoingEmail, build_message, render_email
 from backjobs.mail.transport import (
     RecipientsRefused,
     Refusal,
@@ -117,6 +117,27 @@ def backoff_seconds(*, attempt: int, base: float, cap: float, rng: random.Random
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
+def _message(
+    task: ClaimedTask, *, settings: Settings, wall: Callable[[], datetime]
+) -> OutgoingEmail | Outcome:
+    """The row's message, rendered now; a permanent failure when its payload cannot be."""
+    try:
+        to, template, context = read_payload(task.payload)
+        rendered = render_email(template, context)
+        message = build_message(
+            rendered,
+            task_id=task.id,
+            to=to,
+            sender=settings.email_from,
+            date=wall(),  # the real time of sending, whatever the job's as_of
+            message_id=stored_message_id(task.payload),
+            envelope_to=still_owed(task.payload, to),
+        )
+    except (ValueError, TypeError) as exc:
+        return Outcome(task, Delivery.PERMANENT, f"payload does not render: {exc}")
+    return message
+
+
 def deliver(
     task: ClaimedTask,
     *,
@@ -133,20 +154,9 @@ def deliver(
         return Outcome(
             task, Delivery.PERMANENT, "attempts exhausted (earlier sends never finished)"
         )
-    try:
-        to, template, context = read_payload(task.payload)
-        rendered = render_email(template, context)
-        message = build_message(
-            rendered,
-            task_id=task.id,
-            to=to,
-            sender=settings.email_from,
-            date=wall(),  # the real time of sending, whatever the job's as_of
-            message_id=stored_message_id(task.payload),
-            envelope_to=still_owed(task.payload, to),
-        )
-    except (ValueError, TypeError) as exc:
-        return Outcome(task, Delivery.PERMANENT, f"payload does not render: {exc}")
+    message = _message(task, settings=settings, wall=wall)
+    if isinstance(message, Outcome):
+        return message
     if not message.to:  # everyone owed was dealt with earlier
         return Outcome(task, Delivery.SENT)
     try:

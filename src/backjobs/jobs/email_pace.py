@@ -13,8 +13,8 @@ server taking 5 s a message). So :meth:`Pace.room` sizes each claim:
 
 The budget also stops the sending itself (:class:`backjobs.jobs.email_outcome.Halt`):
 once it is spent no send starts, and the claimed rows not tried go back to ``pending``
-with their attempt handed back. A send already in progress ends first, within one
-message's SMTP exchange (each reply waits at most ``BACKJOBS_SMTP_TIMEOUT_SECONDS``).
+with their attempt handed back. A send already in progress ends first, within
+``BACKJOBS_SMTP_TIMEOUT_SECONDS`` (which bounds a message's whole SMTP exchange).
 """
 
 from __future__ import annotations

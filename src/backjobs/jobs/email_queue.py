@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    Select,
     Table,
     Text,
     and_,
@@ -108,6 +109,40 @@ def due_condition(*, now: datetime, at: datetime) -> ColumnElement[bool]:
     )
 
 
+def _best_candidates(
+    *, now: datetime, at: datetime, limit: int, skip: Collection[int]
+) -> Select[tuple[int]]:
+    """The ids of the best ``limit`` of the due pending rows and the lapsed leases, locked."""
+    order = (TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
+    columns = (TASKS.c.id, TASKS.c.priority, TASKS.c.created_at)
+    email = TASKS.c.task_type == TaskType.EMAIL_SEND.value
+    pending = [email, TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now]
+    if skip:
+        pending.append(TASKS.c.id.not_in(list(skip)))
+    fresh = (
+        select(*columns)
+        .where(*pending)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("fresh")
+    )
+    lapsed = (
+        select(*columns)
+        .where(email, TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.locked_until < at)
+        .order_by(*order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("lapsed")
+    )
+    candidates = union_all(select(fresh), select(lapsed)).subquery("candidates")
+    return (
+        select(candidates.c.id)
+        .order_by(candidates.c.priority.desc(), candidates.c.created_at, candidates.c.id)
+        .limit(limit)
+    )
+
+
 def claim_due(
     session: Session,
     *,
@@ -136,34 +171,7 @@ def claim_due(
     parsed here, so a row whose payload is not JSON comes back as a
     :class:`MalformedPayload` instead of breaking the claim for every row.
     """
-    order = (TASKS.c.priority.desc(), TASKS.c.created_at, TASKS.c.id)
-    columns = (TASKS.c.id, TASKS.c.priority, TASKS.c.created_at)
-    email = TASKS.c.task_type == TaskType.EMAIL_SEND.value
-    pending = [email, TASKS.c.status == TaskStatus.PENDING.value, TASKS.c.next_attempt_at <= now]
-    if skip:
-        pending.append(TASKS.c.id.not_in(list(skip)))
-    fresh = (
-        select(*columns)
-        .where(*pending)
-        .order_by(*order)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("fresh")
-    )
-    lapsed = (
-        select(*columns)
-        .where(email, TASKS.c.status == TaskStatus.PROCESSING.value, TASKS.c.locked_until < at)
-        .order_by(*order)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("lapsed")
-    )
-    candidates = union_all(select(fresh), select(lapsed)).subquery("candidates")
-    chosen = (
-        select(candidates.c.id)
-        .order_by(candidates.c.priority.desc(), candidates.c.created_at, candidates.c.id)
-        .limit(limit)
-    )
+    chosen = _best_candidates(now=now, at=at, limit=limit, skip=skip)
     statement = (
         update(TASKS)
         .where(TASKS.c.id.in_(chosen.scalar_subquery()))

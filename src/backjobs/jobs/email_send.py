@@ -1,4 +1,5 @@
-"""EmailSendJob's logic: drain due ``email_send`` rows through a transport, batch by batch.
+"""EmailSendJob's logic: drain due ``email_send`` rows through a transport, batch by batch
+(the loop: :mod:`backjobs.jobs.email_drain`; a row's outcome: :mod:`.email_outcome`).
 
 Each batch is claimed and committed *before* any mail goes out (so a crash leaves leased
 ``processing`` rows that a later run sends again, with the same Message-ID), sent over
@@ -22,10 +23,12 @@ on the rows the claim's owner token still holds (rows lost to another sender are
 
 **The server's fault is not the message's.** When the transport raises
 :class:`ServerUnavailable` (connection refused or timed out, EHLO/STARTTLS/TLS/AUTH
-failure, MAIL FROM refused, any 421/530/535; see :mod:`backjobs.mail.smtp`), no
+failure, MAIL FROM refused, any 421/530/535, see :mod:`backjobs.mail.smtp`; a pickup
+folder that cannot be written, see :mod:`backjobs.mail.transport`), no
 further send starts and no further batch is claimed; every claimed row not yet sent goes
 back to ``pending`` with its attempt handed back, and the run raises
-:class:`EmailServerUnavailable` with the server's reply (the run fails in the UI; the
+:class:`EmailServerUnavailable` with the server's reply or the folder's error, starting
+"email transport unavailable: " (the run fails in the UI; the
 task's retry policy does not retry it). Attempts count only when the server answered
 about the message itself.
 
@@ -41,8 +44,8 @@ the run's start). Each claim takes only what the run can send in the budget left
 from its pace so far (:mod:`backjobs.jobs.email_pace`). Once the budget is spent no send
 starts: the claimed rows not tried go back to ``pending``, due as before, with their
 attempt handed back (counted ``released``). A send in progress at that moment ends first,
-so a run sends for at most the budget plus one message's SMTP exchange, whose every reply
-waits at most ``BACKJOBS_SMTP_TIMEOUT_SECONDS``.
+so a run sends for at most the budget plus ``BACKJOBS_SMTP_TIMEOUT_SECONDS``: that timeout
+bounds a message's whole SMTP exchange, not each reply (:mod:`backjobs.mail.smtp`).
 
 **A stopped run hands back its claims.** When the run is cancelled (Prefect raises
 ``TerminationSignal``, a ``BaseException``, in the flow's thread), no further send starts,
@@ -56,28 +59,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from sqlalchemy import Engine
 
 from backjobs.db import session_scope
 from backjobs.jobs import email_queue
-from backjobs.jobs.email_outcome import (
-    BUDGET_SPENT,
-    Delivery,
-    Halt,
-    Outcome,
-    Tally,
-    deliver,
-    to_acks,
-)
+from backjobs.jobs.email_drain import Drain
+from backjobs.jobs.email_outcome import BUDGET_SPENT, Halt, Tally
 from backjobs.jobs.email_pace import Pace
-from backjobs.jobs.email_queue import ClaimedTask
 from backjobs.mail.transport import Transport
 from backjobs.settings import Settings
 
@@ -102,15 +96,17 @@ class EmailSendResult:
 
 
 class EmailServerUnavailable(RuntimeError):
-    """The SMTP server (or its configuration) failed the run; ``partial_result`` is what
-    the run did before it stopped."""
+    """The email transport failed the run — the SMTP server, the pickup folder, or their
+    configuration; ``partial_result`` is what the run did before it stopped.
+
+    Its message starts "email transport unavailable: " and then says which, in the
+    transport's words ("cannot open SMTP session with …", "SMTP server … answered …",
+    "cannot write to the pickup folder … (BACKJOBS_EMAIL_PICKUP_DIR): …").
+    """
 
     def __init__(self, message: str, partial_result: EmailSendResult) -> None:
         super().__init__(message)
         self.partial_result = partial_result
-
-
-MAX_RETRIED_PER_RUN = 10_000
 
 
 def wall_clock() -> datetime:
@@ -144,7 +140,7 @@ def send_due_emails(
     with ThreadPoolExecutor(
         max_workers=settings.email_connections, thread_name_prefix="email-send"
     ) as pool:
-        drain = _Drain(
+        drain = Drain(
             engine, pool, now, wall, settings, transport, rng or random.Random(), halt, pace
         )
         try:
@@ -156,7 +152,19 @@ def send_due_emails(
             halt.set("the run was stopped")
             drain.wind_down()
             raise
-    tally = drain.tally
+    return _result(engine, drain.tally, halt=halt, now=now, wall=wall, settings=settings)
+
+
+def _result(
+    engine: Engine,
+    tally: Tally,
+    *,
+    halt: Halt,
+    now: datetime,
+    wall: Callable[[], datetime],
+    settings: Settings,
+) -> EmailSendResult:
+    """The run's counts with the queue as it ends; raises when the transport failed it."""
     if halt.reason == BUDGET_SPENT and tally.released:
         logger.info(
             "time budget of %g s spent: %d emails handed back untried (no attempt used) "
@@ -176,136 +184,10 @@ def send_due_emails(
         waiting=queue.waiting,
     )
     if halt.server_reason is not None:
-        logger.error("SMTP server unavailable, sending stopped: %s", halt.server_reason)
+        logger.error("email transport unavailable, sending stopped: %s", halt.server_reason)
         raise EmailServerUnavailable(
-            f"SMTP server unavailable: {halt.server_reason} "
+            f"email transport unavailable: {halt.server_reason} "
             f"({result.released} emails handed back untried, no attempt used)",
             result,
         )
     return result
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    token: str
-    futures: list[Future[Outcome]]
-
-    def unsent(self) -> int:
-        return sum(not future.done() for future in self.futures)
-
-
-@dataclass
-class _Drain:
-    engine: Engine
-    pool: ThreadPoolExecutor
-    now: datetime
-    wall: Callable[[], datetime]
-    settings: Settings
-    transport: Transport
-    rng: random.Random
-    halt: Halt
-    pace: Pace
-    tally: Tally = field(default_factory=Tally)
-    # Claims not yet recorded, by owner token (None: the claim itself is under way).
-    open: dict[str, _InFlight | None] = field(default_factory=dict)
-    retried: set[int] = field(default_factory=set)  # never claimed again in this run
-
-    @property
-    def lease(self) -> timedelta:
-        return timedelta(seconds=self.settings.email_lease_seconds)
-
-    def run(self) -> None:
-        """Claim, send and record batch after batch until nothing is due or fits."""
-        # Double-buffered: the next batch is claimed while the workers send this one, so
-        # the database round trips overlap with SMTP instead of adding to it.
-        in_flight: _InFlight | None = None
-        while True:
-            unsent = in_flight.unsent() if in_flight is not None else 0
-            room = 0
-            if self.halt.stopped() is None:
-                room = self.pace.room(unsent=unsent, limit=self.settings.email_batch_size)
-            if len(self.retried) > MAX_RETRIED_PER_RUN:
-                room = 0  # a server refusing this much: leave the rest to the next run
-            claimed = self.claim(room) if room > 0 else None
-            if in_flight is not None:
-                self.finish(in_flight)
-            if claimed is None and (room > 0 or in_flight is None):
-                return  # nothing due, or nothing fits with nothing in flight
-            in_flight = claimed  # None: look again, now that the pace is known
-
-    def claim(self, limit: int) -> _InFlight | None:
-        """Claim up to ``limit`` rows (committed before anything is sent) and hand them
-        to the workers."""
-        token = uuid.uuid4().hex
-        self.open[token] = None  # a stop from here on hands back whatever it claimed
-        at = self.wall()
-        with session_scope(self.engine) as session:
-            batch = email_queue.claim_due(
-                session,
-                now=self.now,
-                at=at,
-                lease_until=at + self.lease,
-                limit=limit,
-                token=token,
-                skip=self.retried,
-            )
-        if not batch:
-            del self.open[token]
-            return None
-        in_flight = _InFlight(token, [self.pool.submit(self._send, task) for task in batch])
-        self.open[token] = in_flight
-        return in_flight
-
-    def _send(self, task: ClaimedTask) -> Outcome:
-        outcome = deliver(
-            task, transport=self.transport, settings=self.settings, wall=self.wall, halt=self.halt
-        )
-        if outcome.delivery is not Delivery.UNTRIED:
-            self.pace.count()
-        return outcome
-
-    def finish(self, in_flight: _InFlight) -> None:
-        """Wait for the batch's sends, renewing every open lease meanwhile; record them."""
-        every = max(0.05, self.settings.email_lease_seconds / 3)
-        pending: set[Future[Outcome]] = set(in_flight.futures)
-        while True:
-            # Wakes once the whole batch is done, or every lease/3 to renew the leases.
-            _, pending = wait(pending, timeout=every)
-            if not pending:
-                break
-            with session_scope(self.engine) as session:
-                email_queue.renew(
-                    session, tokens=list(self.open), lease_until=self.wall() + self.lease
-                )
-        self._record(in_flight.token, [future.result() for future in in_flight.futures])
-
-    def wind_down(self) -> None:
-        """After a stop: the sends in progress end and are recorded; every other claimed
-        row goes back to pending, its attempt handed back."""
-        for in_flight in list(self.open.values()):
-            if in_flight is not None:
-                self.finish(in_flight)
-        with session_scope(self.engine) as session:
-            self.tally.released += email_queue.release_held(session, tokens=list(self.open))
-        self.open.clear()
-        logger.warning(
-            "sending stopped: %d sent, %d emails handed back untried (no attempt used)",
-            self.tally.sent,
-            self.tally.released,
-        )
-
-    def _record(self, token: str, outcomes: list[Outcome]) -> None:
-        at = self.wall()
-        acks, tally = to_acks(outcomes, at=at, settings=self.settings, rng=self.rng)
-        with session_scope(self.engine) as session:
-            lost = email_queue.acknowledge(session, token=token, at=at, acks=acks)
-        self.open.pop(token, None)
-        if lost:
-            logger.warning(
-                "lost the lease of app tasks %s (taken over by another sender); "
-                "their outcome here was not recorded",
-                ", ".join(map(str, lost)),
-            )
-        tally.lost = len(lost)
-        self.tally.add(tally)
-        self.retried.update(retry.id for retry in acks.retries)

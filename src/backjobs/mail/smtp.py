@@ -1,4 +1,5 @@
-"""The SMTP transport: pooled connections, each reply classified by the stage it answers.
+"""The SMTP transport: pooled connections, each reply classified by the stage it answers
+(the transaction itself: :mod:`backjobs.mail.smtp_exchange`).
 
 Whose fault a failure is decides what the job does:
 
@@ -6,13 +7,22 @@ Whose fault a failure is decides what the job does:
   cannot be opened (refused, timeout, DNS), EHLO, STARTTLS or the TLS handshake fails
   (e.g. ``CERTIFICATE_VERIFY_FAILED``), AUTH fails, MAIL FROM is refused (the sender
   setting), any 421 (closing), 530 (authentication required) or 535 (bad credentials),
-  and a connection lost before the message's data was sent. No message is at fault: the
-  job stops, hands the rows back without using an attempt and fails the run with the
-  server's reply. After one, the transport fails fast for the rest of its life;
+  and a connection lost, or the time spent, before the message's data was sent. No
+  message is at fault: the job stops, hands the rows back without using an attempt and
+  fails the run with the server's reply. After one, the transport fails fast for the
+  rest of its life;
 - the message's fault: recipients refused (:class:`RecipientsRefused` when all of them
   are, permanent when every refusal is 5xx), the end of DATA refused (5xx permanent,
-  4xx transient), or the connection lost once the data was on its way (transient: the
-  server may or may not have it, a resend keeps the Message-ID).
+  4xx transient), or the connection lost (or the time spent) once the data was on its
+  way (transient: the server may or may not have it, a resend keeps the Message-ID).
+
+**One timeout per message.** ``timeout`` (``BACKJOBS_SMTP_TIMEOUT_SECONDS``) bounds a
+message's whole exchange — opening a connection when one is needed (connect, EHLO,
+STARTTLS, AUTH), MAIL, RCPT, DATA up to the server's final reply — not each reply:
+every socket operation waits only for the time left (:mod:`backjobs.mail.deadline`).
+When it is spent the connection is dropped and the failure classified by its stage as
+above. :meth:`SmtpTransport.close` says QUIT to the idle connections within
+``QUIT_SECONDS`` in all, then just closes them.
 
 :class:`SmtpTransport` is thread-safe: each ``send`` borrows a connection from a pool of at
 most ``max_connections`` (reused across messages), so N threads keep N connections busy.
@@ -28,18 +38,16 @@ import smtplib
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
 from email.utils import parseaddr
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import SecretStr
 
+from backjobs.mail.deadline import deadline, time_left, time_tls, timed_socket
 from backjobs.mail.render import OutgoingEmail
+from backjobs.mail.smtp_exchange import Connection, DataStarted, reason_of, timed_out, transact
 from backjobs.mail.transport import (
-    PermanentSendError,
-    RecipientsRefused,
     Refusal,
     SendError,
     ServerUnavailable,
@@ -50,17 +58,7 @@ from backjobs.settings import SmtpSecurity
 logger = logging.getLogger(__name__)
 
 REFUSALS_BEFORE_RECONNECT = 5
-SERVER_FAULT_CODES = frozenset({421, 530, 535})
-
-
-@dataclass
-class _Connection:
-    smtp: smtplib.SMTP
-    refusals: int = 0  # in a row
-
-
-class _DataStarted(Exception):
-    """The connection failed once the message's data was on its way."""
+QUIT_SECONDS = 1.0  # for all the QUITs of close(): a courtesy, not worth a long wait
 
 
 class SmtpTransport:
@@ -84,7 +82,7 @@ class SmtpTransport:
         self._username, self._password, self._timeout = username, password, timeout
         self._ca_file, self._server_name = ca_file, tls_server_name or host
         self._envelope_from = parseaddr(sender)[1] or sender
-        self._idle: list[_Connection] = []
+        self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._unavailable: str | None = None
@@ -95,7 +93,7 @@ class SmtpTransport:
             # message; a new transport (the next run) tries again.
             raise ServerUnavailable(self._unavailable, attempted=False)
         try:
-            with self._slots:
+            with self._slots, deadline(self._timeout):
                 return self._send(email)
         except ServerUnavailable as exc:
             self._unavailable = str(exc)
@@ -104,8 +102,9 @@ class SmtpTransport:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for connection in idle:
-            _quietly_quit(connection.smtp)
+        with deadline(min(self._timeout, QUIT_SECONDS)):
+            for connection in idle:
+                _quietly_quit(connection.smtp)
 
     def _send(self, email: OutgoingEmail) -> list[Refusal]:
         connection, reused = self._acquire()
@@ -114,9 +113,13 @@ class SmtpTransport:
                 return self._send_on(connection, email)
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
                 _quietly_quit(connection.smtp)
+                if timed_out(exc):
+                    raise ServerUnavailable(
+                        f"SMTP server {self._where}: {self._timed_out}; connection dropped"
+                    ) from None
                 if not reused:
                     raise ServerUnavailable(
-                        f"SMTP server {self._where} dropped the connection: {_reason(exc)}"
+                        f"SMTP server {self._where} dropped the connection: {reason_of(exc)}"
                     ) from None
             # An idle pooled connection the server dropped meanwhile: one fresh try.
             connection, reused = self._open(), False
@@ -125,43 +128,54 @@ class SmtpTransport:
     def _where(self) -> str:
         return f"{self._host}:{self._port}"
 
-    def _send_on(self, connection: _Connection, email: OutgoingEmail) -> list[Refusal]:
+    @property
+    def _timed_out(self) -> str:
+        return (
+            f"timed out (BACKJOBS_SMTP_TIMEOUT_SECONDS: {self._timeout:g} s "
+            "for a message's whole exchange)"
+        )
+
+    def _send_on(self, connection: Connection, email: OutgoingEmail) -> list[Refusal]:
         try:
-            refused = _transact(connection, self._envelope_from, email, where=self._where)
+            refused = transact(connection, self._envelope_from, email, where=self._where)
         except ServerUnavailable:
             _quietly_quit(connection.smtp)
             raise
-        except _DataStarted as exc:
+        except DataStarted as exc:
             _quietly_quit(connection.smtp)
-            raise TransientSendError(f"SMTP connection lost during DATA: {exc}") from None
+            reason = self._timed_out if exc.timed_out else str(exc)
+            raise TransientSendError(f"SMTP connection lost during DATA: {reason}") from None
         except SendError:
             self._release(connection)
             raise
         self._release(connection)
         return refused
 
-    def _acquire(self) -> tuple[_Connection, bool]:
+    def _acquire(self) -> tuple[Connection, bool]:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self._open(), False
 
-    def _release(self, connection: _Connection) -> None:
+    def _release(self, connection: Connection) -> None:
         if connection.refusals >= REFUSALS_BEFORE_RECONNECT:
             _quietly_quit(connection.smtp)  # the next send opens a fresh one
             return
+        if connection.smtp.sock is not None:  # idle: no message's deadline any more
+            connection.smtp.sock.settimeout(self._timeout)
         with self._lock:
             self._idle.append(connection)
 
-    def _open(self) -> _Connection:
+    def _open(self) -> Connection:
         try:
             connection = self._connect()
         except (OSError, smtplib.SMTPException) as exc:
             raise ServerUnavailable(
-                f"cannot open SMTP session with {self._where}: {_reason(exc)}"
+                f"cannot open SMTP session with {self._where}: "
+                f"{self._timed_out if timed_out(exc) else reason_of(exc)}"
             ) from None
         logger.debug("opened SMTP connection to %s (%s)", self._where, self._security.value)
-        return _Connection(connection)
+        return Connection(connection)
 
     def _connect(self) -> smtplib.SMTP:
         connection: smtplib.SMTP
@@ -174,7 +188,7 @@ class SmtpTransport:
                 server_name=self._server_name,
             )
         else:
-            connection = smtplib.SMTP(self._host, self._port, timeout=self._timeout)
+            connection = _TimedSMTP(self._host, self._port, timeout=self._timeout)
         try:
             connection.ehlo()
             if self._security is SmtpSecurity.STARTTLS:
@@ -191,7 +205,16 @@ class SmtpTransport:
         return connection
 
 
-class _SMTPNamedSSL(smtplib.SMTP_SSL):
+class _TimedSMTP(smtplib.SMTP):
+    """SMTP on a :class:`~backjobs.mail.deadline.TimedSocket`: connecting too waits only
+    for the time left of the message's deadline."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        plain = super()._get_socket(host, port, time_left(timeout))  # type: ignore[misc]
+        return timed_socket(plain)
+
+
+class _SMTPNamedSSL(smtplib.SMTP_SSL, _TimedSMTP):
     """Implicit TLS whose certificate is checked against ``server_name``, not the host."""
 
     def __init__(
@@ -202,99 +225,16 @@ class _SMTPNamedSSL(smtplib.SMTP_SSL):
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         self._host = self._server_name
-        return super()._get_socket(host, port, timeout)  # type: ignore[misc,no-any-return]
-
-
-def _transact(
-    connection: _Connection, sender: str, email: OutgoingEmail, *, where: str
-) -> list[Refusal]:
-    """One SMTP transaction, each reply classified by its stage (see the module doc).
-
-    ``smtplib.SMTP.sendmail`` minus its re-parsing of every address (a tenth of a
-    millisecond a message): ours are validated bare addresses.
-    """
-    smtp = connection.smtp
-    _mail_from(smtp, sender, email, where=where)
-    refused = _rcpt_to(connection, email.to, where=where)
-    if len(refused) == len(email.to):
-        _reset(smtp, 0)
-        raise RecipientsRefused(refused)
-    try:
-        code, reply = smtp.data(email.data)
-    except (smtplib.SMTPServerDisconnected, OSError) as exc:
-        raise _DataStarted(_reason(exc)) from None
-    if code in SERVER_FAULT_CODES:
-        _reset(smtp, code)
-        raise ServerUnavailable(f"SMTP server {where} answered DATA: {code} {_text(reply)}")
-    if code != 250:
-        _reset(smtp, code)
-        connection.refusals += 1
-        kind = PermanentSendError if 500 <= code < 600 else TransientSendError
-        raise kind(f"SMTP {code} {_text(reply)}")
-    return refused
-
-
-def _mail_from(smtp: smtplib.SMTP, sender: str, email: OutgoingEmail, *, where: str) -> None:
-    smtp.ehlo_or_helo_if_needed()
-    options = ""
-    if not sender.isascii() or not email.data.isascii():
-        if not smtp.has_extn("smtputf8"):
-            raise ServerUnavailable(
-                f"BACKJOBS_EMAIL_FROM {sender!r} is not ASCII and the SMTP server {where} "
-                "does not offer SMTPUTF8"
-            )
-        options = " SMTPUTF8 BODY=8BITMIME"
-        smtp.command_encoding = "utf-8"  # as sendmail does for SMTPUTF8
-    code, reply = smtp.docmd("mail", f"FROM:<{sender}>{options}")
-    if code != 250:
-        _reset(smtp, code)
-        raise ServerUnavailable(
-            f"SMTP server {where} refused the sender {sender!r} (MAIL FROM): {code} {_text(reply)}"
-        )
-
-
-def _rcpt_to(connection: _Connection, to: Sequence[str], *, where: str) -> list[Refusal]:
-    refused: list[Refusal] = []
-    for address in to:
-        code, reply = connection.smtp.docmd("rcpt", f"TO:<{address}>")
-        if code in SERVER_FAULT_CODES:
-            _reset(connection.smtp, code)
-            raise ServerUnavailable(f"SMTP server {where} answered RCPT: {code} {_text(reply)}")
-        if code in (250, 251):
-            connection.refusals = 0
-        else:
-            connection.refusals += 1
-            refused.append(Refusal(address, code, _text(reply)))
-    return refused
-
-
-def _reset(connection: smtplib.SMTP, code: int) -> None:
-    # As sendmail does: a 421 means the server is closing; otherwise abort the transaction.
-    if code == 421:
-        connection.close()
-        return
-    try:
-        connection.rset()
-    except (smtplib.SMTPServerDisconnected, OSError):
-        pass
+        return super()._get_socket(host, port, timeout)
 
 
 @lru_cache(maxsize=4)
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     # Loading the CA store costs ~0.15 s: once per process, and only when TLS is used.
+    # Its TLS sockets wait only for the time left of the message's deadline.
     if ca_file is not None:
-        return ssl.create_default_context(cafile=str(ca_file))
-    return ssl.create_default_context()
-
-
-def _text(reply: bytes | str) -> str:
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return f"{exc.smtp_code} {_text(exc.smtp_error)}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return time_tls(ssl.create_default_context(cafile=str(ca_file)))
+    return time_tls(ssl.create_default_context())
 
 
 def _quietly_quit(connection: smtplib.SMTP) -> None:

@@ -116,9 +116,11 @@ class PickupTransport:
                 raise
         except OSError as exc:
             reason = exc.strerror or str(exc)
+            if isinstance(exc, FileExistsError):  # from mkdir: something else is there
+                reason = "it exists and is not a folder"
             self._broken = (
-                f"BACKJOBS_EMAIL_PICKUP_DIR {self._directory}: cannot write a message there "
-                f"({reason}); fix the folder or the setting"
+                f"cannot write to the pickup folder {self._directory} "
+                f"(BACKJOBS_EMAIL_PICKUP_DIR): {reason}; fix the folder or the setting"
             )
             raise ServerUnavailable(self._broken) from None
         return []

@@ -10,10 +10,8 @@ schedule without ``active:`` is active. A deployment without schedules never run
 own (the seed's CronNever) but can be triggered.
 
 What it prints is the server's truth: the schedules of every deployment are read before
-the whole deploy and after it, and each difference is one line — a cron from → to, a
-schedule added or removed, paused or re-activated — whoever made it (``prefect deploy``
-applies a changed cron itself; the sync step reverts a pause made in the UI and says so,
-with the line to add to keep it). See :func:`describe_changes`.
+the whole deploy and after it, and each difference is one line
+(:mod:`backjobs.orchestration.schedule_report`), with the automations' changes after.
 
 Deployments are named after their flow (``cleanup-job/cleanup-job``), as ``backjobs
 trigger`` expects.
@@ -34,9 +32,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
+from backjobs.orchestration.schedule_report import describe_changes, read_schedules
 
 PROJECT_DIR_ENV = "BACKJOBS_PROJECT_DIR"
 PROJECT_FILE = "prefect.yaml"
@@ -82,16 +81,6 @@ class ScheduleChanges:
     automations: list[str] = field(default_factory=list)
 
 
-class ServerSchedule(NamedTuple):
-    """One schedule as the server holds it."""
-
-    id: str
-    cron: str
-    timezone: str
-    active: bool
-    slug: str | None
-
-
 def deploy(
     project_file: Path, *, env: Mapping[str, str] | None = None
 ) -> dict[str, ScheduleChanges]:
@@ -108,7 +97,7 @@ def deploy(
             "refusing to deploy: " + "; ".join(f"{project_file.name}: {p}" for p in problems)
         )
     names = [str(d["name"]) for d in load_deployments(project_file)]
-    before = asyncio.run(_with_client(_read_all, names, env=env or {}))
+    before = asyncio.run(_with_client(read_schedules, names, env=env or {}))
     run_prefect_deploy(project_file, env=env)
     wanted = {
         str(d["name"]): [WantedSchedule.from_yaml(s) for s in (d.get("schedules") or [])]
@@ -117,7 +106,7 @@ def deploy(
     changes: dict[str, ScheduleChanges] = asyncio.run(
         _with_client(_sync_all, wanted, env=env or {})
     )
-    after = asyncio.run(_with_client(_read_all, names, env=env or {}))
+    after = asyncio.run(_with_client(read_schedules, names, env=env or {}))
     for name, change in changes.items():
         change.report = [
             *describe_changes(name, before.get(name), after.get(name) or []),
@@ -191,94 +180,6 @@ def _job_of(automation: str, jobs: Mapping[str, Any]) -> str:
         if automation.startswith(f"backjobs-{job}-"):
             return job
     return automation
-
-
-async def _read_all(client: Any, names: list[str]) -> dict[str, list[ServerSchedule] | None]:
-    """Each deployment's schedules on the server; None for one not deployed yet."""
-    from prefect.exceptions import ObjectNotFound
-
-    found: dict[str, list[ServerSchedule] | None] = {}
-    for name in names:
-        try:
-            deployment = await client.read_deployment_by_name(f"{name}/{name}")
-        except ObjectNotFound:
-            found[name] = None
-            continue
-        found[name] = [
-            ServerSchedule(
-                id=str(s.id),
-                cron=str(getattr(s.schedule, "cron", s.schedule)),
-                timezone=getattr(s.schedule, "timezone", None) or "UTC",
-                active=bool(s.active),
-                slug=s.slug or None,
-            )
-            for s in await client.read_deployment_schedules(deployment.id)
-        ]
-    return found
-
-
-KEEP_PAUSED = "add `active: false` to keep it paused"
-
-
-def describe_changes(
-    name: str, before: list[ServerSchedule] | None, after: list[ServerSchedule]
-) -> list[str]:
-    """One line per difference between a deployment's schedules before and after a deploy
-    (matched by id, else slug, else cron and timezone); one line saying so when none."""
-    if before is None:
-        listed = ", ".join(_shown(s) for s in after) or "no schedule"
-        return [f"{name}: deployed for the first time: {listed}"]
-    lines = []
-    left = list(before)
-    for now in after:
-        was = _counterpart(left, now)
-        if was is None:
-            lines.append(f"{name}: {_label(now)} `{now.cron}` added ({_activity(now)})")
-            continue
-        left.remove(was)
-        if (was.cron, was.timezone) != (now.cron, now.timezone):
-            zone = f" ({was.timezone} → {now.timezone})" if was.timezone != now.timezone else ""
-            lines.append(f"{name}: {_label(now)}: cron `{was.cron}` → `{now.cron}`{zone}")
-        if was.active and not now.active:
-            lines.append(
-                f"{name}: {_label(now)} `{now.cron}` paused (prefect.yaml says `active: false`)"
-            )
-        elif now.active and not was.active:
-            lines.append(
-                f"{name}: {_label(now)} `{now.cron}` re-activated (paused on the server; "
-                f"prefect.yaml says active — {KEEP_PAUSED})"
-            )
-    for gone in left:
-        lines.append(f"{name}: {_label(gone)} `{gone.cron}` removed (not in prefect.yaml)")
-    if not lines:
-        listed = ", ".join(_shown(s) for s in after) or "no schedule"
-        lines.append(f"{name}: unchanged: {listed}")
-    return lines
-
-
-def _counterpart(candidates: list[ServerSchedule], schedule: ServerSchedule) -> Any:
-    for same in (
-        lambda c: c.id == schedule.id,
-        lambda c: schedule.slug is not None and c.slug == schedule.slug,
-        lambda c: (c.cron, c.timezone, c.slug) == (schedule.cron, schedule.timezone, schedule.slug),
-    ):
-        for candidate in candidates:
-            if same(candidate):
-                return candidate
-    return None
-
-
-def _label(schedule: ServerSchedule) -> str:
-    return f"schedule {schedule.slug}" if schedule.slug else "schedule"
-
-
-def _activity(schedule: ServerSchedule) -> str:
-    return "active" if schedule.active else "paused"
-
-
-def _shown(schedule: ServerSchedule) -> str:
-    zone = "" if schedule.timezone == "UTC" else f" {schedule.timezone}"
-    return f"`{schedule.cron}`{zone} {_activity(schedule)}"
 
 
 async def _sync_automations(

@@ -7,18 +7,13 @@ leaving a run Late and the operator waiting forever. While waiting it prints eac
 change; at the end, the run's counts (its ``<flow>-result`` artifact) and, when it did not
 complete, the failed parts by name with their reasons.
 
-**The job's one slot.** Each deployment runs one run at a time (``CANCEL_NEW``): a run
-that finds another holding the slot is Cancelled ("Deployment concurrency limit
-reached."), typically when the worker picked up the ``*/2`` email run a few seconds
-early. With ``--wait`` a trigger never just ends so. It finds the run holding the slot
-and, when that run **covers** the trigger, follows it and reports its outcome instead;
-otherwise it **queues behind** it: waits for it to end, then creates its run again. It
-says which. A holder covers the trigger when it acts at the same clock or later: without
-``--as-of``, a holder whose ``as_of`` (its parameter, else its scheduled time) is at or
-after the moment of the trigger; with ``--as-of``, a holder with exactly that ``as_of``
-(an older or newer clock is another day's work). A holder already running when the
-trigger starts is handled the same way before anything is created, so no Cancelled run
-is left behind. Without ``--wait`` the run is created and a note names the holder.
+**The job's one slot** (:mod:`backjobs.orchestration.job_slot`). A run that finds
+another holding the slot is Cancelled; with ``--wait`` a trigger never just ends so. When
+the run holding the slot **covers** the trigger, it follows that run and reports its
+outcome instead; otherwise it **queues behind** it: waits for it to end, then creates its
+run again. It says which. A holder already running when the trigger starts is handled
+the same way before anything is created, so no Cancelled run is left behind. Without
+``--wait`` the run is created and a note names the holder.
 
 Exit status: 0 the run completed (or was created, without ``--wait``); 1 it ended
 otherwise (failed, cancelled, crashed); 3 no worker polls its pool (nothing created);
@@ -35,10 +30,16 @@ from datetime import UTC, datetime
 from typing import IO, Any
 from uuid import UUID
 
+from backjobs.orchestration.job_slot import (
+    SLOT_TAKEN,
+    covers,
+    lost_the_slot,
+    run_as_of,
+    slot_holder,
+)
+
 NO_WORKER = 3
 TIMED_OUT = 4
-SLOT_TAKEN = "Deployment concurrency limit reached"
-ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
 MAX_REQUEUES = 5  # a run cancelled again and again (a schedule every few seconds) stops here
 
 
@@ -67,48 +68,50 @@ def trigger_deployment(
 ) -> int:
     """Create a run of deployment ``name/name``; with ``wait``, follow it to its end."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
 
     full_name = f"{name}/{name}"
     asked_at = datetime.now(UTC)
     with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(full_name)
-        except ObjectNotFound:
-            raise LookupError(
-                f"deployment {full_name} is not on the server; deploy prefect.yaml first"
-            ) from None
+        deployment = _read_deployment(client, full_name)
         if wait:
             problem = pool_problem(client, deployment.work_pool_name)
             if problem:
                 print(f"{full_name}: not triggered: {problem}", file=err)
                 return NO_WORKER
         started = time.monotonic()
-        waiting = _Waiting(
-            client,
-            name,
-            out,
-            err,
-            poll_seconds,
-            None if timeout is None else started + timeout,
-            started,
-        )
+        deadline = None if timeout is None else started + timeout
+        waiting = _Waiting(client, name, out, err, poll_seconds, deadline, started)
         holder = slot_holder(client, deployment.id, exclude=None)
-        if holder is not None and not wait:
-            print(
-                f"{name}: note: run {holder.name} ({_state_name(holder.state)}) holds the job's "
-                "slot; this run is cancelled if a worker picks it up before that one ends "
-                "(--wait queues behind it)",
-                file=out,
-            )
-        elif holder is not None:
+        if not wait:
+            if holder is not None:
+                _note_holder(name, holder, out)
+            _create(client, deployment.id, full_name, as_of, out)
+            return 0
+        if holder is not None:
             settled = _meet_holder(waiting, holder, as_of=as_of, asked_at=asked_at, run=None)
             if settled is not None:
                 return settled
-        if not wait:
-            _create(client, deployment.id, full_name, as_of, out)
-            return 0
         return _run_until_settled(waiting, deployment.id, as_of=as_of, asked_at=asked_at)
+
+
+def _read_deployment(client: Any, full_name: str) -> Any:
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(full_name)
+    except ObjectNotFound:
+        raise LookupError(
+            f"deployment {full_name} is not on the server; deploy prefect.yaml first"
+        ) from None
+
+
+def _note_holder(name: str, holder: Any, out: IO[str]) -> None:
+    print(
+        f"{name}: note: run {holder.name} ({_state_name(holder.state)}) holds the job's "
+        "slot; this run is cancelled if a worker picks it up before that one ends "
+        "(--wait queues behind it)",
+        file=out,
+    )
 
 
 def _run_until_settled(
@@ -180,72 +183,6 @@ def _meet_holder(
         return TIMED_OUT
     print(f"{name}: run {holder.name} has ended; creating the run again", file=waiting.out)
     return None
-
-
-def lost_the_slot(run: Any) -> bool:
-    """Whether ``run`` was cancelled because another run held the deployment's slot."""
-    state = run.state
-    return bool(state is not None and state.is_cancelled() and SLOT_TAKEN in (state.message or ""))
-
-
-def slot_holder(client: Any, deployment_id: UUID, *, exclude: Any) -> Any:
-    """The run holding the deployment's slot: one Pending, Running or Cancelling; else,
-    after ``exclude`` (our run) lost the slot, the run that ended since it was created —
-    a quick holder may be done before we look. None when there is none."""
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-    )
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    runs = client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])
-        ),
-        sort=FlowRunSort.START_TIME_DESC,
-        limit=50,
-    )
-    others = [r for r in runs if exclude is None or r.id != exclude.id]
-    active = [r for r in others if r.state is not None and str(r.state.type.value) in ACTIVE]
-    if active:
-        return min(active, key=lambda r: r.start_time or r.expected_start_time or r.created)
-    if exclude is None:
-        return None
-    since = exclude.created
-    ended = [
-        r
-        for r in others
-        if r.state is not None
-        and r.state.is_final()
-        and r.start_time is not None
-        and not lost_the_slot(r)
-        and r.end_time is not None
-        and since is not None
-        and r.end_time >= since
-    ]
-    return min(ended, key=lambda r: r.end_time) if ended else None
-
-
-def run_as_of(run: Any) -> datetime:
-    """The clock a run of a job acts at: its ``as_of`` parameter, else its scheduled time
-    (what the job base uses)."""
-    from backjobs.clock import to_utc
-
-    value = (run.parameters or {}).get("as_of")
-    if isinstance(value, datetime):
-        return to_utc(value)
-    if isinstance(value, str):
-        try:
-            return to_utc(datetime.fromisoformat(value))
-        except ValueError:
-            pass
-    return to_utc(run.expected_start_time or run.created)
-
-
-def covers(holder: Any, *, as_of: datetime | None, asked_at: datetime) -> bool:
-    """Whether ``holder`` does the work the trigger asked for (see the module docstring)."""
-    held = run_as_of(holder)
-    return held == as_of if as_of is not None else held >= asked_at
 
 
 def pool_problem(client: Any, pool_name: str | None) -> str | None:
