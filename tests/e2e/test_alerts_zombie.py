@@ -155,6 +155,7 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
         took = time.monotonic() - killed
     finally:
         stop(worker)
+    print(f"Crashed {took:.0f} s after the kill")  # shown with -s: the README quotes it
     assert took <= 180, f"Crashed {took:.0f} s after the kill"
     message = crashed["state"]["message"]
     assert "zombie detector" in message and "last heartbeat" in message, message
