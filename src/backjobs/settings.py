@@ -16,7 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "BACKJOBS_"
@@ -32,6 +39,7 @@ DEVELOPMENT_JWT_SECRET = "change-me-in-production"
 # Upper bounds: far above any sensible value, low enough that date and timer arithmetic
 # never overflows (a backoff of 1e300 s, a retention of 1e9 days) — see the README table.
 MINUTE, DAY = 60, 86400
+SILENCE_FLOOR_MINUTES = 10  # issue 17: a silent window is never shorter, except on a test rig
 MAX_DAYS = 36500  # 100 years
 MAX_BATCH = 100_000
 Days = Annotated[int, Field(gt=0, le=MAX_DAYS)]
@@ -140,10 +148,12 @@ class Settings(BaseSettings):
     # Alerts (backjobs.orchestration.alerts): where they are POSTed as JSON (besides the
     # admins' email), how often a job still failing alerts again (0: at every failure),
     # and after how many schedule periods without a completed run a job counts as silent
-    # (never sooner than alert_silent_min_minutes: 10 unless a test rig lowers it).
+    # (never sooner than alert_silent_min_minutes, 10; a test rig may go lower only with
+    # alert_allow_short_silence, declared first so the check below can read it).
     alert_webhook_url: str | None = None
     alert_repeat_minutes: Annotated[float, Field(ge=0, le=7 * DAY // MINUTE)] = 60.0
     alert_silent_after_periods: Annotated[int, Field(gt=0, le=1000)] = 3
+    alert_allow_short_silence: bool = False
     alert_silent_min_minutes: Annotated[float, Field(gt=0, le=7 * DAY // MINUTE)] = 10.0
     # Where the server's automations reach `backjobs dashboard` (default: PREFECT_API_URL of
     # `backjobs deploy` without /api, + /backjobs/alerts).
@@ -192,6 +202,17 @@ class Settings(BaseSettings):
             return None
         if not re.match(r"https?://[^\s/]+", value) or any(c.isspace() for c in value):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("alert_silent_min_minutes")
+    @classmethod
+    def _silence_floor(cls, value: float, info: ValidationInfo) -> float:
+        if value < SILENCE_FLOOR_MINUTES and not info.data.get("alert_allow_short_silence"):
+            raise ValueError(
+                f"{value:g} is below {SILENCE_FLOOR_MINUTES} minutes; a silent window that "
+                "short is for test rigs only: set BACKJOBS_ALERT_ALLOW_SHORT_SILENCE=true "
+                "to allow it"
+            )
         return value
 
     @field_validator("confirmation_path")

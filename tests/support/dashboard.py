@@ -83,6 +83,7 @@ class GatedDashboard:
     log_path: Path
     prefect_env: dict[str, str]  # PREFECT_API_URL + PREFECT_API_AUTH_STRING, own HOME
     process: subprocess.Popen[bytes]
+    server_env: dict[str, str] | None = None  # the dashboard process's own environment
 
     @property
     def api(self) -> str:
@@ -147,17 +148,36 @@ def gated_dashboard(
             "PREFECT_API_AUTH_STRING": AUTH_STRING,
         },
         process=process,
+        server_env=env,
     )
     try:
         _wait_healthy(dash, startup_timeout)
         yield dash
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _terminate(dash.process)
+
+
+def restart_dashboard(dash: GatedDashboard, *, startup_timeout: float = 300) -> None:
+    """Stop the dashboard (SIGTERM) and start it again: same port, home and settings."""
+    _terminate(dash.process)
+    with dash.log_path.open("ab") as log:
+        dash.process = subprocess.Popen(
+            [BACKJOBS, "dashboard"],
+            cwd=dash.log_path.parent,
+            env=dash.server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_healthy(dash, startup_timeout)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_healthy(dash: GatedDashboard, timeout: float) -> None:

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import httpx
+import pytest
+from sqlalchemy.exc import OperationalError
+
 from backjobs.mail.render import render_email
-from backjobs.orchestration.alert_delivery import alert_document
+from backjobs.orchestration.alert_delivery import (
+    RECEIVER_DELAYS,
+    alert_document,
+    alert_key,
+    retrying,
+)
+from backjobs.orchestration.alert_store import (
+    incident_from_record,
+    incident_record,
+    variable_name,
+)
 from backjobs.orchestration.alerts import AlertKind, IncidentBook, RunInfo, silent_window
 from backjobs.orchestration.automations import JobSchedule, cron_period, job_silent_window
+from backjobs.settings import SettingsError, load_settings
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -100,3 +119,74 @@ def test_the_alert_email_names_job_run_state_parts_count_and_link() -> None:
     for text in ("lucky-fox", "1 of 4 parts failed", "delete: no disk", "2030-01-01 12:00"):
         assert text in email.text, text
     assert "https://jobs.example/runs/flow-run/abc" in email.html
+
+
+def test_an_incident_round_trips_through_its_stored_record() -> None:
+    book = IncidentBook(repeat=timedelta(minutes=60))
+    long_run = RunInfo("abc", "lucky-fox", "Failed", "x" * 9000, tuple(f"p{i}" for i in range(30)))
+    book.failure("Email Job", long_run, now=T0)
+    incident = book.incidents["Email Job"]
+    incident.seen = [f"event-{i}" for i in range(50)]
+    record = incident_record("Email Job", incident)
+    assert len(json.dumps(record)) < 5000  # what a Prefect Variable holds
+    job, back = incident_from_record(json.loads(json.dumps(record)))
+    assert job == "Email Job"
+    assert (back.opened_at, back.failures, back.reported) == (T0, 1, 1)
+    assert back.last_run is not None and back.last_run.failed_parts == long_run.failed_parts[:10]
+    assert back.seen == incident.seen[-20:]
+    assert variable_name("email-send-job") == "backjobs-incident-email-send-job"
+    assert re.fullmatch(r"backjobs-incident-email_job-[0-9a-f]{8}", variable_name("Email Job"))
+
+
+def test_a_transient_error_is_retried_and_a_permanent_one_is_not() -> None:
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+
+    def flaky(failures: list[Exception]) -> Callable[[], Awaitable[str]]:
+        async def call() -> str:
+            if failures:
+                raise failures.pop(0)
+            return "read"
+
+        return call
+
+    request = httpx.Request("GET", "http://prefect-in-memory/api/flow_runs/x")
+    locked = OperationalError("UPDATE …", {}, Exception("database is locked"))
+    busy = httpx.HTTPStatusError("503", request=request, response=httpx.Response(503))
+    refused = httpx.ConnectError("connection refused", request=request)
+    got = asyncio.run(retrying("reading", flaky([locked, busy, refused]), sleep=pause))
+    assert got == "read" and pauses == list(RECEIVER_DELAYS[:3])
+
+    pauses.clear()
+    missing = httpx.HTTPStatusError("404", request=request, response=httpx.Response(404))
+    with pytest.raises(httpx.HTTPStatusError):
+        asyncio.run(retrying("reading", flaky([missing]), sleep=pause))
+    assert pauses == []  # a 404 is an answer, not a hiccup
+
+    always = [refused] * (len(RECEIVER_DELAYS) + 1)
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(retrying("reading", flaky(always), sleep=pause))
+    assert pauses == list(RECEIVER_DELAYS)  # every delay waited, then the error
+
+
+def test_the_alert_emails_dedup_key_is_one_per_incident_kind_and_count() -> None:
+    book = IncidentBook(repeat=timedelta(0))
+    first = book.failure("a", run(1), now=T0)
+    second = book.failure("a", run(2), now=T0)
+    assert first is not None and second is not None
+    assert alert_key(first) != alert_key(second)
+    assert alert_key(first) == alert_key(first._replace(at=T0 + timedelta(hours=1)))
+    assert len(alert_key(first)) <= 255
+
+
+def test_a_silent_floor_under_10_minutes_needs_the_test_rig_opt_in() -> None:
+    with pytest.raises(SettingsError) as refused:
+        load_settings(alert_silent_min_minutes=0.25)
+    message = str(refused.value)
+    assert "BACKJOBS_ALERT_SILENT_MIN_MINUTES" in message
+    assert "BACKJOBS_ALERT_ALLOW_SHORT_SILENCE=true" in message
+    assert load_settings(alert_silent_min_minutes=10).alert_silent_min_minutes == 10
+    rig = load_settings(alert_silent_min_minutes=0.25, alert_allow_short_silence=True)
+    assert rig.alert_silent_min_minutes == 0.25

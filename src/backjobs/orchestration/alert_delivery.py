@@ -8,17 +8,26 @@ fails, it waits in the outbox and is delivered after recovery. The webhook
 ``state``, ``message``, ``url`` and ``kind`` (plus ``failures``, ``new_failures``,
 ``first_failure_at``, ``failed_parts`` and ``at``); a webhook that is down is retried
 (:data:`WEBHOOK_DELAYS`) and logged, and never stops the email.
+
+What the receiver does between an automation's call and its answer — reading the run,
+reading and writing the incident, queueing the email — is retried by :func:`retrying` on a
+transient error (a connection refused or reset, a timeout, a 5xx or 429 from the server's
+API, a database error), because Prefect's call-webhook action is never retried: an answer
+lost there is an alert lost. Each email carries a dedup key (:func:`alert_key`), so a
+retried or repeated alert is queued once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from backjobs.db import session_scope
 from backjobs.models import RegistrationStatus, User
@@ -31,6 +40,54 @@ TEMPLATE = "job-alert"
 PRIORITY = 1000  # ahead of the app's mail: an alert is what ops wait for
 WEBHOOK_DELAYS = (1.0, 3.0, 10.0, 30.0)  # seconds before each retry
 WEBHOOK_TIMEOUT = 10.0
+# Seconds before each retry of a receiver step: about 15 s in all, long enough for a
+# database restart or a locked SQLite file. Past the 5 s Prefect's call-webhook action
+# waits, the server records the call as failed, but the receiver goes on and delivers.
+RECEIVER_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+T = TypeVar("T")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether trying again may help: network and database trouble, a 5xx or a 429."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return status >= 500 or status == 429
+    return isinstance(exc, httpx.HTTPError | SQLAlchemyError | OSError)
+
+
+async def retrying(
+    what: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    delays: Sequence[float] = RECEIVER_DELAYS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """``await call()``, tried again after each delay while it fails transiently; the last
+    error (or the first one that is not transient) is raised."""
+    for attempt, delay in enumerate([*delays, None], start=1):
+        try:
+            return await call()
+        except Exception as exc:
+            if delay is None or not transient(exc):
+                raise
+            logger.warning(
+                "%s failed (attempt %d of %d), again in %g s: %s",
+                what, attempt, len(delays) + 1, delay, _short(exc),
+            )  # fmt: skip
+            await sleep(delay)
+    raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def alert_key(alert: Alert) -> str:
+    """The alert email's outbox dedup key: one email per job, incident, kind and count."""
+    opened = alert.opened_at.isoformat() if alert.opened_at else "-"
+    raw = f"{alert.job}|{opened}|{alert.kind.value}|{alert.failures}"
+    return "job-alert:" + hashlib.sha256(raw.encode()).hexdigest()[:40]
 
 
 def alert_document(alert: Alert, *, public_url: str, deployment_id: str | None) -> dict[str, Any]:
@@ -73,8 +130,11 @@ def approved_admins(engine: Engine) -> list[str]:
         return [str(email) for email in rows.scalars()]
 
 
-def queue_alert_email(engine: Engine, document: dict[str, Any], *, settings: Any) -> int | None:
-    """Queue the alert email for every approved admin; its outbox id (None: no admin)."""
+def queue_alert_email(
+    engine: Engine, document: dict[str, Any], *, settings: Any, dedup_key: str | None = None
+) -> int | None:
+    """Queue the alert email for every approved admin; its outbox id (None: no admin).
+    With a ``dedup_key`` already queued, nothing is added."""
     admins = approved_admins(engine)
     if not admins:
         logger.warning("alert for %s (%s): no approved admin to email", document["job"],
@@ -95,6 +155,7 @@ def queue_alert_email(engine: Engine, document: dict[str, Any], *, settings: Any
             template=TEMPLATE,
             context=context,
             priority=PRIORITY,
+            dedup_key=dedup_key,
             settings=settings,
         )
 

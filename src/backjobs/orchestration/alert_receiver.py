@@ -12,11 +12,19 @@ The automations of :mod:`backjobs.orchestration.automations` call this endpoint 
   like any failure, and the job's concurrency slot is released).
 
 It runs in front of the gate, in the server's process: it reads runs through Prefect's
-app in process (no credential, no network), keeps the incidents
-(:class:`backjobs.orchestration.alerts.IncidentBook`), queues the admins' email in the app
+app in process (no credential, no network), applies the incident rules
+(:class:`backjobs.orchestration.alerts.IncidentBook`) to the job's incident as stored on the
+server (:mod:`backjobs.orchestration.alert_store`), queues the admins' email in the app
 database and POSTs the webhook in the background. Callers authenticate with the machine
 credential (``Authorization: Basic``, BACKJOBS_DASHBOARD_AUTH_STRING), which ``backjobs
 deploy`` stores in the automations' webhook block.
+
+Prefect never retries a webhook action, so each step that can fail on a transient error is
+retried here before the answer (:func:`backjobs.orchestration.alert_delivery.retrying`). A
+run that still cannot be read alerts with what its event says; an email that still cannot
+be queued leaves the webhook going out; an incident that cannot be read or written means
+the call is lost: each of these logs one ERROR line naming the job and the run, and the
+call is answered 503 (Prefect then records the action as failed).
 """
 
 from __future__ import annotations
@@ -37,8 +45,16 @@ from sqlalchemy import Engine
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from backjobs.orchestration.alert_delivery import alert_document, post_webhook, queue_alert_email
-from backjobs.orchestration.alerts import Alert, IncidentBook, RunInfo
+from backjobs.orchestration.alert_delivery import (
+    alert_document,
+    alert_key,
+    post_webhook,
+    queue_alert_email,
+    retrying,
+)
+from backjobs.orchestration.alert_store import load_incident, load_incidents, save_incident
+from backjobs.orchestration.alert_zombie import crash_if_running
+from backjobs.orchestration.alerts import Alert, Incident, IncidentBook, RunInfo
 from backjobs.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -75,7 +91,7 @@ class AlertReceiver:
         self._engine = engine
         self._settings = settings
         self._public_url = public_url
-        self.book = IncidentBook(repeat=timedelta(minutes=settings.alert_repeat_minutes))
+        self.repeat = timedelta(minutes=settings.alert_repeat_minutes)
         self._lock = asyncio.Lock()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._deployments: dict[str, str] = {}
@@ -83,6 +99,8 @@ class AlertReceiver:
         self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            self._start_flusher()  # workers poll: it starts soon after the server does
         if scope["type"] != "http" or scope["path"] != RECEIVER_PATH:
             await self.app(scope, receive, send)
             return
@@ -100,13 +118,13 @@ class AlertReceiver:
             job = str(body["job"])
         except (ValueError, KeyError, TypeError) as exc:
             return JSONResponse({"error": f"bad alert call: {exc}"}, 400)
-        self._start_flusher()
         if body.get("deployment_id"):
             self._deployments[job] = str(body["deployment_id"])
         try:
             outcome = await self._dispatch(signal, job, body)
-        except httpx.HTTPError as exc:  # the in-process API: a database hiccup
-            logger.error("alert call %s for %s failed: %s", signal, job, exc)
+        except Exception as exc:  # retried already (a transient error) or not retryable
+            run = body.get("flow_run_id") or "none"
+            logger.error("alert LOST: %s call for job %s, run %s: %s", signal, job, run, exc)
             return JSONResponse({"error": str(exc)}, 503)
         return JSONResponse({"outcome": outcome})
 
@@ -123,33 +141,71 @@ class AlertReceiver:
     async def _dispatch(self, signal: Signal, job: str, body: dict[str, Any]) -> str:
         now = datetime.now(UTC)
         if signal is Signal.ZOMBIE:
-            return await self._zombie(job, body, now=now)
-        if signal is Signal.SILENT:
-            async with self._lock:
-                alert = self.book.silent(job, now=now)
-            return await self._deliver(alert)
-        event_id, event = str(body.get("event_id") or ""), str(body.get("event") or "")
+            return await retrying(
+                f"zombie check of {job} run {body.get('flow_run_id')}",
+                lambda: self._zombie(job, body, now=now),
+            )
         async with self._lock:
-            if event_id and self._already_seen(event_id):
-                return "duplicate"
-            run = await self._run_info(str(body["flow_run_id"]), event=event)
-            if event.removeprefix("prefect.flow-run.") in FAILURE_EVENTS:
-                alert = self.book.failure(job, run, now=now)
-            else:
-                alert = self.book.completed(job, run, now=now)
-            return await self._deliver(alert)
+            if signal is Signal.SILENT:
+                book = await self._book(job)
+                alert = book.silent(job, now=now)
+                return await self._settle(job, book, alert, run_id=None)
+            return await self._state(job, body, now=now)
 
-    def _already_seen(self, event_id: str) -> bool:
+    async def _state(self, job: str, body: dict[str, Any], *, now: datetime) -> str:
+        event_id, event = str(body.get("event_id") or ""), str(body.get("event") or "")
+        run_id = str(body["flow_run_id"])
         if event_id in self._seen:
-            return True
+            return "duplicate"
+        book = await self._book(job)
+        incident = book.incidents.get(job)
+        if incident is not None and event_id and event_id in incident.seen:
+            return "duplicate"
+        run = await self._run_or_event(job, run_id, event=event)
+        if event.removeprefix("prefect.flow-run.") in FAILURE_EVENTS:
+            alert = book.failure(job, run, now=now)
+        else:
+            alert = book.completed(job, run, now=now)
+        incident = book.incidents.get(job)
+        if incident is not None and event_id:
+            incident.seen = [*incident.seen, event_id][-20:]
+        outcome = await self._settle(job, book, alert, run_id=run_id)
+        if event_id:
+            self._remember(event_id)
+        return outcome
+
+    async def _book(self, job: str) -> IncidentBook:
+        """A book holding the job's incident as the server has it."""
+        found = await retrying(f"reading the incident of {job}", lambda: self._load(job))
+        book = IncidentBook(repeat=self.repeat)
+        if found is not None:
+            book.incidents[job] = found
+        return book
+
+    async def _load(self, job: str) -> Incident | None:
+        async with self._api() as api:
+            return await load_incident(api, job)
+
+    async def _settle(
+        self, job: str, book: IncidentBook, alert: Alert | None, *, run_id: str | None
+    ) -> str:
+        """Send the alert (if any), then store the incident: an alert whose incident could
+        not be stored may be sent again, but none is counted without being sent."""
+        outcome = await self._deliver(alert, run_id=run_id) if alert else "counted"
+
+        async def store() -> None:
+            async with self._api() as api:
+                await save_incident(api, job, book.incidents.get(job))
+
+        await retrying(f"storing the incident of {job}", store)
+        return outcome
+
+    def _remember(self, event_id: str) -> None:
         self._seen[event_id] = None
         while len(self._seen) > SEEN_EVENTS:
             self._seen.popitem(last=False)
-        return False
 
-    async def _deliver(self, alert: Alert | None) -> str:
-        if alert is None:
-            return "counted"
+    async def _deliver(self, alert: Alert, *, run_id: str | None) -> str:
         document = alert_document(
             alert, public_url=self._public_url, deployment_id=self._deployments.get(alert.job)
         )
@@ -159,12 +215,22 @@ class AlertReceiver:
             task = asyncio.create_task(post_webhook(webhook, document))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+        def queue() -> int | None:
+            return queue_alert_email(
+                self._engine, document, settings=self._settings, dedup_key=alert_key(alert)
+            )
+
         try:
-            await anyio.to_thread.run_sync(
-                lambda: queue_alert_email(self._engine, document, settings=self._settings)
+            await retrying(
+                f"queueing the alert email of {alert.job}",
+                lambda: anyio.to_thread.run_sync(queue),
             )
         except Exception as exc:  # the webhook still goes out; say why the email did not
-            logger.error("alert email for %s (%s) not queued: %s", alert.job, alert.kind, exc)
+            logger.error(
+                "alert email NOT queued for job %s, run %s (%s): %s",
+                alert.job, run_id or "none", alert.kind, exc,
+            )  # fmt: skip
         return str(alert.kind)
 
     def _start_flusher(self) -> None:
@@ -173,15 +239,23 @@ class AlertReceiver:
 
     async def _flush_forever(self) -> None:
         """Send ``still failing`` when the repeat time is up and no new failure came."""
-        pause = max(1.0, min(30.0, self.book.repeat.total_seconds() / 4))
+        pause = max(1.0, min(30.0, self.repeat.total_seconds() / 4))
         while True:
             await asyncio.sleep(pause)
             try:
                 async with self._lock:
-                    for alert in self.book.due(now=datetime.now(UTC)):
-                        await self._deliver(alert)
+                    await self._flush(now=datetime.now(UTC))
             except Exception:  # keep flushing; the next pass tries again
                 logger.exception("alert flush failed")
+
+    async def _flush(self, *, now: datetime) -> None:
+        async with self._api() as api:
+            incidents = await load_incidents(api)
+        book = IncidentBook(repeat=self.repeat)
+        book.incidents = incidents
+        for alert in book.due(now=now):
+            run = alert.run.flow_run_id if alert.run else None
+            await self._settle(alert.job, book, alert, run_id=run)
 
     def _api(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -189,6 +263,23 @@ class AlertReceiver:
             base_url="http://prefect-in-memory/api",
             timeout=30,
         )
+
+    async def _run_or_event(self, job: str, flow_run_id: str, *, event: str) -> RunInfo:
+        """The run as the server has it; if it cannot be read, what its event says."""
+        try:
+            return await retrying(
+                f"reading run {flow_run_id} of {job}",
+                lambda: self._run_info(flow_run_id, event=event),
+            )
+        except Exception as exc:
+            logger.error("alert for job %s, run %s: the run cannot be read (%s); alerting "
+                         "with what its event says", job, flow_run_id, exc)  # fmt: skip
+            return RunInfo(
+                flow_run_id=flow_run_id,
+                name=flow_run_id,
+                state=event.removeprefix("prefect.flow-run.") or "unknown",
+                message=f"(the run could not be read: {exc})",
+            )
 
     async def _run_info(self, flow_run_id: str, *, event: str) -> RunInfo:
         async with self._api() as api:
@@ -208,49 +299,8 @@ class AlertReceiver:
         )
 
     async def _zombie(self, job: str, body: dict[str, Any], *, now: datetime) -> str:
-        flow_run_id = str(body["flow_run_id"])
         async with self._api() as api:
-            response = await api.get(f"/flow_runs/{flow_run_id}")
-            response.raise_for_status()
-            run = response.json()
-            if run.get("state_type") != "RUNNING":  # ended meanwhile: a late heartbeat
-                return f"ignored: the run is {run.get('state_name')}"
-            message = zombie_message(run, body, now=now)
-            answer = await api.post(
-                f"/flow_runs/{flow_run_id}/set_state",
-                json={"state": {"type": "CRASHED", "name": "Crashed", "message": message},
-                      "force": True},
-            )  # fmt: skip
-            answer.raise_for_status()
-        logger.warning("%s: run %s marked Crashed: %s", job, flow_run_id, message)
-        return "crashed"
-
-
-def zombie_message(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> str:
-    """The Crashed state's message: when the last heartbeat came, and the worker."""
-    labels = run.get("labels") or {}
-    worker = labels.get("prefect.worker.name") or "an unknown worker"
-    pid = run.get("infrastructure_pid")
-    where = f"worker {worker}" + (f" (process {pid})" if pid else "")
-    last = _parse_time(body.get("last_heartbeat"))
-    every = body.get("heartbeat_seconds")
-    if last is None:
-        since = "no heartbeat received"
-    else:
-        age = (now - last).total_seconds()
-        since = f"last heartbeat {last:%Y-%m-%d %H:%M:%S} UTC, {age:.0f} s before"
-    cadence = f", expected every {every} s" if every else ""
-    return f"Crashed by the zombie detector: heartbeats stopped ({since}{cadence}); ran on {where}."
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            return await crash_if_running(api, job, body, now=now)
 
 
 async def _failed_parts(api: httpx.AsyncClient, flow_run_id: str) -> tuple[str, ...]:

@@ -10,15 +10,14 @@ which also counts failures not reported yet. A scheduled job with no completed r
 silent window alerts once (``silent``) unless it is already failing (its failures say more);
 its next completed run sends ``recovered``.
 
-The incidents live in the memory of the process that receives the automations' calls
-(:mod:`backjobs.orchestration.alert_receiver`, in ``backjobs dashboard``): after a restart a
-job still failing alerts again as a first failure, and a job that recovers meanwhile sends
-no ``recovered`` notice.
+The book is pure: the receiver (:mod:`backjobs.orchestration.alert_receiver`) loads a job's
+incident from the server (:mod:`backjobs.orchestration.alert_store`, a Prefect Variable),
+applies one signal and writes it back, so an incident outlives the dashboard's process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
@@ -49,6 +48,7 @@ class Alert(NamedTuple):
     first_failure_at: datetime | None  # the incident's first failure (None: silent only)
     failures: int  # failures in the incident so far
     new_failures: int  # failures this alert reports (not reported by an earlier alert)
+    opened_at: datetime | None = None  # when the incident opened (with the counts: a key)
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Incident:
     last_alert_at: datetime | None = None
     last_run: RunInfo | None = None
     silent: bool = False
+    seen: list[str] = field(default_factory=list)  # ids of the state events counted
 
 
 class IncidentBook:
@@ -122,6 +123,7 @@ class IncidentBook:
             first_failure_at=incident.first_failure_at,
             failures=incident.failures,
             new_failures=new,
+            opened_at=incident.opened_at,
         )
 
 

@@ -9,7 +9,7 @@ For each deployment of prefect.yaml (``<job>`` = its name):
 - ``backjobs-<job>-silent`` — proactive, only for a job with an active schedule: no
   Completed run within ``BACKJOBS_ALERT_SILENT_AFTER_PERIODS`` schedule periods (the
   longest gap between two fire times), never less than ``BACKJOBS_ALERT_SILENT_MIN_MINUTES``
-  (10);
+  (10; lower only with ``BACKJOBS_ALERT_ALLOW_SHORT_SILENCE=true``, on a test rig);
 - ``backjobs-<job>-zombie`` — Prefect's "detect zombie flows" pattern: after a run's
   heartbeat, expect another heartbeat or a final state within 3 heartbeat intervals
   (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 30 s: detection about 90-95 s after the last

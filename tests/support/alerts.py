@@ -1,0 +1,191 @@
+"""What the alert tests share: a gated dashboard with a webhook listener, a project folder
+deployed with ``backjobs deploy``, process workers, and waiting on runs and events.
+
+    stack = AlertStack(dash, hook, app_db, project)
+    stack.api("deployments/name/flaky-job/flaky-job")
+    worker = start_worker(stack.project, env, pool="alerts-test")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from backjobs.db import make_engine, session_scope
+from backjobs.models import AppTask, User
+from tests.support.dashboard import GatedDashboard
+from tests.support.prefect_api import call_json
+from tests.support.webhook import WebhookListener
+
+BIN = Path(sys.executable).parent
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+@dataclass
+class AlertStack:
+    dash: GatedDashboard
+    hook: WebhookListener
+    app_db: str
+    project: Path
+
+    def api(self, path: str, body: Any = None, *, method: str | None = None) -> Any:
+        verb = method or ("GET" if body is None else "POST")
+        return call_json(
+            verb, f"{self.dash.api}/{path}", headers=self.dash.machine_headers(), body=body
+        )
+
+
+def add_admins(app_db: str) -> None:
+    """One approved admin (ops@example.com), one pending (must get no alert)."""
+    engine = make_engine(app_db)
+    with session_scope(engine) as session:
+        session.add_all(
+            [
+                User(email="ops@example.com", is_admin=True, registration_status="approved"),
+                User(email="new@example.com", is_admin=True, registration_status="pending"),
+            ]
+        )
+    engine.dispose()
+
+
+def write_project(folder: Path, deployments: list[dict[str, Any]]) -> None:
+    document = {
+        "name": "alerts-test",
+        "prefect-version": "3.9.1",
+        "pull": [{"backjobs.orchestration.deploy.set_project_directory": {}}],
+        "deployments": deployments,
+    }
+    (folder / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def run(command: list[str], *, env: dict[str, str], cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def create_pools(stack: AlertStack, env: dict[str, str], *pools: str) -> None:
+    for pool in pools:
+        run([str(BIN / "prefect"), "work-pool", "create", "--type", "process", pool],
+            env=env, cwd=stack.project)  # fmt: skip
+
+
+def start_worker(
+    project: Path,
+    env: dict[str, str],
+    *,
+    pool: str,
+    queue: str | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """A process worker polling every 2 s that takes a run only when it is due."""
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool]
+    if queue:
+        command += ["--work-queue", queue]
+    out = log.open("ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        command,
+        cwd=project,
+        env=env
+        | {
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        },
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+
+
+def alerts_of(bodies: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
+    return [b for b in bodies if b["job"] == job]
+
+
+def alert_emails(app_db: str) -> list[dict[str, Any]]:
+    """The payloads of the outbox's ``job-alert`` emails, in queue order."""
+    engine = make_engine(app_db)
+    try:
+        with session_scope(engine) as session:
+            payloads = session.scalars(select(AppTask.payload).order_by(AppTask.id)).all()
+    finally:
+        engine.dispose()
+    found = [p if isinstance(p, dict) else json.loads(p) for p in payloads]
+    return [p for p in found if p.get("template") == "job-alert"]
+
+
+def wait_final(stack: AlertStack, ids: list[str], *, timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = stack.api("flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
+        if len(runs) == len(ids) and all(r["state_type"] in FINAL for r in runs):
+            return list(runs)
+        if time.monotonic() > deadline:
+            pytest.fail(f"runs not final in {timeout} s: {[r['state_name'] for r in runs]}")
+        time.sleep(1)
+
+
+def wait_state(
+    stack: AlertStack, run_id: str, state_type: str, *, timeout: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = stack.api(f"flow_runs/{run_id}")
+        if found["state_type"] == state_type:
+            return dict(found)
+        if time.monotonic() > deadline:
+            pytest.fail(f"run not {state_type} in {timeout} s: {found['state_name']}")
+        time.sleep(1)
+
+
+def events(
+    stack: AlertStack, *, name: str, resource: str, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    query: dict[str, Any] = {
+        "filter": {"event": {"name": [name]}, "resource": {"id": [resource]}},
+        "limit": 50,
+    }
+    if since is not None:
+        query["filter"]["occurred"] = {"since": since.isoformat()}
+    return list(stack.api("events/filter", query)["events"])
+
+
+def wait_events(
+    stack: AlertStack,
+    *,
+    name: str,
+    resource: str,
+    count: int = 1,
+    since: datetime | None = None,
+    timeout: float,
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = events(stack, name=name, resource=resource, since=since)
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{count} x {name} of {resource} not seen in {timeout} s: {len(found)}")
+        time.sleep(1)
