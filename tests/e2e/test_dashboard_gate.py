@@ -165,6 +165,9 @@ async def handshake_status(url: str, headers: dict[str, str]) -> int:
         (unsigned_token(ADMIN), "1008 Unauthorized"),
         (None, "1008 Unauthorized"),
     ],
+    # Names, not the tokens: a token made at collection carries the time, and every test
+    # process must collect the same ids.
+    ids=["machine", "admin", "wrong machine", "non-admin", "unsigned admin", "none"],
 )
 def test_websocket_first_message_auth(
     dash: GatedDashboard, path: str, token: str | None, outcome: str
