@@ -37,9 +37,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.parent.name in SERVER_TIERS:
             item.add_marker(pytest.mark.slow)
-            # One test process runs the whole module (its servers start once); with
-            # `--dist loadgroup` every other test goes wherever a process is free.
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 @pytest.fixture(autouse=True)

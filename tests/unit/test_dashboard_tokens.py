@@ -27,8 +27,9 @@ from backjobs.dashboard.tokens import (
 from backjobs.settings import DEVELOPMENT_JWT_SECRET, load_settings
 
 SECRET = "s" * 64
-NOW = datetime.now(UTC)
+NOW = datetime.now(UTC)  # read at collection: tests in other processes may run long after
 WEEK = 10080
+LIVE = 180  # minutes: a live token outlives the whole suite, whenever this module runs
 
 
 def verify(token: str, channel: Channel = Channel.BEARER, max_minutes: float = WEEK) -> object:
@@ -46,12 +47,12 @@ def in_minutes(minutes: float) -> int:
 
 
 def test_a_minted_token_verifies_with_its_claims() -> None:
-    token = mint_token(sub="7", secret=SECRET, now=NOW, minutes=5, purpose=Purpose.API)
+    token = mint_token(sub="7", secret=SECRET, now=NOW, minutes=LIVE, purpose=Purpose.API)
     claims = verify_token(
         token, secret=SECRET, now=NOW.timestamp(), max_minutes=WEEK, channel=Channel.BEARER
     )
     assert claims.sub == "7" and claims.jti and len(claims.jti) == 32
-    assert claims.exp == in_minutes(5) and claims.purpose is Purpose.API
+    assert claims.exp == in_minutes(LIVE) and claims.purpose is Purpose.API
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,7 @@ def test_a_minted_token_verifies_with_its_claims() -> None:
 def test_a_token_is_accepted_only_for_its_purpose(
     purpose: Purpose | None, accepted_on: set[Channel]
 ) -> None:
-    claims: dict[str, object] = {"sub": "7", "exp": in_minutes(5), "jti": "j"}
+    claims: dict[str, object] = {"sub": "7", "exp": in_minutes(LIVE), "jti": "j"}
     if purpose is not None:
         claims["purpose"] = purpose.value
     for channel in Channel:
@@ -92,25 +93,25 @@ def test_a_token_living_longer_than_the_maximum_is_refused() -> None:
 )
 def test_only_a_user_id_is_a_subject(sub: str) -> None:
     with pytest.raises(TokenError):
-        verify(signed({"sub": sub, "exp": in_minutes(5)}))
+        verify(signed({"sub": sub, "exp": in_minutes(LIVE)}))
 
 
 def test_an_unknown_purpose_is_refused() -> None:
     with pytest.raises(TokenError, match="unknown purpose"):
-        verify(signed({"sub": "7", "exp": in_minutes(5), "purpose": "admin"}))
+        verify(signed({"sub": "7", "exp": in_minutes(LIVE), "purpose": "admin"}))
 
 
 @pytest.mark.parametrize(
     "token",
     [
-        mint_token(sub="7", secret="t" * 64, now=NOW, minutes=5, purpose=Purpose.API),
+        mint_token(sub="7", secret="t" * 64, now=NOW, minutes=LIVE, purpose=Purpose.API),
         mint_token(
             sub="7", secret=SECRET, now=NOW - timedelta(hours=1), minutes=5, purpose=Purpose.API
         ),
         jwt.encode({"sub": "7"}, SECRET, algorithm="HS256"),  # no exp
-        jwt.encode({"exp": NOW + timedelta(minutes=5)}, SECRET, algorithm="HS256"),  # no sub
-        jwt.encode({"sub": "7", "exp": NOW + timedelta(minutes=5)}, SECRET, algorithm="HS384"),
-        jwt.encode({"sub": "7", "exp": NOW + timedelta(minutes=5)}, None, algorithm="none"),
+        jwt.encode({"exp": NOW + timedelta(minutes=LIVE)}, SECRET, algorithm="HS256"),  # no sub
+        jwt.encode({"sub": "7", "exp": NOW + timedelta(minutes=LIVE)}, SECRET, algorithm="HS384"),
+        jwt.encode({"sub": "7", "exp": NOW + timedelta(minutes=LIVE)}, None, algorithm="none"),
         "not.a.jwt",
         "",
     ],
