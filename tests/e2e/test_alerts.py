@@ -3,9 +3,8 @@ deploy`` of a small project, process workers, the app database's outbox and a we
 listener on loopback (issue 17, items 1-3; durable incidents).
 
 One dashboard for the module (BACKJOBS_ALERT_REPEAT_MINUTES=0.25; the server's scheduler
-looking every 2 s). ``quiet-job`` (``* * * * *``, silent after one period) runs once by
-hand at the start, on a worker that then stops; its silence is checked last, when its
-window has passed twice, while the other tests run.
+looking every 2 s). Silence has a module of its own (test_alerts_silence.py), so its
+minutes of waiting run beside these tests, in another test process.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from tests.support.alerts import (
     run,
     start_worker,
     stop,
-    wait_events,
     wait_final,
     write_project,
 )
@@ -38,8 +36,8 @@ from tests.support.webhook import WebhookListener
 
 pytestmark = pytest.mark.slow
 
-POOL, QUIET_POOL = "alerts-test", "alerts-quiet"
-FLAKY, QUIET = "flaky-job", "quiet-job"
+POOL = "alerts-test"
+FLAKY = "flaky-job"
 FLOW = """
 from prefect import flow
 
@@ -49,11 +47,6 @@ def flaky_job(fail: bool = True) -> str:
     if fail:
         raise RuntimeError("flaky-job failed on purpose")
     return "ok"
-
-
-@flow(name="quiet-job")
-def quiet_job() -> str:
-    return "ok"
 """
 DEPLOYMENTS = [
     {
@@ -62,14 +55,6 @@ DEPLOYMENTS = [
         "entrypoint": "flows/alerting.py:flaky_job",
         "work_pool": {"name": POOL},
     },
-    {
-        "name": QUIET,
-        "description": "Every minute — `* * * * *`. Its scheduled runs wait in a queue no "
-        "worker polls.",
-        "entrypoint": "flows/alerting.py:quiet_job",
-        "work_pool": {"name": QUIET_POOL},
-        "schedules": [{"cron": "* * * * *", "timezone": "UTC", "slug": "quiet"}],
-    },
 ]
 
 
@@ -77,7 +62,6 @@ DEPLOYMENTS = [
 class Deployed:
     env: dict[str, str]
     worker: Any  # the flaky-job worker (replaced when restarted)
-    quiet_stopped_at: datetime  # when quiet-job's only worker stopped, after its run
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +89,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
 
 @pytest.fixture(scope="module")
 def deployed(stack: AlertStack) -> Iterator[Deployed]:
-    env = stack.dash.prefect_env | {
-        "BACKJOBS_ALERT_SILENT_AFTER_PERIODS": "1",
-        "BACKJOBS_ALERT_SILENT_MIN_MINUTES": "0.25",
-        "BACKJOBS_ALERT_ALLOW_SHORT_SILENCE": "true",
-    }
-    create_pools(stack, env, POOL, QUIET_POOL)
+    env = stack.dash.prefect_env
+    create_pools(stack, env, POOL)
     out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
-    assert out.count(": automation backjobs-") == 5, out  # 2 alert, 2 zombie, 1 silent
-    # quiet-job runs once, by hand, on a worker of its own queue; then that worker stops.
-    quiet = stack.api(f"deployments/name/{QUIET}/{QUIET}")
-    quiet_worker = start_worker(stack.project, env, pool=QUIET_POOL, queue="manual")
-    try:
-        ran = stack.api(f"deployments/{quiet['id']}/create_flow_run", {"work_queue_name": "manual"})
-        [done] = wait_final(stack, [ran["id"]], timeout=180)
-        assert done["state_name"] == "Completed", done["state"]
-    finally:
-        stop(quiet_worker)
-    state = Deployed(env, None, quiet_stopped_at=datetime.now(UTC))
+    assert out.count(": automation backjobs-") == 2, out  # alert, zombie (no schedule)
+    state = Deployed(env, None)
     state.worker = start_worker(stack.project, env, pool=POOL)
     try:
         yield state
@@ -239,44 +210,3 @@ def wait_scheduled(
         if time.monotonic() > deadline:
             pytest.fail(f"the scheduler created {len(runs)} of {count} runs in {timeout} s")
         time.sleep(0.5)
-
-
-def test_a_job_whose_worker_stopped_alerts_silent_exactly_once(
-    stack: AlertStack, deployed: Deployed
-) -> None:
-    """quiet-job ran and completed, then its worker stopped: one ``silent`` alert (webhook
-    and email), and none more when the server's silent automation fires again."""
-    stopped = deployed.quiet_stopped_at
-    [automation] = [
-        a for a in stack.api("automations/filter", {}) if a["name"] == f"backjobs-{QUIET}-silent"
-    ]
-    wait_events(
-        stack,
-        name="prefect.automation.triggered",
-        resource=f"prefect.automation.{automation['id']}",
-        count=2,
-        since=stopped,
-        timeout=240,
-    )
-    # The second call has been answered once its action executed.
-    wait_events(
-        stack,
-        name="prefect.automation.action.executed",
-        resource=f"prefect.automation.{automation['id']}",
-        count=2,
-        since=stopped,
-        timeout=30,
-    )
-    silent = [
-        a
-        for a in alerts_of(stack.hook.received(), QUIET)
-        if datetime.fromisoformat(a["at"]) >= stopped
-    ]
-    assert [a["kind"] for a in silent] == ["silent"], silent
-    assert silent[0]["url"].startswith("https://jobs.example/deployments/deployment/")
-    emails = [
-        e
-        for e in alert_emails(stack.app_db)
-        if e["context"]["job"] == QUIET and datetime.fromisoformat(e["context"]["at"]) >= stopped
-    ]
-    assert [e["context"]["kind"] for e in emails] == ["silent"]

@@ -1,0 +1,156 @@
+"""Silence is a failure too (issue 17, item 3): a scheduled job whose worker stopped
+alerts ``silent`` once, by email and webhook, through ``backjobs dashboard``'s alert
+receiver and the silent automation ``backjobs deploy`` keeps.
+
+``quiet-job`` (``* * * * *``, silent after one period: the 10-minute floor lowered for this
+test rig with BACKJOBS_ALERT_ALLOW_SHORT_SILENCE) runs once by hand on a worker of its own
+queue, which then stops; its scheduled runs wait in a queue no worker polls. A module of its
+own, so its minutes of waiting run beside the other alert tests, in another test process.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.support.alerts import (
+    BIN,
+    AlertStack,
+    add_admins,
+    alert_emails,
+    alerts_of,
+    create_pools,
+    run,
+    start_worker,
+    stop,
+    wait_events,
+    wait_final,
+    write_project,
+)
+from tests.support.dashboard import gated_dashboard, migrated_sqlite
+from tests.support.prefect_api import call
+from tests.support.webhook import WebhookListener
+
+pytestmark = pytest.mark.slow
+
+QUIET_POOL = "alerts-quiet"
+QUIET = "quiet-job"
+FLOW = """
+from prefect import flow
+
+
+@flow(name="quiet-job")
+def quiet_job() -> str:
+    return "ok"
+"""
+DEPLOYMENTS = [
+    {
+        "name": QUIET,
+        "description": "Every minute — `* * * * *`. Its scheduled runs wait in a queue no "
+        "worker polls.",
+        "entrypoint": "flows/alerting.py:quiet_job",
+        "work_pool": {"name": QUIET_POOL},
+        "schedules": [{"cron": "* * * * *", "timezone": "UTC", "slug": "quiet"}],
+    },
+]
+
+
+@dataclass
+class Deployed:
+    env: dict[str, str]
+    quiet_stopped_at: datetime  # when quiet-job's only worker stopped, after its run
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
+    folder = tmp_path_factory.mktemp("alerts-silence")
+    app_db = migrated_sqlite(folder)
+    add_admins(app_db)
+    project = folder / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "alerting.py").write_text(textwrap.dedent(FLOW))
+    write_project(project, DEPLOYMENTS)
+    with WebhookListener() as hook:
+        extra = {
+            "BACKJOBS_ALERT_WEBHOOK_URL": hook.url,
+            "BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example",
+        }
+        with gated_dashboard(folder / "dash", app_db_url=app_db, extra_env=extra) as dash:
+            yield AlertStack(dash, hook, app_db, project)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: AlertStack) -> Deployed:
+    env = stack.dash.prefect_env | {
+        "BACKJOBS_ALERT_SILENT_AFTER_PERIODS": "1",
+        "BACKJOBS_ALERT_SILENT_MIN_MINUTES": "0.25",
+        "BACKJOBS_ALERT_ALLOW_SHORT_SILENCE": "true",
+    }
+    create_pools(stack, env, QUIET_POOL)
+    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    assert out.count(": automation backjobs-") == 3, out  # alert, zombie, silent
+    # quiet-job runs once, by hand, on a worker of its own queue; then that worker stops.
+    quiet = stack.api(f"deployments/name/{QUIET}/{QUIET}")
+    quiet_worker = start_worker(stack.project, env, pool=QUIET_POOL, queue="manual")
+    try:
+        ran = stack.api(f"deployments/{quiet['id']}/create_flow_run", {"work_queue_name": "manual"})
+        [done] = wait_final(stack, [ran["id"]], timeout=180)
+        assert done["state_name"] == "Completed", done["state"]
+    finally:
+        stop(quiet_worker)
+    return Deployed(env, quiet_stopped_at=datetime.now(UTC))
+
+
+def test_a_job_whose_worker_stopped_alerts_silent_exactly_once(
+    stack: AlertStack, deployed: Deployed
+) -> None:
+    """quiet-job ran and completed, then its worker stopped: the server's silent automation
+    fires and one ``silent`` alert goes out (webhook and email); when the automation calls
+    again (its next window: the very same call, made here at once rather than waited for),
+    nothing more goes out."""
+    stopped = deployed.quiet_stopped_at
+    deployment = stack.api(f"deployments/name/{QUIET}/{QUIET}")
+
+    def silent_alerts(bodies: list[Any]) -> list[dict[str, Any]]:
+        return [
+            a
+            for a in alerts_of(bodies, QUIET)
+            if a["kind"] == "silent" and datetime.fromisoformat(a["at"]) >= stopped
+        ]
+
+    stack.hook.wait_for(lambda b: bool(silent_alerts(b)), timeout=240, what="a silent alert")
+    [automation] = [
+        a for a in stack.api("automations/filter", {}) if a["name"] == f"backjobs-{QUIET}-silent"
+    ]
+    wait_events(
+        stack,
+        name="prefect.automation.action.executed",
+        resource=f"prefect.automation.{automation['id']}",
+        count=1,
+        since=stopped,
+        timeout=30,
+    )
+    # The automation's own call, again: what its next window would send.
+    again = {"signal": "silent", "job": QUIET, "deployment_id": deployment["id"]}
+    receiver = f"{stack.dash.url}/backjobs/alerts"
+    answer = call("POST", receiver, headers=stack.dash.machine_headers(), body=again)
+    assert answer.status_code == 200, answer.text
+    # The webhook is posted in the background: give a wrong second one time to arrive.
+    with pytest.raises(AssertionError, match="a second silent alert not seen"):
+        stack.hook.wait_for(
+            lambda b: len(silent_alerts(b)) > 1, timeout=5, what="a second silent alert"
+        )
+    silent = silent_alerts(stack.hook.received())
+    assert [a["kind"] for a in silent] == ["silent"], silent
+    assert silent[0]["url"].startswith("https://jobs.example/deployments/deployment/")
+    emails = [
+        e
+        for e in alert_emails(stack.app_db)
+        if e["context"]["job"] == QUIET and datetime.fromisoformat(e["context"]["at"]) >= stopped
+    ]
+    assert [e["context"]["kind"] for e in emails] == ["silent"]
