@@ -9,7 +9,6 @@ minutes of waiting run beside these tests, in another test process.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,18 +20,16 @@ import pytest
 from tests.support.alerts import (
     BIN,
     AlertStack,
-    add_admins,
     alert_emails,
+    alert_stack,
     alerts_of,
     create_pools,
     run,
     start_worker,
     stop,
     wait_final,
-    write_project,
 )
-from tests.support.dashboard import gated_dashboard, migrated_sqlite, restart_dashboard
-from tests.support.webhook import WebhookListener
+from tests.support.dashboard import restart_dashboard
 
 pytestmark = pytest.mark.slow
 
@@ -66,25 +63,17 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
+    env = {
+        "BACKJOBS_ALERT_REPEAT_MINUTES": "0.25",
+        "BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example",
+        # The scheduler inserts the test's runs within seconds (Prefect: every 60 s),
+        # all ten of them (the dashboard's default keeps 3 per schedule).
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "12",
+    }
     folder = tmp_path_factory.mktemp("alerts")
-    app_db = migrated_sqlite(folder)
-    add_admins(app_db)
-    project = folder / "project"
-    (project / "flows").mkdir(parents=True)
-    (project / "flows" / "alerting.py").write_text(textwrap.dedent(FLOW))
-    write_project(project, DEPLOYMENTS)
-    with WebhookListener() as hook:
-        extra = {
-            "BACKJOBS_ALERT_WEBHOOK_URL": hook.url,
-            "BACKJOBS_ALERT_REPEAT_MINUTES": "0.25",
-            "BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example",
-            # The scheduler inserts the test's runs within seconds (Prefect: every 60 s),
-            # all ten of them (the dashboard's default keeps 3 per schedule).
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-            "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "12",
-        }
-        with gated_dashboard(folder / "dash", app_db_url=app_db, extra_env=extra) as dash:
-            yield AlertStack(dash, hook, app_db, project)
+    with alert_stack(folder, flows=FLOW, deployments=DEPLOYMENTS, env=env) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

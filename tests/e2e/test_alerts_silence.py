@@ -10,7 +10,6 @@ own, so its minutes of waiting run beside the other alert tests, in another test
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,8 +20,8 @@ import pytest
 from tests.support.alerts import (
     BIN,
     AlertStack,
-    add_admins,
     alert_emails,
+    alert_stack,
     alerts_of,
     create_pools,
     run,
@@ -30,11 +29,8 @@ from tests.support.alerts import (
     stop,
     wait_events,
     wait_final,
-    write_project,
 )
-from tests.support.dashboard import gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call
-from tests.support.webhook import WebhookListener
 
 pytestmark = pytest.mark.slow
 
@@ -68,20 +64,10 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
+    env = {"BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example"}
     folder = tmp_path_factory.mktemp("alerts-silence")
-    app_db = migrated_sqlite(folder)
-    add_admins(app_db)
-    project = folder / "project"
-    (project / "flows").mkdir(parents=True)
-    (project / "flows" / "alerting.py").write_text(textwrap.dedent(FLOW))
-    write_project(project, DEPLOYMENTS)
-    with WebhookListener() as hook:
-        extra = {
-            "BACKJOBS_ALERT_WEBHOOK_URL": hook.url,
-            "BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example",
-        }
-        with gated_dashboard(folder / "dash", app_db_url=app_db, extra_env=extra) as dash:
-            yield AlertStack(dash, hook, app_db, project)
+    with alert_stack(folder, flows=FLOW, deployments=DEPLOYMENTS, env=env) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

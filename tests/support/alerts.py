@@ -13,7 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +28,7 @@ from sqlalchemy import select
 
 from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask, User
-from tests.support.dashboard import GatedDashboard
+from tests.support.dashboard import GatedDashboard, gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call_json
 from tests.support.webhook import WebhookListener
 
@@ -45,6 +48,25 @@ class AlertStack:
         return call_json(
             verb, f"{self.dash.api}/{path}", headers=self.dash.machine_headers(), body=body
         )
+
+
+@contextmanager
+def alert_stack(
+    folder: Path, *, flows: str, deployments: list[dict[str, Any]], env: dict[str, str]
+) -> Iterator[AlertStack]:
+    """``backjobs dashboard`` on an app database with admins, a project of ``deployments``
+    whose ``flows/alerting.py`` is ``flows``, and a webhook listener that receives the
+    alerts (``env`` adds to the dashboard's environment)."""
+    app_db = migrated_sqlite(folder)
+    add_admins(app_db)
+    project = folder / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "alerting.py").write_text(textwrap.dedent(flows))
+    write_project(project, deployments)
+    with WebhookListener() as hook:
+        extra = {"BACKJOBS_ALERT_WEBHOOK_URL": hook.url} | env
+        with gated_dashboard(folder / "dash", app_db_url=app_db, extra_env=extra) as dash:
+            yield AlertStack(dash, hook, app_db, project)
 
 
 def add_admins(app_db: str) -> None:
