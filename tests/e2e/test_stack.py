@@ -13,6 +13,7 @@ import json
 import re
 import shlex
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -326,20 +327,41 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
 def test_down_lets_a_started_run_end_leaves_no_process_and_a_free_port_then_up_works_again(
     running: RunningStack,
 ) -> None:
-    # A run the worker has started when `down` comes: it ends Completed, not Crashed.
+    # A run the worker has started when `down` comes: it ends Completed, not Crashed. The
+    # test holds the app database's write lock, so the run cannot end (cleanup's deletes
+    # wait for it, sqlite's busy timeout: 30 s) before `down` has seen it and waits.
     wait_for_runs(running)  # `up`'s ad hoc runs ended: none holds cleanup-job's one slot
     deployment = running.get("/deployments/name/cleanup-job/cleanup-job")
-    started = running.post(f"/deployments/{deployment['id']}/create_flow_run", {})
-    state = wait_for_state(running, started["id"], {"PENDING", "RUNNING", "COMPLETED"})
-    assert state != "COMPLETED", "the run ended before `down`: nothing was waited for"
-    # From a shell that does not say where the stack listens: `up` remembered it.
-    shell = {
-        k: v for k, v in running.env.items() if not k.startswith(("BACKJOBS_DASH", "PREFECT_"))
-    }
-    down = stack("down --wait 240", shell)
-    assert down.returncode == 0, down.stderr
-    assert re.search(r"waiting up to 240 s for \d+ started run\(s\) to end", down.stdout)
-    assert "could not mark" not in down.stdout and "marked Crashed" not in down.stdout
+    lock = sqlite3.connect(running.var / "backjobs.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        started = running.post(f"/deployments/{deployment['id']}/create_flow_run", {})
+        state = wait_for_state(running, started["id"], {"RUNNING", "COMPLETED"})
+        assert state == "RUNNING", "the run ended before `down`: nothing was waited for"
+        # From a shell that does not say where the stack listens: `up` remembered it.
+        shell = {
+            k: v for k, v in running.env.items() if not k.startswith(("BACKJOBS_DASH", "PREFECT_"))
+        }
+        down = subprocess.Popen(
+            [BACKJOBS, "stack", "down", "--wait", "240"],
+            cwd=ROOT,
+            env=shell | {"PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert down.stdout is not None
+        said = [down.stdout.readline()]
+        while said[-1] and "started run(s) to end" not in said[-1]:
+            said.append(down.stdout.readline())
+        assert re.search(r"waiting up to 240 s for \d+ started run\(s\) to end", said[-1]), said
+    finally:
+        lock.rollback()
+        lock.close()
+    rest, errors = down.communicate(timeout=300)
+    assert down.returncode == 0, errors
+    down_stdout = "".join(said) + rest
+    assert "could not mark" not in down_stdout and "marked Crashed" not in down_stdout
     assert members(running.var) == []
     assert port_free(running.port)
     again = stack("up", running.env)
