@@ -300,17 +300,19 @@ def test_a_trigger_meeting_the_run_holding_the_slot_follows_it_or_queues_behind_
 ) -> None:
     write(project, [])
     deploy_ok(project, app)
-    # 1. The scheduled run is picked up a few seconds early, just after the trigger made
-    # its run: the trigger's run is Cancelled. The worker polls another queue, so the
-    # test itself moves the runs to Pending, in that order, as the worker would.
+    # 1. A scheduled run due in a few seconds is picked up early, just after the trigger
+    # made its run: the trigger's run is Cancelled. The scheduled run is made once the
+    # trigger's run exists, so its clock is later than the trigger's however slowly the
+    # trigger started. The worker polls another queue, so the test itself moves the runs
+    # to Pending, in that order, as the worker would.
     prefect_server.start_worker("backjobs", env=app, cwd=project, queue="elsewhere")
-    holder = scheduled_run(app, at=datetime.now(UTC) + timedelta(seconds=8))
     known = {r["id"] for r in runs_of(app)}
     trigger = start_trigger(app, project, "--wait", "--timeout", "150")
     deadline = time.monotonic() + 60
     while not (ours := [r["id"] for r in runs_of(app) if r["id"] not in known]):
         assert time.monotonic() < deadline, "trigger made no run"
         time.sleep(0.2)
+    holder = scheduled_run(app, at=datetime.now(UTC) + timedelta(seconds=3))
     assert set_state(app, holder, "PENDING")["status"] == "ACCEPT"
     lost = set_state(app, ours[0], "PENDING")
     assert lost["status"] == "REJECT" and lost["state"]["type"] == "CANCELLED"

@@ -27,6 +27,7 @@ import jwt
 from backjobs.db import make_engine
 from backjobs.db.migrate import upgrade_engine
 from tests.support.prefect_api import clean_env, free_port, healthy
+from tests.support.prefect_server import seed_prefect_home
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
@@ -124,11 +125,12 @@ def gated_dashboard(
     *,
     app_db_url: str,
     extra_env: Mapping[str, str] | None = None,
-    startup_timeout: float = 300,  # a fresh Prefect DB takes 5 s idle, 90 s on a busy machine
+    startup_timeout: float = 300,  # ≈ 6 s idle; a busy machine can be far slower
 ) -> Iterator[GatedDashboard]:
     """``backjobs dashboard`` on a free port, healthy; terminated on exit."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    seed_prefect_home(folder / "prefect-home")
     env = dashboard_env(folder / "prefect-home", app_db_url=app_db_url, port=port, extra=extra_env)
     log_path = folder / "dashboard.log"
     with log_path.open("wb") as log:

@@ -8,11 +8,17 @@ PostgreSQL database given); a :class:`PrefectServer` holds the environment that 
 
 Fixture (loaded by ``tests/conftest.py``): ``prefect_server``, one SQLite-backed server
 per test module (share it: a server takes ≈ 5 s to start).
+
+A server on a new SQLite database spends ≈ 10 s of CPU migrating it before it answers:
+``seed_prefect_home`` puts a copy of one database migrated once per test run (shared by the
+xdist processes) where the server will look, so only its start-up is paid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,8 +168,54 @@ class PrefectServer:
         )
 
 
+_shared_folder: Path | None = None  # the test run's temporary root; set once per process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_db_template_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global _shared_folder
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each process has its own base (…/popen-gwN); their parent is the run's.
+    _shared_folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def migrated_prefect_db() -> Path:
+    """A Prefect SQLite database at the installed Prefect's head revision, made once per
+    test run (``prefect server database upgrade``) under a lock the xdist processes share."""
+    assert _shared_folder is not None, "needs the session fixture of tests.support.prefect_server"
+    folder = _shared_folder / "prefect-db-template"
+    folder.mkdir(exist_ok=True)
+    database = folder / "prefect.db"
+    with (folder / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not database.exists():
+            home = folder / "home"
+            home.mkdir(exist_ok=True)
+            env = clean_env() | {"PREFECT_HOME": str(home)}
+            done = subprocess.run(
+                [PREFECT, "server", "database", "upgrade", "--yes"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, f"prefect server database upgrade:\n{done.stderr}"
+            shutil.copyfile(home / "prefect.db", folder / "prefect.db.part")
+            os.replace(folder / "prefect.db.part", database)
+    return database
+
+
+def seed_prefect_home(home: Path) -> None:
+    """``home`` (a PREFECT_HOME) holding a migrated copy of Prefect's SQLite database."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_prefect_db(), home / "prefect.db")
+
+
 def start_server(home: Path, *, database_url: str | None = None) -> PrefectServer:
-    """``prefect server start`` on a free port, healthy; SQLite under ``home`` by default."""
+    """``prefect server start`` on a free port, healthy; SQLite under ``home`` by default
+    (a migrated copy: see ``seed_prefect_home``)."""
+    if database_url is None:
+        seed_prefect_home(home)
     port = free_port()
     env = clean_env() | {
         "PREFECT_HOME": str(home),
