@@ -3,9 +3,13 @@ alerts ``silent`` once, by email and webhook, through ``backjobs dashboard``'s a
 receiver and the silent automation ``backjobs deploy`` keeps.
 
 ``quiet-job`` (``* * * * *``, silent after one period: the 10-minute floor lowered for this
-test rig with BACKJOBS_ALERT_ALLOW_SHORT_SILENCE) runs once by hand on a worker of its own
-queue, which then stops; its scheduled runs wait in a queue no worker polls. A module of its
-own, so its minutes of waiting run beside the other alert tests, in another test process.
+test rig with BACKJOBS_ALERT_ALLOW_SHORT_SILENCE) is deployed with its schedule paused, runs
+once by hand on a worker of its own queue, which then stops; then its schedule is made
+active (deployed again, which adds the silent automation), and its scheduled runs wait in a
+queue no worker polls. Deployed in that order, the silent window opens after the last
+completed run, so the alert comes one window (a minute) later: a run completing inside the
+automation's first window would put it off by one or two more. A module of its own, so its
+waiting runs beside the other alert tests, in another test process.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tests.support.alerts import (
     stop,
     wait_events,
     wait_final,
+    write_project,
 )
 from tests.support.prefect_api import call
 
@@ -44,16 +49,22 @@ from prefect import flow
 def quiet_job() -> str:
     return "ok"
 """
-DEPLOYMENTS = [
-    {
-        "name": QUIET,
-        "description": "Every minute — `* * * * *`. Its scheduled runs wait in a queue no "
-        "worker polls.",
-        "entrypoint": "flows/alerting.py:quiet_job",
-        "work_pool": {"name": QUIET_POOL},
-        "schedules": [{"cron": "* * * * *", "timezone": "UTC", "slug": "quiet"}],
-    },
-]
+
+
+def deployments(*, active: bool) -> list[dict[str, Any]]:
+    schedule = {"cron": "* * * * *", "timezone": "UTC", "slug": "quiet", "active": active}
+    return [
+        {
+            "name": QUIET,
+            "description": "Every minute — `* * * * *`"
+            + ("" if active else " (paused)")
+            + ". Its scheduled runs wait in a queue no worker polls.",
+            "entrypoint": "flows/alerting.py:quiet_job",
+            "work_pool": {"name": QUIET_POOL},
+            "schedules": [schedule],
+        },
+    ]
+
 
 
 @dataclass
@@ -66,7 +77,7 @@ class Deployed:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
     env = {"BACKJOBS_DASHBOARD_PUBLIC_URL": "https://jobs.example"}
     folder = tmp_path_factory.mktemp("alerts-silence")
-    with alert_stack(folder, flows=FLOW, deployments=DEPLOYMENTS, env=env) as stack:
+    with alert_stack(folder, flows=FLOW, deployments=deployments(active=False), env=env) as stack:
         yield stack
 
 
@@ -79,7 +90,7 @@ def deployed(stack: AlertStack) -> Deployed:
     }
     create_pools(stack, env, QUIET_POOL)
     out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
-    assert out.count(": automation backjobs-") == 3, out  # alert, zombie, silent
+    assert out.count(": automation backjobs-") == 2, out  # alert, zombie: no active schedule
     # quiet-job runs once, by hand, on a worker of its own queue; then that worker stops.
     quiet = stack.api(f"deployments/name/{QUIET}/{QUIET}")
     quiet_worker = start_worker(stack.project, env, pool=QUIET_POOL, queue="manual")
@@ -89,7 +100,11 @@ def deployed(stack: AlertStack) -> Deployed:
         assert done["state_name"] == "Completed", done["state"]
     finally:
         stop(quiet_worker)
-    return Deployed(env, quiet_stopped_at=datetime.now(UTC))
+    stopped = datetime.now(UTC)
+    write_project(stack.project, deployments(active=True))
+    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    assert f"automation backjobs-{QUIET}-silent created" in out, out
+    return Deployed(env, quiet_stopped_at=stopped)
 
 
 def test_a_job_whose_worker_stopped_alerts_silent_exactly_once(
