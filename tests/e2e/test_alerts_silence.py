@@ -66,7 +66,6 @@ def deployments(*, active: bool) -> list[dict[str, Any]]:
     ]
 
 
-
 @dataclass
 class Deployed:
     env: dict[str, str]
