@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 
 from tests.support.alerts import (
-    BIN,
     AlertStack,
     alert_emails,
     alert_stack,
     alerts_of,
     create_pools,
-    run,
+    deploy,
     start_worker,
     stop,
     wait_final,
@@ -80,7 +79,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
 def deployed(stack: AlertStack) -> Iterator[Deployed]:
     env = stack.dash.prefect_env
     create_pools(stack, env, POOL)
-    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    out = deploy(stack, env)
     assert out.count(": automation backjobs-") == 2, out  # alert, zombie (no schedule)
     state = Deployed(env, None)
     state.worker = start_worker(stack.project, env, pool=POOL)

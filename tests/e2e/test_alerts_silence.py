@@ -22,13 +22,12 @@ from typing import Any
 import pytest
 
 from tests.support.alerts import (
-    BIN,
     AlertStack,
     alert_emails,
     alert_stack,
     alerts_of,
     create_pools,
-    run,
+    deploy,
     start_worker,
     stop,
     wait_events,
@@ -88,7 +87,7 @@ def deployed(stack: AlertStack) -> Deployed:
         "BACKJOBS_ALERT_ALLOW_SHORT_SILENCE": "true",
     }
     create_pools(stack, env, QUIET_POOL)
-    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    out = deploy(stack, env)
     assert out.count(": automation backjobs-") == 2, out  # alert, zombie: no active schedule
     # quiet-job runs once, by hand, on a worker of its own queue; then that worker stops.
     quiet = stack.api(f"deployments/name/{QUIET}/{QUIET}")
@@ -101,7 +100,7 @@ def deployed(stack: AlertStack) -> Deployed:
         stop(quiet_worker)
     stopped = datetime.now(UTC)
     write_project(stack.project, deployments(active=True))
-    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    out = deploy(stack, env)
     assert f"automation backjobs-{QUIET}-silent created" in out, out
     return Deployed(env, quiet_stopped_at=stopped)
 

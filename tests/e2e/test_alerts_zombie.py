@@ -27,12 +27,11 @@ from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask
 from backjobs.outbox import enqueue_email
 from tests.support.alerts import (
-    BIN,
     AlertStack,
     add_admins,
     alerts_of,
     create_pools,
-    run,
+    deploy,
     start_worker,
     stop,
     wait_events,
@@ -83,7 +82,7 @@ def worker_env(
 ) -> dict[str, str]:
     env = stack.dash.prefect_env
     create_pools(stack, env, "backjobs")
-    out = run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+    out = deploy(stack, env)
     assert f"{JOB}: automation backjobs-{JOB}-zombie created" in out, out
     return env | {
         "BACKJOBS_DATABASE_URL": stack.app_db,

@@ -98,6 +98,11 @@ def run(command: list[str], *, env: dict[str, str], cwd: Path) -> str:
     return done.stdout
 
 
+def deploy(stack: AlertStack, env: dict[str, str]) -> str:
+    """``backjobs deploy`` of the stack's project; its output."""
+    return run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
+
+
 def create_pools(stack: AlertStack, env: dict[str, str], *pools: str) -> None:
     for pool in pools:
         run([str(BIN / "prefect"), "work-pool", "create", "--type", "process", pool],

@@ -27,7 +27,7 @@ import jwt
 from backjobs.db import make_engine
 from backjobs.db.migrate import upgrade_engine
 from tests.support.prefect_api import clean_env, free_port, healthy
-from tests.support.prefect_server import seed_prefect_home
+from tests.support.prefect_server import seed_prefect_home, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
@@ -156,12 +156,12 @@ def gated_dashboard(
         _wait_healthy(dash, startup_timeout)
         yield dash
     finally:
-        _terminate(dash.process)
+        terminate(dash.process)
 
 
 def restart_dashboard(dash: GatedDashboard, *, startup_timeout: float = 300) -> None:
     """Stop the dashboard (SIGTERM) and start it again: same port, home and settings."""
-    _terminate(dash.process)
+    terminate(dash.process)
     with dash.log_path.open("ab") as log:
         dash.process = subprocess.Popen(
             [BACKJOBS, "dashboard"],
@@ -171,15 +171,6 @@ def restart_dashboard(dash: GatedDashboard, *, startup_timeout: float = 300) -> 
             stderr=subprocess.STDOUT,
         )
     _wait_healthy(dash, startup_timeout)
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _wait_healthy(dash: GatedDashboard, timeout: float) -> None:

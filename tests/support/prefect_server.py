@@ -242,14 +242,19 @@ def start_server(home: Path, *, database_url: str | None = None) -> PrefectServe
     pytest.fail(f"the Prefect server did not become healthy in 180 s; see {home / 'server.log'}")
 
 
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, 30 s to exit, then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def stop_server(server: PrefectServer) -> None:
     server.stop_workers()
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=10)
+    terminate(server.process)
 
 
 @pytest.fixture(scope="module")
