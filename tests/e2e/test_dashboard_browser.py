@@ -187,6 +187,9 @@ def test_an_admin_signs_in_and_operates_from_the_ui(demo: Demo, tmp_path: Path) 
         switch = page.get_by_role("switch").first
         switch.click()
         wait_until(lambda: not demo.schedule_active(), page, "the schedule paused")
+        # A click while the UI still shows the switch on (slow to re-render on a busy
+        # machine) would be lost: click again once it shows the pause.
+        wait_until(lambda: not switch.is_checked(), page, "the switch shown off")
         switch.click()
         wait_until(demo.schedule_active, page, "the schedule resumed")
         page.screenshot(path=str(tmp_path / "deployment.png"), full_page=True)
