@@ -9,8 +9,6 @@ deployed with ``backjobs deploy``, process workers, and waiting on runs and even
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -30,6 +28,7 @@ from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask, User
 from tests.support.dashboard import GatedDashboard, gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call_json
+from tests.support.prefect_server import stop_workers
 from tests.support.webhook import WebhookListener
 
 BIN = Path(sys.executable).parent
@@ -138,13 +137,7 @@ def start_worker(
 
 
 def stop(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=10)
+    stop_workers([worker])
 
 
 def alerts_of(bodies: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
