@@ -33,10 +33,40 @@ pytest_plugins = [
 SERVER_TIERS = frozenset({"flows", "e2e"})
 
 
+# The order in which the test processes take modules (`./scripts/test` runs them with
+# --dist loadfile --no-loadscope-reorder). First the modules that wait minutes on real time
+# (alert windows, heartbeats) and use little CPU meanwhile, then the long modules that keep
+# a core busy beside them, longest first; every other module follows in collection order, so
+# the short ones fill the end and no process runs alone at the end. Measured per-module
+# times are in the README (Tests); a module missing here is still run, only later.
+SCHEDULE_FIRST = (
+    "e2e/test_alerts_zombie.py",
+    "e2e/test_alerts.py",
+    "e2e/test_alerts_silence.py",
+    "e2e/test_stack.py",
+    "e2e/test_scaling.py",
+    "e2e/test_deploy.py",
+    "e2e/test_ops.py",
+    "e2e/test_worker.py",
+    "e2e/test_run_endings.py",
+    "integration/test_cli_errors.py",
+    "e2e/test_dashboard_browser.py",
+    "flows/test_cli.py",
+    "integration/test_email_send_processes.py",
+    "integration/test_email_faults.py",
+)
+
+
+def _schedule_rank(item: pytest.Item) -> int:
+    module = f"{item.path.parent.name}/{item.path.name}"
+    return SCHEDULE_FIRST.index(module) if module in SCHEDULE_FIRST else len(SCHEDULE_FIRST)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.parent.name in SERVER_TIERS:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=_schedule_rank)  # stable: within a rank, collection order
 
 
 @pytest.fixture(autouse=True)
