@@ -9,6 +9,8 @@ holds the job's one slot.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -161,6 +163,39 @@ def test_a_never_firing_cron_is_refused_before_anything_is_deployed(
     assert "refusing to deploy" in done.stderr and "0 0 31 2 *" in done.stderr
     assert "never fires" in done.stderr
     assert schedules(server) == [("0 6 * * *", True, "email-cron")]
+
+
+def test_deploy_in_the_callers_process_leaves_its_environment_folder_and_logging_as_they_were(
+    server: dict[str, str], project: Path, tmp_path: Path
+) -> None:
+    """`stack up` deploys in its own process (Prefect's CLI in-process, with the stack's
+    environment): afterwards the process is as it was, and a failure names Prefect's reason."""
+    from backjobs.orchestration.deploy import DeployError
+    from backjobs.orchestration.deploy import deploy as deploy_here
+
+    environ, folder = dict(os.environ), Path.cwd()
+    loggers = {name: list(logging.getLogger(name).handlers) for name in ("", "prefect")}
+    write(project, [cron("0 7 * * *", "email-cron")])
+    changes = deploy_here(project / "prefect.yaml", env=server)
+    assert schedules(server) == [("0 7 * * *", True, "email-cron")]
+    assert any("0 7 * * *" in line for line in changes[JOB].report), changes[JOB].report
+
+    # A work pool the server does not have: Prefect refuses, in its own words.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("flows", "tasks"):
+        (other / name).symlink_to(ROOT / name)
+    document = yaml.safe_load((project / "prefect.yaml").read_text())
+    document["deployments"][0]["work_pool"]["name"] = "no-such-pool"
+    (other / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(DeployError, match="no-such-pool") as refused:
+        deploy_here(other / "prefect.yaml", env=server)
+    assert "prefect deploy --all failed (exit 1)" in str(refused.value)
+
+    assert dict(os.environ) == environ
+    assert Path.cwd() == folder
+    assert {name: logging.getLogger(name).handlers for name in loggers} == loggers
+    assert schedules(server) == [("0 7 * * *", True, "email-cron")]
 
 
 def api(env: dict[str, str], path: str, body: dict[str, object]) -> list[dict[str, Any]]:
