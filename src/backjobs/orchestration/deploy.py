@@ -134,7 +134,7 @@ def run_prefect_deploy(project_file: Path, *, env: Mapping[str, str] | None = No
     code: int | str | None
     with (
         _environment({"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}, dict(env or {})),
-        _working_directory(project_file.parent),
+        contextlib.chdir(project_file.parent),
         _prefect_logging_untouched(),
         contextlib.redirect_stdout(output),
         contextlib.redirect_stderr(output),
@@ -164,16 +164,6 @@ def _environment(defaults: Mapping[str, str], values: Mapping[str, str]) -> Iter
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-@contextlib.contextmanager
-def _working_directory(folder: Path) -> Iterator[None]:
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 @contextlib.contextmanager
