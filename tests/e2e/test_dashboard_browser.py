@@ -118,18 +118,43 @@ def wait_until(condition: Any, page: Any, what: str, timeout_ms: int = 30_000) -
         waited += 250
 
 
+def flip(switch: Any, page: Any, *, to: bool, done: Any, busy: list[str], what: str) -> None:
+    """Click ``switch`` from on to off (``to=False``) or back, until ``done()`` holds.
+
+    A SQLite-backed Prefect server answers a write that meets its busy database with 503
+    "Service Unavailable" at once (SQLITE_BUSY_SNAPSHOT); the UI then shows the switch as it
+    was, and an admin clicks again. So does this, only after such an answer (``busy``: the
+    page's PATCH requests answered 503), at most three times. Each click waits for the UI to
+    show the switch in the state it starts from: a click on a switch drawn before its data
+    is lost.
+    """
+    for _ in range(3):
+        shown = f"the switch shown {'off' if to else 'on'}"
+        wait_until(lambda: done() or switch.is_checked() is not to, page, shown)
+        if done():
+            return
+        refusals = len(busy)
+        switch.click()
+        wait_until(lambda n=refusals: done() or len(busy) > n, page, what)
+        if done():
+            return
+    pytest.fail(f"{what}: the server answered 503 three times: {busy}")
+
+
 def test_an_admin_signs_in_and_operates_from_the_ui(demo: Demo, tmp_path: Path) -> None:
     dash = demo.dash
     refused: list[str] = []
+    busy: list[str] = []
+
+    def record(response: Any) -> None:
+        seen = f"{response.status} {response.request.method} {response.url}"
+        if response.status in (401, 403):
+            refused.append(seen)
+        elif response.status == 503 and response.request.method == "PATCH":
+            busy.append(seen)
+
     with chromium_page() as page:
-        page.on(
-            "response",
-            lambda r: (
-                refused.append(f"{r.status} {r.request.method} {r.url}")
-                if r.status in (401, 403)
-                else None
-            ),
-        )
+        page.on("response", record)
         page.goto(f"{dash.url}/v2/deployments")
         assert "Sign in to the dashboard" in page.content()
         refused.clear()
@@ -185,13 +210,17 @@ def test_an_admin_signs_in_and_operates_from_the_ui(demo: Demo, tmp_path: Path) 
         # Pause and resume the schedule.
         page.goto(f"{dash.url}/v2/deployments/deployment/{demo.deployment}")
         switch = page.get_by_role("switch").first
-        switch.click()
-        wait_until(lambda: not demo.schedule_active(), page, "the schedule paused")
-        # A click while the UI still shows the switch on (slow to re-render on a busy
-        # machine) would be lost: click again once it shows the pause.
-        wait_until(lambda: not switch.is_checked(), page, "the switch shown off")
-        switch.click()
-        wait_until(demo.schedule_active, page, "the schedule resumed")
+        flip(
+            switch,
+            page,
+            to=False,
+            done=lambda: not demo.schedule_active(),
+            busy=busy,
+            what="the schedule paused",
+        )
+        flip(
+            switch, page, to=True, done=demo.schedule_active, busy=busy, what="the schedule resumed"
+        )
         page.screenshot(path=str(tmp_path / "deployment.png"), full_page=True)
     assert refused == []
     log = dash.log()
