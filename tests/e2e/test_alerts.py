@@ -78,7 +78,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
 @pytest.fixture(scope="module")
 def deployed(stack: AlertStack) -> Iterator[Deployed]:
     env = stack.dash.prefect_env
-    create_pools(stack, env, POOL)
+    create_pools(stack, POOL)
     out = deploy(stack, env)
     assert out.count(": automation backjobs-") == 2, out  # alert, zombie (no schedule)
     state = Deployed(env, None)

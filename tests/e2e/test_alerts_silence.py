@@ -86,7 +86,7 @@ def deployed(stack: AlertStack) -> Deployed:
         "BACKJOBS_ALERT_SILENT_MIN_MINUTES": "0.25",
         "BACKJOBS_ALERT_ALLOW_SHORT_SILENCE": "true",
     }
-    create_pools(stack, env, QUIET_POOL)
+    create_pools(stack, QUIET_POOL)
     out = deploy(stack, env)
     assert out.count(": automation backjobs-") == 2, out  # alert, zombie: no active schedule
     # quiet-job runs once, by hand, on a worker of its own queue; then that worker stops.

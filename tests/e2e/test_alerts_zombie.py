@@ -81,7 +81,7 @@ def worker_env(
     stack: AlertStack, sink: SmtpServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
     env = stack.dash.prefect_env
-    create_pools(stack, env, "backjobs")
+    create_pools(stack, "backjobs")
     out = deploy(stack, env)
     assert f"{JOB}: automation backjobs-{JOB}-zombie created" in out, out
     return env | {

@@ -37,8 +37,7 @@ JOB = "email-send-job"
 @pytest.fixture(scope="module")
 def server(prefect_server: PrefectServer) -> dict[str, str]:
     """The module's Prefect server (tests/support/prefect_server.py) with the work pool."""
-    create = [PREFECT, "work-pool", "create", "--type", "process", "backjobs"]
-    subprocess.run(create, env=prefect_server.env, check=True, capture_output=True, timeout=60)
+    prefect_server.create_pool("backjobs")
     return prefect_server.env
 
 

@@ -52,7 +52,7 @@ def deployed(
         # The cleanup rehearsal below replays 2030 (seeding's date): a test rig.
         "BACKJOBS_ALLOW_FUTURE_AS_OF": "true",
     }
-    prefect_server.prefect("work-pool", "create", "--type", "process", POOL)
+    prefect_server.create_pool(POOL)
     prefect_server.prefect("--no-prompt", "deploy", "--all")
     yield Deployed(prefect_server, Database("sqlite", url, engine), env)
     prefect_server.stop_workers()

@@ -35,7 +35,7 @@ DEPLOYMENT = "email-send-job/email-send-job"
 def deployment_id(prefect_server: PrefectServer) -> str:
     """email-send-job deployed, its schedule paused and its scheduled runs gone."""
     server = prefect_server
-    server.prefect("work-pool", "create", "--type", "process", "backjobs")
+    server.create_pool("backjobs")
     server.prefect("--no-prompt", "deploy", "--name", "email-send-job")
     deployment = server.api(f"deployments/name/{DEPLOYMENT}")
     for schedule in deployment["schedules"]:

@@ -87,7 +87,7 @@ def test_two_workers_execute_each_of_twenty_runs_exactly_once(
     project.mkdir()
     (project / "record.py").write_text(textwrap.dedent(FLOW))
     (project / "prefect.yaml").write_text(PROJECT)
-    server.prefect("work-pool", "create", "--type", "process", "scale")
+    server.create_pool("scale")
     server.prefect("--no-prompt", "deploy", "--all", cwd=project)
 
     env = {"BACKJOBS_DATABASE_URL": pg_db.url}

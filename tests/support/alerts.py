@@ -27,7 +27,7 @@ from sqlalchemy import select
 from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask, User
 from tests.support.dashboard import GatedDashboard, gated_dashboard, migrated_sqlite
-from tests.support.prefect_api import call_json
+from tests.support.prefect_api import call_json, create_process_pool
 from tests.support.prefect_server import stop_workers
 from tests.support.webhook import WebhookListener
 
@@ -102,10 +102,10 @@ def deploy(stack: AlertStack, env: dict[str, str]) -> str:
     return run([str(BIN / "backjobs"), "deploy"], env=env, cwd=stack.project)
 
 
-def create_pools(stack: AlertStack, env: dict[str, str], *pools: str) -> None:
+def create_pools(stack: AlertStack, *pools: str) -> None:
+    """Process work pools, created through the gate with the machine token."""
     for pool in pools:
-        run([str(BIN / "prefect"), "work-pool", "create", "--type", "process", pool],
-            env=env, cwd=stack.project)  # fmt: skip
+        create_process_pool(stack.dash.api, pool, headers=stack.dash.machine_headers())
 
 
 def start_worker(

@@ -32,7 +32,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.prefect_api import call_json, clean_env, free_port, healthy
+from tests.support.prefect_api import (
+    call_json,
+    clean_env,
+    create_process_pool,
+    free_port,
+    healthy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -75,6 +81,10 @@ class PrefectServer:
             text=True,
             timeout=timeout,
         )
+
+    def create_pool(self, name: str) -> None:
+        """A process work pool (see ``create_process_pool``)."""
+        create_process_pool(self.api_url, name)
 
     def start_worker(
         self,
