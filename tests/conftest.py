@@ -42,17 +42,17 @@ SERVER_TIERS = frozenset({"flows", "e2e"})
 SCHEDULE_FIRST = (
     "e2e/test_alerts_zombie.py",
     "e2e/test_alerts.py",
-    "e2e/test_alerts_silence.py",
     "e2e/test_stack.py",
     "e2e/test_scaling.py",
+    "e2e/test_alerts_silence.py",
     "e2e/test_deploy.py",
     "e2e/test_ops.py",
-    "e2e/test_worker.py",
-    "e2e/test_run_endings.py",
+    "flows/test_cli.py",
     "integration/test_cli_errors.py",
     "e2e/test_dashboard_browser.py",
-    "flows/test_cli.py",
     "integration/test_email_send_processes.py",
+    "e2e/test_run_endings.py",
+    "e2e/test_worker.py",
     "integration/test_email_faults.py",
 )
 
