@@ -1,6 +1,6 @@
 """EmailSendJob through a real Postfix: ``backjobs run email-send-job`` as an operator runs it.
 
-The job's process gets only ``BACKJOBS_*`` settings (and the module's Prefect server);
+The job's process gets only ``BACKJOBS_*`` settings (and the test run's shared Prefect server);
 Postfix is a private loopback-only instance (``tests/support/postfix.py``), installed on
 demand when the machine allows it, delivering ``example.test`` into Maildirs.
 """
@@ -66,7 +66,7 @@ def row(db: Database, task_id: int) -> Row:
 
 
 def run_email_send_job(
-    prefect_server: PrefectServer, db: Database, postfix: Postfix, *, trust_cert: bool = True
+    server: PrefectServer, db: Database, postfix: Postfix, *, trust_cert: bool = True
 ) -> Run:
     env = {
         "BACKJOBS_DATABASE_URL": db.url,
@@ -81,15 +81,15 @@ def run_email_send_job(
     if trust_cert:
         env["BACKJOBS_SMTP_CA_FILE"] = str(postfix.cert)
     started = datetime.now(UTC)
-    done = prefect_server.backjobs("run", "email-send-job", env=env)
+    done = server.backjobs("run", "email-send-job", env=env)
     return Run(done.returncode, done.stdout + done.stderr, started, datetime.now(UTC))
 
 
 def test_starttls_delivers_each_email_with_its_message_id_and_date(
-    sqlite_db: Database, postfix: Postfix, prefect_server: PrefectServer
+    sqlite_db: Database, postfix: Postfix, shared_prefect_server: PrefectServer
 ) -> None:
     ids = [enqueue(sqlite_db, to=[ADMIN], subject=f"Report {n}") for n in (1, 2)]
-    run = run_email_send_job(prefect_server, sqlite_db, postfix)
+    run = run_email_send_job(shared_prefect_server, sqlite_db, postfix)
     assert run.code == 0, run.output
     received = postfix.wait_for_mail("admin", count=2)
     rows = [row(sqlite_db, task_id) for task_id in ids]
@@ -107,11 +107,11 @@ def test_starttls_delivers_each_email_with_its_message_id_and_date(
 
 
 def test_an_unknown_recipient_is_refused_with_550_and_named(
-    sqlite_db: Database, postfix: Postfix, prefect_server: PrefectServer
+    sqlite_db: Database, postfix: Postfix, shared_prefect_server: PrefectServer
 ) -> None:
     both = enqueue(sqlite_db, to=[ADMIN, UNKNOWN], subject="To both")
     unknown_only = enqueue(sqlite_db, to=[UNKNOWN], subject="To nobody")
-    run = run_email_send_job(prefect_server, sqlite_db, postfix)
+    run = run_email_send_job(shared_prefect_server, sqlite_db, postfix)
     assert run.code == 0, run.output
     [received] = postfix.wait_for_mail("admin", count=1)
     delivered = row(sqlite_db, both)
@@ -127,10 +127,10 @@ def test_an_unknown_recipient_is_refused_with_550_and_named(
 
 
 def test_an_untrusted_certificate_fails_the_run_and_uses_no_attempt(
-    sqlite_db: Database, postfix: Postfix, prefect_server: PrefectServer
+    sqlite_db: Database, postfix: Postfix, shared_prefect_server: PrefectServer
 ) -> None:
     ids = [enqueue(sqlite_db, to=[ADMIN], subject=f"Held {n}") for n in (1, 2)]
-    run = run_email_send_job(prefect_server, sqlite_db, postfix, trust_cert=False)
+    run = run_email_send_job(shared_prefect_server, sqlite_db, postfix, trust_cert=False)
     assert run.code != 0, run.output
     assert "CERTIFICATE_VERIFY_FAILED" in run.output
     rows = [row(sqlite_db, task_id) for task_id in ids]

@@ -6,8 +6,11 @@ PostgreSQL database given); a :class:`PrefectServer` holds the environment that 
 ``PREFECT_LOGGING_EXTRA_LOGGERS``, so tests see what a plain worker does), runs the
 ``prefect`` and ``backjobs`` commands against it, starts workers, and reads the API.
 
-Fixture (loaded by ``tests/conftest.py``): ``prefect_server``, one SQLite-backed server
-per test module (share it: a server takes ≈ 5 s to start).
+Fixtures (loaded by ``tests/conftest.py``): ``prefect_server``, one SQLite-backed server
+per test module (share it: a server takes ≈ 5 s of CPU to start), for tests that look at
+the whole server (its deployments, pools, workers); ``shared_prefect_server``, one server
+for the whole test run, for tests that only need somewhere to run flows and look up their
+own runs by id.
 
 A server on a new SQLite database spends ≈ 10 s of CPU migrating it before it answers:
 ``seed_prefect_home`` puts a copy of one database migrated once per test run (shared by the
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -51,7 +55,7 @@ class PrefectServer:
     """A running server and the environment that reaches it."""
 
     env: dict[str, str]
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: the run's shared server (not ours to stop)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -284,7 +288,78 @@ def stop_workers(workers: list[subprocess.Popen[Any]]) -> None:
 
 def stop_server(server: PrefectServer) -> None:
     server.stop_workers()
-    terminate(server.process)
+    if server.process is not None:
+        terminate(server.process)
+
+
+SHARED_SERVER = "shared-prefect-server"
+
+
+def shared_server() -> PrefectServer:
+    """The test run's shared SQLite-backed server: started by the first test process that
+    asks, under a lock the xdist processes share; stopped when the run ends
+    (``pytest_sessionfinish`` below). One server instead of one per
+    process saves each further start (≈ 5 s of CPU) and its polling while idle."""
+    assert _shared_folder is not None, "needs the session fixture of tests.support.prefect_server"
+    folder = _shared_folder / SHARED_SERVER
+    folder.mkdir(exist_ok=True)
+    with (folder / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        settings = folder / "prefect-env.json"
+        if not settings.exists():
+            server = start_server(folder / "home")
+            assert server.process is not None
+            (folder / "pid").write_text(str(server.process.pid))
+            reach = {k: v for k, v in server.env.items() if k.startswith("PREFECT_")}
+            settings.write_text(json.dumps(reach))
+    env = clean_env() | json.loads(settings.read_text())
+    log = folder / "home" / "server.log"
+    assert healthy(env["PREFECT_API_URL"]), f"the shared Prefect server is gone; see {log}"
+    return PrefectServer(env, None)
+
+
+def stop_shared_server(base: Path) -> None:
+    """Stop the shared server started under ``base`` (the test run's temporary root), if one
+    was: SIGTERM, 30 s to exit, then SIGKILL."""
+    pid_file = base / SHARED_SERVER / "pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())
+    pid_file.unlink()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _exited(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has ended: reaped here when it is this process's child (a run in one
+    process), else gone or a zombie its parent has not reaped yet."""
+    with contextlib.suppress(ChildProcessError):
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # The run's shared server outlives the test process that started it: the controlling
+    # process (the only one, or xdist's, once its workers are done) stops it.
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        base_temp = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        stop_shared_server(base_temp)
+
+
+@pytest.fixture(scope="session")
+def shared_prefect_server() -> PrefectServer:
+    """The test run's shared Prefect server (see ``shared_server``); never stop it here."""
+    return shared_server()
 
 
 @pytest.fixture(scope="module")
