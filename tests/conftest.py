@@ -57,6 +57,7 @@ SCHEDULE_FIRST = (
     "e2e/test_run_endings.py",
     "e2e/test_worker.py",
     "integration/test_email_faults.py",
+    "integration/test_email_server_refusals.py",
 )
 
 
