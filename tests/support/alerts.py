@@ -116,7 +116,14 @@ def start_worker(
     queue: str | None = None,
     log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A process worker polling every 2 s that takes a run only when it is due."""
+    """A process worker polling every 2 s that takes a run only when it is due.
+
+    The gate's Prefect database is SQLite, which answers a write that meets another 503
+    (SQLITE_BUSY_SNAPSHOT), and Prefect's client retries a 503 five times (2 + 4 + … + 32 s).
+    On a CPU-starved machine ten runs starting at once kept that up for two and a half
+    minutes: the worker gave up on one run's labels and Prefect marked the run Crashed. So
+    the worker retries eight times (up to ≈ 8 min of waiting).
+    """
     command = [str(BIN / "prefect"), "worker", "start", "--pool", pool]
     if queue:
         command += ["--work-queue", queue]
@@ -129,6 +136,7 @@ def start_worker(
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "0",
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+            "PREFECT_CLIENT_MAX_RETRIES": "8",
         },
         stdout=out,
         stderr=subprocess.STDOUT,
