@@ -19,6 +19,7 @@ from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings
 from tests.support.databases import Database
 from tests.support.email_sender import drain
+from tests.support.outbox_mail import row
 from tests.support.smtp import SENDER, SmtpServer
 
 NOW = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
@@ -35,11 +36,6 @@ def enqueue(db: Database, to: str | list[str], *, template: str = "generic", **k
 
 def run(db: Database, *, now: datetime = NOW) -> EmailSendResult:
     return drain(db, now=now)
-
-
-def row(db: Database, task_id: int) -> AppTask:
-    with db.session() as s:
-        return s.get_one(AppTask, task_id)
 
 
 def message_id_of(db: Database, task_id: int) -> str:

@@ -11,16 +11,14 @@ databases in test_email_send.py and test_email_faults.py.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 import pytest
 
 from backjobs.jobs.email_send import EmailSendResult, EmailServerUnavailable
-from backjobs.models import AppTask
-from backjobs.outbox import enqueue_email
 from backjobs.settings import get_settings
 from tests.support.databases import Database
 from tests.support.email_sender import drain
+from tests.support.outbox_mail import enqueue, real_now, row
 from tests.support.smtp import SmtpServer
 
 pytestmark = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
@@ -31,33 +29,11 @@ MARGIN = 1.0  # the run's own database work, on a loaded machine
 TIMED_OUT = f"timed out (BACKJOBS_SMTP_TIMEOUT_SECONDS: {TIMEOUT:g} s"
 
 
-def real_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @pytest.fixture(autouse=True)
 def short_timeout(smtp_env: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BACKJOBS_SMTP_TIMEOUT_SECONDS", str(TIMEOUT))
     monkeypatch.setenv("BACKJOBS_EMAIL_CONNECTIONS", "1")
     get_settings.cache_clear()
-
-
-def enqueue(db: Database, to: str) -> int:
-    with db.session() as s:
-        task_id = enqueue_email(
-            s,
-            to=to,
-            template="generic",
-            context={"subject": "Hello", "body": "World"},
-            now=real_now(),
-        )
-        s.commit()
-    return task_id
-
-
-def row(db: Database, task_id: int) -> AppTask:
-    with db.session() as s:
-        return s.get_one(AppTask, task_id)
 
 
 def timed_drain(db: Database) -> tuple[EmailSendResult | EmailServerUnavailable, float]:
