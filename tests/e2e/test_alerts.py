@@ -10,6 +10,7 @@ minutes of waiting run beside these tests, in another test process.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from tests.support.alerts import (
     wait_final,
 )
 from tests.support.dashboard import restart_dashboard
+from tests.support.prefect_api import call_json
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +200,34 @@ def wait_scheduled(
         if time.monotonic() > deadline:
             pytest.fail(f"the scheduler created {len(runs)} of {count} runs in {timeout} s")
         time.sleep(0.5)
+
+
+def test_a_run_attempt_that_fails_twice_is_one_failure(
+    stack: AlertStack, deployed: Deployed
+) -> None:
+    """Prefect allows Failed → Failed and Crashed → Failed (a client retrying its state change
+    after a lost answer; a run the zombie check crashed reporting its own end): the second
+    failure event of one attempt is a duplicate, counted by no alert."""
+    deployment = stack.api(f"deployments/name/{FLAKY}/{FLAKY}")
+    known = incident(stack, FLAKY)
+    failures = known["failures"] if known else 0
+    failing = stack.api(
+        f"deployments/{deployment['id']}/create_flow_run", {"parameters": {"fail": True}}
+    )["id"]
+    wait_final(stack, [failing], timeout=120)
+    wait_incident(stack, FLAKY, failures=failures + 1, timeout=60)
+    for event in ("prefect.flow-run.Failed", "prefect.flow-run.Crashed"):
+        call = {
+            "signal": "state",
+            "job": FLAKY,
+            "deployment_id": deployment["id"],
+            "flow_run_id": failing,
+            "event_id": str(uuid.uuid4()),  # a new event of the same attempt
+            "event": event,
+        }
+        answer = call_json(
+            "POST", f"{stack.dash.url}/backjobs/alerts", headers=stack.dash.machine_headers(),
+            body=call,
+        )  # fmt: skip
+        assert answer == {"outcome": "duplicate"}, (event, answer)
+    assert (incident(stack, FLAKY) or {}).get("failures") == failures + 1

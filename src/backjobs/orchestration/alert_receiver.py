@@ -19,6 +19,12 @@ database and POSTs the webhook in the background. Callers authenticate with the 
 credential (``Authorization: Basic``, BACKJOBS_DASHBOARD_AUTH_STRING), which ``backjobs
 deploy`` stores in the automations' webhook block.
 
+A failure is a run attempt (the run's id and ``run_count``), not an event: Prefect allows
+Failed → Failed and Crashed → Failed, so one attempt can end twice — a client that retries
+its state change after losing the server's answer (a busy SQLite server does that), or a run
+the zombie check set Crashed reporting its own failure after. Its second failure event is
+answered ``duplicate`` and counted nowhere; an event delivered twice is, too.
+
 Prefect never retries a webhook action, so each step that can fail on a transient error is
 retried here before the answer (:func:`backjobs.orchestration.alert_delivery.retrying`). A
 run that still cannot be read alerts with what its event says; an email that still cannot
@@ -52,7 +58,12 @@ from backjobs.orchestration.alert_delivery import (
     queue_alert_email,
     retrying,
 )
-from backjobs.orchestration.alert_store import load_incident, load_incidents, save_incident
+from backjobs.orchestration.alert_store import (
+    SEEN_PER_JOB,
+    load_incident,
+    load_incidents,
+    save_incident,
+)
 from backjobs.orchestration.alert_zombie import crash_if_running
 from backjobs.orchestration.alerts import Alert, Incident, IncidentBook, RunInfo
 from backjobs.settings import Settings
@@ -161,17 +172,22 @@ class AlertReceiver:
         incident = book.incidents.get(job)
         if incident is not None and event_id and event_id in incident.seen:
             return "duplicate"
-        run = await self._run_or_event(job, run_id, event=event)
-        if event.removeprefix("prefect.flow-run.") in FAILURE_EVENTS:
-            alert = book.failure(job, run, now=now)
-        else:
-            alert = book.completed(job, run, now=now)
-        incident = book.incidents.get(job)
-        if incident is not None and event_id:
-            incident.seen = [*incident.seen, event_id][-20:]
-        outcome = await self._settle(job, book, alert, run_id=run_id)
-        if event_id:
+        run, attempt = await self._run_or_event(job, run_id, event=event)
+        failed = event.removeprefix("prefect.flow-run.") in FAILURE_EVENTS
+        # A failure is one run attempt, whatever number of failure events it made.
+        key = f"{run_id}#{attempt}" if failed and attempt else event_id
+        if key != event_id and (
+            key in self._seen or (incident is not None and key in incident.seen)
+        ):
             self._remember(event_id)
+            return "duplicate"
+        alert = book.failure(job, run, now=now) if failed else book.completed(job, run, now=now)
+        incident = book.incidents.get(job)
+        if incident is not None and key:
+            incident.seen = [*incident.seen, key][-SEEN_PER_JOB:]
+        outcome = await self._settle(job, book, alert, run_id=run_id)
+        self._remember(event_id)
+        self._remember(key)
         return outcome
 
     async def _book(self, job: str) -> IncidentBook:
@@ -200,8 +216,10 @@ class AlertReceiver:
         await retrying(f"storing the incident of {job}", store)
         return outcome
 
-    def _remember(self, event_id: str) -> None:
-        self._seen[event_id] = None
+    def _remember(self, key: str) -> None:
+        if not key:
+            return
+        self._seen[key] = None
         while len(self._seen) > SEEN_EVENTS:
             self._seen.popitem(last=False)
 
@@ -264,8 +282,11 @@ class AlertReceiver:
             timeout=30,
         )
 
-    async def _run_or_event(self, job: str, flow_run_id: str, *, event: str) -> RunInfo:
-        """The run as the server has it; if it cannot be read, what its event says."""
+    async def _run_or_event(
+        self, job: str, flow_run_id: str, *, event: str
+    ) -> tuple[RunInfo, int | None]:
+        """The run as the server has it and its attempt (``run_count``); if it cannot be
+        read, what its event says (attempt None)."""
         try:
             return await retrying(
                 f"reading run {flow_run_id} of {job}",
@@ -279,9 +300,9 @@ class AlertReceiver:
                 name=flow_run_id,
                 state=event.removeprefix("prefect.flow-run.") or "unknown",
                 message=f"(the run could not be read: {exc})",
-            )
+            ), None
 
-    async def _run_info(self, flow_run_id: str, *, event: str) -> RunInfo:
+    async def _run_info(self, flow_run_id: str, *, event: str) -> tuple[RunInfo, int | None]:
         async with self._api() as api:
             response = await api.get(f"/flow_runs/{flow_run_id}")
             response.raise_for_status()
@@ -290,13 +311,14 @@ class AlertReceiver:
         state = run.get("state") or {}
         seen_state = event.removeprefix("prefect.flow-run.") or str(state.get("name"))
         message = str(state.get("message") or "") if state.get("name") == seen_state else ""
-        return RunInfo(
+        info = RunInfo(
             flow_run_id=flow_run_id,
             name=str(run.get("name") or flow_run_id),
             state=seen_state,
             message=message,
             failed_parts=parts,
         )
+        return info, int(run.get("run_count") or 0)
 
     async def _zombie(self, job: str, body: dict[str, Any], *, now: datetime) -> str:
         async with self._api() as api:

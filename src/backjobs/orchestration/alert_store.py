@@ -3,8 +3,9 @@
 A job with an open incident (failing, or silent) has the Variable
 ``backjobs-incident-<job>``, whose value is the incident as JSON (:func:`incident_record`):
 when it opened, its first failure, the failures counted and those already reported, when
-it last alerted, the last run, and the ids of the last state events it counted (so an
-event delivered twice is counted once, across restarts too). Recovery deletes it.
+it last alerted, the last run, and what it last counted — a failed run attempt as
+``<flow run id>#<run_count>``, another event by its id — so a failure or an event that comes
+twice is counted once, across restarts too. Recovery deletes it.
 
 Why a Variable: the incidents then live where the events and the automations live, in the
 Prefect server's database, and survive a restart of ``backjobs dashboard`` (the receiver
@@ -29,7 +30,7 @@ from backjobs.orchestration.alerts import Incident, RunInfo
 
 PREFIX = "backjobs-incident-"
 TAG = "backjobs-incident"
-SEEN_PER_JOB = 20  # event ids kept per incident
+SEEN_PER_JOB = 20  # counted attempts or events kept per incident
 MESSAGE_CHARS = 1000  # a Variable holds at most 5,000 characters of JSON
 PARTS, PART_CHARS = 10, 200
 

@@ -60,7 +60,7 @@ class Incident:
     last_alert_at: datetime | None = None
     last_run: RunInfo | None = None
     silent: bool = False
-    seen: list[str] = field(default_factory=list)  # ids of the state events counted
+    seen: list[str] = field(default_factory=list)  # run attempts / events counted
 
 
 class IncidentBook:
