@@ -120,11 +120,16 @@ def test_redeploying_leaves_the_server_holding_exactly_the_files_schedules(
     assert schedules(server) == [("*/5 * * * *", True, "email-cron")]
 
     # No `schedules:` key: no schedule (the seed's CronNever), but it can be triggered.
+    # A run of the old schedule waiting for the job's slot, which Prefect keeps when the
+    # schedule goes, is deleted too.
+    waiting = run_waiting_for_the_slot(server)
     write(project, None, drop_key=True)
-    deploy_ok(project, server)
+    out = deploy_ok(project, server)
     assert schedules(server) == []
+    assert f"{JOB}: " in out and " scheduled run(s) of removed or paused schedules deleted" in out
     deployment_id = deployed(server)["id"]
     runs = api(server, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+    assert waiting not in [r["id"] for r in runs]
     assert [r for r in runs if r["state_type"] == "SCHEDULED" and r["auto_scheduled"]] == []
     triggered = subprocess.run(
         [BACKJOBS, "trigger", JOB, "--project-dir", str(project)],
@@ -195,6 +200,31 @@ def test_deploy_in_the_callers_process_leaves_its_environment_folder_and_logging
     assert Path.cwd() == folder
     assert {name: logging.getLogger(name).handlers for name in loggers} == loggers
     assert schedules(server) == [("0 7 * * *", True, "email-cron")]
+
+
+def run_waiting_for_the_slot(env: dict[str, str]) -> str:
+    """One run of the deployment's schedule, as a worker leaves it when the job's previous
+    run holds the slot (``AwaitingConcurrencySlot``); its id."""
+    deployment_id = deployed(env)["id"]
+    call_json(
+        "POST",
+        f"{env['PREFECT_API_URL']}/deployments/{deployment_id}/schedule",
+        body={"min_runs": 1, "max_runs": 1},
+    )
+    runs = api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+    run = next(r for r in runs if r["auto_scheduled"] and r["state_type"] == "SCHEDULED")
+    state = {
+        "type": "SCHEDULED",
+        "name": "AwaitingConcurrencySlot",
+        "state_details": {"scheduled_time": run["expected_start_time"]},
+    }
+    answer = call_json(
+        "POST",
+        f"{env['PREFECT_API_URL']}/flow_runs/{run['id']}/set_state",
+        body={"state": state, "force": True},
+    )
+    assert answer["status"] == "ACCEPT", answer
+    return str(run["id"])
 
 
 def api(env: dict[str, str], path: str, body: dict[str, object]) -> list[dict[str, Any]]:

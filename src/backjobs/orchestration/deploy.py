@@ -9,6 +9,10 @@ changed ones updated in place (same id), missing ones created, the rest deleted.
 schedule without ``active:`` is active. A deployment without schedules never runs on its
 own (the seed's CronNever) but can be triggered.
 
+Then the runs of schedules now gone or paused that Prefect leaves behind (its scheduler
+inserting them as the schedule is deleted; runs waiting for the job's slot) are deleted
+(:mod:`backjobs.orchestration.orphan_runs`), one line per deployment that had any.
+
 What it prints is the server's truth: the schedules of every deployment are read before
 the whole deploy and after it, and each difference is one line
 (:mod:`backjobs.orchestration.schedule_report`), with the automations' changes after.
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backjobs.orchestration.orphan_runs import delete_orphaned_runs
 from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
 from backjobs.orchestration.schedule_report import describe_changes, read_schedules
 
@@ -78,6 +83,7 @@ class ScheduleChanges:
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
+    orphans: int = 0  # runs of removed or paused schedules deleted (orphan_runs)
     report: list[str] = field(default_factory=list)
     automations: list[str] = field(default_factory=list)
 
@@ -109,8 +115,14 @@ def deploy(
     )
     after = asyncio.run(_with_client(read_schedules, names, env=env or {}))
     for name, change in changes.items():
+        orphans = (
+            [f"{name}: {change.orphans} scheduled run(s) of removed or paused schedules deleted"]
+            if change.orphans
+            else []
+        )
         change.report = [
             *describe_changes(name, before.get(name), after.get(name) or []),
+            *orphans,
             *change.automations,
         ]
     return changes
@@ -216,6 +228,8 @@ async def _sync_all(
             changes[job].automations.append(f"{job}: automation {automation} deleted")
         else:
             print(f"automation {automation} deleted (no such job in prefect.yaml)")
+    for name, deployment_id in ids.items():  # last: the scheduler's pass has had its time
+        changes[name].orphans = await delete_orphaned_runs(client, deployment_id)
     return changes
 
 

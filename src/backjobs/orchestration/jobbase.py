@@ -3,6 +3,10 @@
 ``job_flow("CleanupJob")`` turns a body ``(as_of: datetime) -> Result`` into a Prefect
 flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
 
+- refuses a run whose schedule is gone or paused (the scheduler inserted it as the
+  schedule was removed, or it waited for the job's slot meanwhile): it ends
+  **Cancelled**, with a message naming the schedule, before the job does anything
+  (:mod:`backjobs.orchestration.orphan_runs`);
 - resolves ``as_of``: the parameter (a naive value is read as UTC), else the run's
   scheduled start time (the exact cron time even when the run starts late), else now;
   always an aware UTC datetime. The clock is read here and nowhere else. An ``as_of``
@@ -51,9 +55,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
-from prefect.states import Completed
+from prefect.states import Cancelled, Completed
 
 from backjobs.clock import check_as_of, to_utc
+from backjobs.orchestration.orphan_runs import orphaned_run_reason
 from backjobs.orchestration.runlogs import prepare_run_logging
 from backjobs.settings import get_settings
 
@@ -230,6 +235,10 @@ def job_flow(
         def run(as_of: datetime | None = None) -> R | State[R]:
             prepare_run_logging()
             logger = get_run_logger()
+            refused = orphaned_run_reason()
+            if refused:
+                logger.warning("[%s] Job %s", job_name, refused)
+                return Cancelled(message=f"{kebab(job_name)}: {refused}")
             when = resolve_as_of(as_of)
             logger.info("[%s] Starting job execution (as_of %s)", job_name, when.isoformat())
             try:

@@ -1,0 +1,105 @@
+"""Runs of a schedule that is gone: ``backjobs deploy`` deletes them, a job run refuses them.
+
+Removing or pausing a schedule makes Prefect delete the schedule's future runs, but not
+all of them:
+
+- **the scheduler's race.** Prefect's scheduler reads a deployment's active schedules and
+  inserts their runs in two transactions. A schedule deleted between the two (a deploy
+  while the scheduler is in its pass; on a busy server the gap is seconds) gets its runs
+  inserted after its deletion, for the next hour or more: the job keeps running on a
+  schedule that no longer exists (seen in CI: 13 runs of a removed ``*/5`` cron);
+- **runs waiting for the job's slot.** A run in ``AwaitingConcurrencySlot`` (the job's
+  previous run still holds its one slot) is kept by Prefect when its schedule goes, and
+  runs later.
+
+Such a run is an *orphan*: auto-scheduled, never started (``run_count`` 0), still in a
+Scheduled-type state, made by a schedule (``created_by``) that is no longer an active
+schedule of its deployment. ``backjobs deploy`` deletes every orphan it finds once the
+schedules are synced (:func:`delete_orphaned_runs`), and says how many. One inserted after
+that (the race again) is refused when it starts: the job base ends it **Cancelled**, with
+a message naming the schedule, before the job does anything (:func:`orphaned_run_reason`).
+If the schedules cannot be read at that moment, the job runs: a server hiccup must not
+cost a scheduled run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE = "SCHEDULE"  # created_by.type of a run the scheduler made
+PAGE = 200  # the server's largest page of flow runs
+
+
+def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
+    """Why ``run`` (a Prefect flow run) belongs to no active schedule of its deployment,
+    or None when it is not such a run (not made by a schedule, or its schedule is active).
+    ``schedules``: the deployment's schedules as the server has them now."""
+    created = getattr(run, "created_by", None)
+    if not getattr(run, "auto_scheduled", False) or created is None:
+        return None
+    if created.type != SCHEDULE or created.id is None:
+        return None
+    name = f"schedule {created.display_value or 'of the deployment'} ({created.id})"
+    for schedule in schedules:
+        if schedule.id == created.id:
+            return None if schedule.active else f"{name} is paused"
+    return f"{name} no longer exists on the deployment"
+
+
+def is_unstarted(run: Any) -> bool:
+    """Scheduled-type (Scheduled, Late, AwaitingConcurrencySlot), never run."""
+    state = getattr(run, "state", None)
+    return bool(state is not None and state.type.value == "SCHEDULED" and (run.run_count or 0) == 0)
+
+
+async def delete_orphaned_runs(client: Any, deployment_id: Any) -> int:
+    """Delete the deployment's unstarted runs of schedules it no longer has (or has
+    paused); the number deleted."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    schedules = list(await client.read_deployment_schedules(deployment_id))
+    wanted = FlowRunFilter(
+        deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+    )
+    deleted, offset = 0, 0
+    while True:
+        page = await client.read_flow_runs(flow_run_filter=wanted, limit=PAGE, offset=offset)
+        orphans = [r for r in page if is_unstarted(r) and orphan_reason(r, schedules)]
+        for run in orphans:
+            await client.delete_flow_run(run.id)
+        deleted += len(orphans)
+        if len(page) < PAGE:
+            return deleted
+        offset += PAGE - len(orphans)
+
+
+def orphaned_run_reason() -> str | None:
+    """In a flow run: why this run must not do its job (its schedule is gone or paused),
+    else None. Runs outside a deployment, or not made by a schedule, are never refused."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    if run is None or run.deployment_id is None or orphan_reason(run, []) is None:
+        return None  # orphan_reason with no schedules: None only if no schedule made it
+    try:
+        with get_client(sync_client=True) as client:
+            schedules = client.read_deployment_schedules(run.deployment_id)
+    except Exception as exc:  # the job runs: a hiccup must not cost a scheduled run
+        logger.warning("could not read the schedules of run %s's deployment (%s); running "
+                       "the job", run.id, exc)  # fmt: skip
+        return None
+    reason = orphan_reason(run, schedules)
+    return f"not run: {reason} (it was created before the schedule changed)" if reason else None

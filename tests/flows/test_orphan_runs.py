@@ -1,0 +1,107 @@
+"""A run of a schedule that is gone or paused ends Cancelled without doing its job; one of
+an active schedule runs (the job base against the test run's Prefect server).
+
+The orphan is made as Prefect leaves one behind: a run waiting for the job's slot
+(``AwaitingConcurrencySlot``) survives its schedule's deletion or pause.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentScheduleCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.flow_engine import run_flow
+from prefect.states import Scheduled
+
+from backjobs.orchestration.jobbase import job_flow
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+RAN: list[datetime] = []
+
+
+@dataclass(frozen=True)
+class Done:
+    as_of: datetime
+
+
+@job_flow("OrphanProbeJob")
+def orphan_probe_job(as_of: datetime) -> Done:
+    RAN.append(as_of)
+    return Done(as_of)
+
+
+def scheduled_run(client: Any) -> tuple[Any, Any]:
+    """A deployment of the probe with one active cron schedule, and one run the server's
+    scheduler code made of it (auto-scheduled, created by the schedule)."""
+    flow_id = client.create_flow_from_name(orphan_probe_job.name)
+    deployment_id = client.create_deployment(
+        flow_id=flow_id,
+        name=f"orphans-{uuid.uuid4().hex[:8]}",
+        schedules=[
+            DeploymentScheduleCreate(schedule=CronSchedule(cron="*/5 * * * *"), active=True)
+        ],
+    )
+    response = client.request(
+        "POST", "/deployments/{id}/schedule", path_params={"id": deployment_id},
+        json={"min_runs": 1, "max_runs": 1},
+    )  # fmt: skip
+    response.raise_for_status()
+    by_deployment = FlowRunFilterDeploymentId(any_=[deployment_id])
+    [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=by_deployment))
+    assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run
+    return deployment_id, run
+
+
+def wait_for_slot(client: Any, run: Any) -> None:
+    """The run as a worker leaves it when the job's previous run holds the slot."""
+    waiting = Scheduled(
+        name="AwaitingConcurrencySlot", scheduled_time=datetime.now(UTC) + timedelta(seconds=5)
+    )
+    client.set_flow_run_state(run.id, waiting, force=True)
+
+
+def start(client: Any, run: Any) -> Any:
+    return run_flow(orphan_probe_job, flow_run=client.read_flow_run(run.id), return_type="state")
+
+
+@pytest.mark.parametrize("change", ["deleted", "paused"])
+def test_a_run_of_a_removed_or_paused_schedule_is_cancelled_before_the_job(change: str) -> None:
+    RAN.clear()
+    with get_client(sync_client=True) as client:
+        deployment_id, run = scheduled_run(client)
+        wait_for_slot(client, run)
+        [schedule] = client.read_deployment_schedules(deployment_id)
+        if change == "deleted":
+            client.delete_deployment_schedule(deployment_id, schedule.id)
+        else:
+            client.update_deployment_schedule(deployment_id, schedule.id, active=False)
+        assert client.read_flow_run(run.id).state_name == "AwaitingConcurrencySlot"  # kept
+
+        state = start(client, run)
+
+        assert state.is_cancelled(), state
+        assert str(schedule.id) in state.message and "orphan-probe-job: not run" in state.message
+        expected = "is paused" if change == "paused" else "no longer exists on the deployment"
+        assert expected in state.message
+        assert client.read_flow_run(run.id).state_type.value == "CANCELLED"
+    assert RAN == []
+
+
+def test_a_run_of_an_active_schedule_does_its_job() -> None:
+    RAN.clear()
+    with get_client(sync_client=True) as client:
+        _, run = scheduled_run(client)
+        wait_for_slot(client, run)
+
+        state = start(client, run)
+
+        assert state.is_completed(), state
+    assert RAN == [run.expected_start_time]
