@@ -120,9 +120,9 @@ def test_redeploying_leaves_the_server_holding_exactly_the_files_schedules(
     assert schedules(server) == [("*/5 * * * *", True, "email-cron")]
 
     # No `schedules:` key: no schedule (the seed's CronNever), but it can be triggered.
-    # A run of the old schedule waiting for the job's slot, which Prefect keeps when the
-    # schedule goes, is deleted too.
-    waiting = run_waiting_for_the_slot(server)
+    # A run of the old schedule queued for a concurrency slot, which Prefect keeps when
+    # the schedule goes, is deleted too.
+    waiting = run_queued_for_a_slot(server)
     write(project, None, drop_key=True)
     out = deploy_ok(project, server)
     assert schedules(server) == []
@@ -202,9 +202,9 @@ def test_deploy_in_the_callers_process_leaves_its_environment_folder_and_logging
     assert schedules(server) == [("0 7 * * *", True, "email-cron")]
 
 
-def run_waiting_for_the_slot(env: dict[str, str]) -> str:
-    """One run of the deployment's schedule, as a worker leaves it when the job's previous
-    run holds the slot (``AwaitingConcurrencySlot``); its id."""
+def run_queued_for_a_slot(env: dict[str, str]) -> str:
+    """One run of the deployment's schedule in ``AwaitingConcurrencySlot`` (as Prefect
+    leaves it when a deployment that queues has its slot taken); its id."""
     deployment_id = deployed(env)["id"]
     call_json(
         "POST",

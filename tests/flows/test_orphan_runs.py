@@ -1,7 +1,7 @@
 """A run of a schedule that is gone or paused ends Cancelled without doing its job; one of
 an active schedule runs (the job base against the test run's Prefect server).
 
-The orphan is made as Prefect leaves one behind: a run waiting for the job's slot
+The orphan is made as Prefect leaves one behind: a run queued for a concurrency slot
 (``AwaitingConcurrencySlot``) survives its schedule's deletion or pause.
 """
 
@@ -61,7 +61,8 @@ def scheduled_run(client: Any) -> tuple[Any, Any]:
 
 
 def wait_for_slot(client: Any, run: Any) -> None:
-    """The run as a worker leaves it when the job's previous run holds the slot."""
+    """The run as Prefect leaves it when a deployment that queues (``ENQUEUE``) has its
+    slot taken."""
     waiting = Scheduled(
         name="AwaitingConcurrencySlot", scheduled_time=datetime.now(UTC) + timedelta(seconds=5)
     )

@@ -10,7 +10,7 @@ schedule without ``active:`` is active. A deployment without schedules never run
 own (the seed's CronNever) but can be triggered.
 
 Then the runs of schedules now gone or paused that Prefect leaves behind (its scheduler
-inserting them as the schedule is deleted; runs waiting for the job's slot) are deleted
+inserting them as the schedule is deleted; runs queued for a concurrency slot) are deleted
 (:mod:`backjobs.orchestration.orphan_runs`), one line per deployment that had any.
 
 What it prints is the server's truth: the schedules of every deployment are read before

@@ -4,7 +4,7 @@
 flow named ``cleanup-job`` that takes one parameter, ``as_of``, and:
 
 - refuses a run whose schedule is gone or paused (the scheduler inserted it as the
-  schedule was removed, or it waited for the job's slot meanwhile): it ends
+  schedule was removed, or it was queued for a concurrency slot meanwhile): it ends
   **Cancelled**, with a message naming the schedule, before the job does anything
   (:mod:`backjobs.orchestration.orphan_runs`);
 - resolves ``as_of``: the parameter (a naive value is read as UTC), else the run's

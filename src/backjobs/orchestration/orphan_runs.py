@@ -8,9 +8,9 @@ all of them:
   while the scheduler is in its pass; on a busy server the gap is seconds) gets its runs
   inserted after its deletion, for the next hour or more: the job keeps running on a
   schedule that no longer exists (seen in CI: 13 runs of a removed ``*/5`` cron);
-- **runs waiting for the job's slot.** A run in ``AwaitingConcurrencySlot`` (the job's
-  previous run still holds its one slot) is kept by Prefect when its schedule goes, and
-  runs later.
+- **runs queued for a concurrency slot.** A run in ``AwaitingConcurrencySlot`` is kept by
+  Prefect when its schedule goes, and runs later. (backjobs' deployments cancel a run that
+  finds the slot taken, ``CANCEL_NEW``; one whose prefect.yaml says ``ENQUEUE`` queues.)
 
 Such a run is an *orphan*: auto-scheduled, never started (``run_count`` 0), still in a
 Scheduled-type state, made by a schedule (``created_by``) that is no longer an active
