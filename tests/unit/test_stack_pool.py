@@ -24,6 +24,7 @@ def test_workers_and_runs_get_the_machine_credential_but_no_jwt_secret(
     assert "BACKJOBS_JWT_SECRET" not in worker
     assert "BACKJOBS_DASHBOARD_AUTH_STRING" not in worker
     assert worker["PREFECT_API_AUTH_STRING"] == "m:credential"
+    assert worker["PREFECT_CLIENT_MAX_RETRIES"] == "8"  # a busy SQLite server answers 503
     server = stack.child_env(prefect_home="prefect", client=False)
     assert server["BACKJOBS_JWT_SECRET"] == "s" * 40
 

@@ -97,7 +97,17 @@ class Stack:
             return env
         for server_only in SERVER_SECRETS:
             env.pop(server_only, None)
-        return env | self.client_env() | {"PREFECT_WORKER_QUERY_SECONDS": "5"}
+        return env | self.client_env() | CLIENT_PATIENCE
+
+
+CLIENT_PATIENCE = {
+    "PREFECT_WORKER_QUERY_SECONDS": "5",
+    # The stack's server is SQLite by default, which answers a write that meets another
+    # 503; Prefect's client retries five times (2 + 4 + … + 32 s), and a burst of runs on
+    # a busy machine outlasted that: the worker gave up submitting a run, which Prefect
+    # marked Crashed (a failure alert for nothing). Eight retries wait up to ≈ 8 min.
+    "PREFECT_CLIENT_MAX_RETRIES": "8",
+}
 
 
 def load_stack(settings: Settings, *, var_dir: str | Path | None, project_file: Path) -> Stack:
