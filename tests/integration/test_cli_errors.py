@@ -4,9 +4,13 @@ traceback unless ``--debug``. Each case runs the real command from the test's ow
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -330,3 +334,52 @@ def test_stack_env_with_a_missing_var_dir_creates_nothing(tmp_path: Path) -> Non
     done = backjobs("stack", "down", "--var-dir", str(missing))
     assert done.returncode == 0 and "nothing to stop" in done.stdout
     assert not missing.exists()
+
+
+SERVER_COMMANDS = [
+    ("trigger", "cleanup-job", "--project-dir", str(ROOT)),
+    ("deploy", str(ROOT / "prefect.yaml")),
+]
+
+
+@pytest.mark.parametrize("args", SERVER_COMMANDS)
+def test_a_prefect_server_that_is_down_is_one_line_naming_its_url(args: tuple[str, ...]) -> None:
+    done = backjobs(*args, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert done.returncode == 1
+    line = one_error_line(done)
+    assert "the Prefect server at http://127.0.0.1:9/api cannot be reached" in line, line
+    assert "Connection refused" in line or "connection attempts failed" in line, line
+
+
+def test_a_prefect_server_that_never_answers_is_named_within_seconds() -> None:
+    """A port that accepts and never answers: Prefect's client alone waited over 5 min."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections complete in the backlog; nothing is ever read
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/api"
+        started = time.monotonic()
+        done = backjobs(*SERVER_COMMANDS[0], PREFECT_API_URL=url)
+        waited = time.monotonic() - started
+    assert done.returncode == 1
+    line = one_error_line(done)
+    assert f"the Prefect server at {url} cannot be reached" in line, line
+    assert "no answer to GET /health in 15 s" in line, line
+    assert waited < 60, waited
+
+
+def test_an_api_url_without_api_is_a_usage_error_saying_so() -> None:
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound) as site:
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{site.server_address[1]}"
+        done = backjobs(*SERVER_COMMANDS[1], PREFECT_API_URL=url)
+        site.shutdown()
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert f"PREFECT_API_URL={url} answered 404 to GET /health" in line and "/api" in line, line

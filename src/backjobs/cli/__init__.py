@@ -26,6 +26,7 @@ the line) adds the traceback. :func:`main` is the one place that turns errors in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -73,7 +74,23 @@ def explain_error(exc: BaseException) -> tuple[str, int]:
         return str(unusable), unusable.code
     if isinstance(exc, CommandError):
         return f"migration failed: {first_line(exc)}", 1
+    unreachable = _prefect_unreachable(exc)
+    if unreachable:
+        return unreachable, 1
     return f"{type(exc).__name__}: {first_line(exc)}", 1
+
+
+def _prefect_unreachable(exc: BaseException) -> str | None:
+    """The Prefect server could not be reached or did not answer (an httpx transport error
+    from Prefect's client): the line names the server's URL."""
+    httpx = sys.modules.get("httpx")  # loaded if the error can be one of its own
+    if httpx is None or not isinstance(exc, httpx.TransportError):
+        return None
+    url = os.environ.get("PREFECT_API_URL") or "(PREFECT_API_URL unset)"
+    return (
+        f"the Prefect server at {url} cannot be reached ({type(exc).__name__}: "
+        f"{first_line(exc) or 'no answer'}): check PREFECT_API_URL and that the server is running"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -157,5 +157,35 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+HEALTH_TIMEOUT = 15.0  # seconds the Prefect server has to answer GET /health
+
+
+def require_prefect_server() -> None:
+    """Fail at once, naming the URL, unless the server PREFECT_API_URL names answers
+    ``GET /health`` within ``HEALTH_TIMEOUT``. Prefect's client waits 60 s per request and
+    retries a timeout five times: against a hung server (or a port that accepts but never
+    answers) ``trigger`` and ``deploy`` sat silent for over five minutes."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api  # TLS as Prefect's client does it
+    verify = False if api.tls_insecure_skip_verify else (api.ssl_cert_file or True)
+    url = os.environ["PREFECT_API_URL"].rstrip("/")
+    try:
+        answer = httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT, verify=verify)
+    except httpx.TimeoutException:
+        raise httpx.ReadTimeout(f"no answer to GET /health in {HEALTH_TIMEOUT:.0f} s") from None
+    if answer.status_code == 404:
+        raise UsageError(
+            f"PREFECT_API_URL={url} answered 404 to GET /health: it must be the server's API "
+            "URL, ending in /api"
+        )
+    if not answer.is_success:
+        raise RuntimeError(
+            f"the Prefect server at {url} answered {answer.status_code} to GET /health: "
+            f"{answer.text.strip()[:200]}"
+        )
+
+
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]

@@ -9,7 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backjobs.cli.common import UsageError, parse_as_of, prefect_defaults
+from backjobs.cli.common import (
+    UsageError,
+    parse_as_of,
+    prefect_defaults,
+    require_prefect_server,
+)
 
 
 def add_job_commands(commands: Any) -> None:
@@ -118,6 +123,7 @@ def _trigger(args: argparse.Namespace) -> int:
     if args.timeout is not None and not args.wait:
         raise ValueError("--timeout needs --wait")
     prefect_defaults()
+    require_prefect_server()
     from backjobs.orchestration.trigger import trigger_deployment
 
     return trigger_deployment(
@@ -162,6 +168,7 @@ def _deploy(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         raise LookupError("set PREFECT_API_URL to the Prefect server to deploy to")
     prefect_defaults()
+    require_prefect_server()
     path = find_project_file(args.file)
     try:
         changes = deploy(path)
