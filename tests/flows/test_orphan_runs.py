@@ -39,8 +39,8 @@ def orphan_probe_job(as_of: datetime) -> Done:
 
 
 def scheduled_run(client: Any) -> tuple[Any, Any]:
-    """A deployment of the probe with one active cron schedule, and one run the server's
-    scheduler code made of it (auto-scheduled, created by the schedule)."""
+    """A deployment of the probe with one active cron schedule, and one of the runs the
+    server's scheduler code made of it (auto-scheduled, created by the schedule)."""
     flow_id = client.create_flow_from_name(orphan_probe_job.name)
     deployment_id = client.create_deployment(
         flow_id=flow_id,
@@ -55,7 +55,9 @@ def scheduled_run(client: Any) -> tuple[Any, Any]:
     )  # fmt: skip
     response.raise_for_status()
     by_deployment = FlowRunFilterDeploymentId(any_=[deployment_id])
-    [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=by_deployment))
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=by_deployment))
+    # The server's own scheduler may have made some too (a new deployment is "recent").
+    run = runs[0]
     assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run
     return deployment_id, run
 
