@@ -38,17 +38,22 @@ def orphan_probe_job(as_of: datetime) -> Done:
     return Done(as_of)
 
 
-def scheduled_run(client: Any) -> tuple[Any, Any]:
-    """A deployment of the probe with one active cron schedule, and one of the runs the
-    server's scheduler code made of it (auto-scheduled, created by the schedule)."""
-    flow_id = client.create_flow_from_name(orphan_probe_job.name)
-    deployment_id = client.create_deployment(
-        flow_id=flow_id,
-        name=f"orphans-{uuid.uuid4().hex[:8]}",
+def deploy_probe(client: Any, name: str) -> Any:
+    """Create (or, as ``prefect deploy`` does, upsert) a deployment of the probe with one
+    active cron schedule, no slug; its id."""
+    return client.create_deployment(
+        flow_id=client.create_flow_from_name(orphan_probe_job.name),
+        name=name,
         schedules=[
             DeploymentScheduleCreate(schedule=CronSchedule(cron="*/5 * * * *"), active=True)
         ],
     )
+
+
+def scheduled_run(client: Any, name: str | None = None) -> tuple[Any, Any]:
+    """A deployment of the probe with one active cron schedule, and one of the runs the
+    server's scheduler code made of it (auto-scheduled, created by the schedule)."""
+    deployment_id = deploy_probe(client, name or f"orphans-{uuid.uuid4().hex[:8]}")
     response = client.request(
         "POST", "/deployments/{id}/schedule", path_params={"id": deployment_id},
         json={"min_runs": 1, "max_runs": 1},
@@ -103,6 +108,25 @@ def test_a_run_of_an_active_schedule_does_its_job() -> None:
     with get_client(sync_client=True) as client:
         _, run = scheduled_run(client)
         wait_for_slot(client, run)
+
+        state = start(client, run)
+
+        assert state.is_completed(), state
+    assert RAN == [run.expected_start_time]
+
+
+def test_a_run_whose_schedule_a_redeploy_replaced_by_an_equal_one_does_its_job() -> None:
+    """``prefect deploy`` recreates a slug-less schedule under a new id: a run of the old
+    one already due is no orphan, since the new one fires at its time."""
+    RAN.clear()
+    name = f"orphans-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        deployment_id, run = scheduled_run(client, name)
+        wait_for_slot(client, run)
+        [before] = client.read_deployment_schedules(deployment_id)
+        assert deploy_probe(client, name) == deployment_id  # the upsert
+        [after] = client.read_deployment_schedules(deployment_id)
+        assert after.id != before.id and run.created_by.id == before.id
 
         state = start(client, run)
 

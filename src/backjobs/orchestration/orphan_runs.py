@@ -14,10 +14,12 @@ all of them:
 
 Such a run is an *orphan*: auto-scheduled, never started (``run_count`` 0), still in a
 Scheduled-type state, made by a schedule (``created_by``) that is no longer an active
-schedule of its deployment. ``backjobs deploy`` deletes every orphan it finds once the
-schedules are synced (:func:`delete_orphaned_runs`), and says how many. One inserted after
-that (the race again) is refused when it starts: the job base ends it **Cancelled**, with
-a message naming the schedule, before the job does anything (:func:`orphaned_run_reason`).
+schedule of its deployment, at a time no active schedule of the deployment fires (so a run
+whose schedule ``prefect deploy`` replaced by an equal one is no orphan). ``backjobs
+deploy`` deletes every orphan it finds once the schedules are synced
+(:func:`delete_orphaned_runs`), and says how many. One inserted after that (the race
+again) is refused when it starts: the job base ends it **Cancelled**, with a message
+naming the schedule, before the job does anything (:func:`orphaned_run_reason`).
 If the schedules cannot be read at that moment, the job runs: a server hiccup must not
 cost a scheduled run.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -36,18 +39,45 @@ PAGE = 200  # the server's largest page of flow runs
 
 def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
     """Why ``run`` (a Prefect flow run) belongs to no active schedule of its deployment,
-    or None when it is not such a run (not made by a schedule, or its schedule is active).
-    ``schedules``: the deployment's schedules as the server has them now."""
+    or None when it is not such a run: not made by a schedule, its schedule is active, or
+    another active schedule fires at its time. ``schedules``: the deployment's schedules
+    as the server has them now.
+
+    The last case keeps a run whose schedule was *replaced* by an equal one: ``prefect
+    deploy`` recreates (new ids) the schedules of a deployment whose schedules lack a
+    ``slug``, and keeps their runs already due (Late, or taken by a worker), which must
+    still run."""
     created = getattr(run, "created_by", None)
     if not getattr(run, "auto_scheduled", False) or created is None:
         return None
     if created.type != SCHEDULE or created.id is None:
         return None
+    schedules = list(schedules)
     name = f"schedule {created.display_value or 'of the deployment'} ({created.id})"
-    for schedule in schedules:
-        if schedule.id == created.id:
-            return None if schedule.active else f"{name} is paused"
-    return f"{name} no longer exists on the deployment"
+    mine = [s for s in schedules if s.id == created.id]
+    if mine and mine[0].active:
+        return None
+    when = getattr(run, "expected_start_time", None)
+    if when is not None and any(s.active and fires_at(s.schedule, when) for s in schedules):
+        return None
+    return f"{name} is paused" if mine else f"{name} no longer exists on the deployment"
+
+
+def fires_at(schedule: Any, when: datetime) -> bool:
+    """Whether a schedule fires at ``when``; a schedule that is no cron (interval, rrule)
+    is taken to fire at any time, so a run is never refused on a guess."""
+    cron = getattr(schedule, "cron", None)
+    if not cron:
+        return True
+    from zoneinfo import ZoneInfo
+
+    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
+
+    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
+    start = (when - timedelta(seconds=1)).astimezone(zone)
+    day_or = getattr(schedule, "day_or", True)
+    fired: datetime = croniter(cron, start, day_or=day_or).get_next(datetime)  # type: ignore[no-untyped-call]
+    return fired == when
 
 
 def is_unstarted(run: Any) -> bool:
