@@ -31,6 +31,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
+from backjobs.orchestration.crons import next_fire
+
 logger = logging.getLogger(__name__)
 
 SCHEDULE = "SCHEDULE"  # created_by.type of a run the scheduler made
@@ -66,18 +68,9 @@ def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
 def fires_at(schedule: Any, when: datetime) -> bool:
     """Whether a schedule fires at ``when``; a schedule that is no cron (interval, rrule)
     is taken to fire at any time, so a run is never refused on a guess."""
-    cron = getattr(schedule, "cron", None)
-    if not cron:
+    if not getattr(schedule, "cron", None):
         return True
-    from zoneinfo import ZoneInfo
-
-    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
-
-    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
-    start = (when - timedelta(seconds=1)).astimezone(zone)
-    day_or = getattr(schedule, "day_or", True)
-    fired: datetime = croniter(cron, start, day_or=day_or).get_next(datetime)  # type: ignore[no-untyped-call]
-    return fired == when
+    return next_fire(schedule, when - timedelta(seconds=1)) == when
 
 
 def is_unstarted(run: Any) -> bool:
@@ -127,9 +120,9 @@ def orphaned_run_reason() -> str | None:
     try:
         with get_client(sync_client=True) as client:
             schedules = client.read_deployment_schedules(run.deployment_id)
+        reason = orphan_reason(run, schedules)
     except Exception as exc:  # the job runs: a hiccup must not cost a scheduled run
-        logger.warning("could not read the schedules of run %s's deployment (%s); running "
-                       "the job", run.id, exc)  # fmt: skip
+        logger.warning("could not check the schedules of run %s's deployment (%s); "
+                       "running the job", run.id, exc)  # fmt: skip
         return None
-    reason = orphan_reason(run, schedules)
     return f"not run: {reason} (it was created before the schedule changed)" if reason else None

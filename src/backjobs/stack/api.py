@@ -10,9 +10,10 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from backjobs.orchestration.crons import next_fire
 from backjobs.orchestration.prefect_yaml import load_deployments
 
 if TYPE_CHECKING:
@@ -156,30 +157,11 @@ async def deployment_statuses(stack: Stack) -> list[DeploymentStatus]:
                 found.append(DeploymentStatus(name, ["not deployed"], None))
                 continue
             schedules = [_describe(s) for s in deployment.schedules]
-            upcoming = [_next_fire(s.schedule) for s in deployment.schedules if s.active]
+            now = datetime.now(UTC)
+            upcoming = [next_fire(s.schedule, now) for s in deployment.schedules if s.active]
             next_run = min((t for t in upcoming if t is not None), default=None)
             found.append(DeploymentStatus(name, schedules or ["none (trigger only)"], next_run))
     return found
-
-
-def _next_fire(schedule: Any) -> datetime | None:
-    """When a cron schedule fires next (as the server's scheduler computes it)."""
-    from datetime import UTC
-    from zoneinfo import ZoneInfo
-
-    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
-
-    cron = getattr(schedule, "cron", None)
-    if cron is None:
-        return None
-    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
-    now = datetime.now(zone)
-    try:
-        it = croniter(cron, now, day_or=getattr(schedule, "day_or", True))  # type: ignore[no-untyped-call]
-        fire: datetime = it.get_next(datetime)  # type: ignore[no-untyped-call]
-    except Exception:  # never fires: `deploy` refuses such crons, the server may hold one
-        return None
-    return fire.astimezone(UTC)
 
 
 def _describe(schedule: Any) -> str:
