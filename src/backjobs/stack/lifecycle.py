@@ -135,18 +135,21 @@ def _wait_healthy(stack: Stack, *, timeout: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if processes.running_pid(stack.folder, DASHBOARD) is None:
-            raise StackError(
-                f"the dashboard stopped while starting: {_log_tail(stack, DASHBOARD)} "
-                f"(log: {stack.folder / 'dashboard.log'})"
-            )
-        try:
-            if httpx.get(f"{stack.api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
+    # One client for the whole wait: each new client loads the CA bundle (≈ 35 ms of CPU),
+    # and a poll every 0.3 s took a second of CPU from the dashboard starting beside it.
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if processes.running_pid(stack.folder, DASHBOARD) is None:
+                raise StackError(
+                    f"the dashboard stopped while starting: {_log_tail(stack, DASHBOARD)} "
+                    f"(log: {stack.folder / 'dashboard.log'})"
+                )
+            try:
+                if client.get(f"{stack.api_url}/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
     log = stack.folder / "dashboard.log"
     raise StackError(f"the dashboard is not healthy after {timeout:.0f} s (log: {log})")
 
