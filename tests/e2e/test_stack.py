@@ -4,7 +4,8 @@ Up → every deployment of prefect.yaml with its crons, an ad hoc run of each jo
 (demo data gave each work), ``backjobs trigger email-send-job --wait`` delivering into the
 pickup folder, ``status``, a headless Chromium seeing the deployments and the last
 cleanup run's artifact, ``up`` again a no-op, ``down`` leaving no process and a free port,
-and ``up`` after ``down`` working. The stack folder is the test's: never ./var.
+``up`` after ``down`` working, and ``down --wait 0`` stopping at once. The stack folder is
+the test's: never ./var.
 """
 
 from __future__ import annotations
@@ -369,6 +370,62 @@ def test_down_lets_a_started_run_end_leaves_no_process_and_a_free_port_then_up_w
     assert healthy(running.api)
     assert running.get(f"/flow_runs/{started['id']}")["state_type"] == "COMPLETED"
     assert "demo data" not in again.stdout  # the data was kept, not seeded twice
+
+
+def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: RunningStack) -> None:
+    """``down --wait 0`` ("stop now") waits for no run: the started ones end Crashed on the
+    server (its own database, read after it stopped) and no process of the stack is left.
+    Last in the module: it leaves the stack down."""
+    lock = sqlite3.connect(running.var / "backjobs.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # no job run can end while the test holds it
+    try:
+        started = [r["id"] for r in a_started_run(running)]
+        done = stack("down --wait 0", running.env)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "waiting up to" not in done.stdout, done.stdout
+    assert re.search(r"\d+ unfinished run\(s\) marked Crashed", done.stdout), done.stdout
+    assert members(running.var) == []
+    assert port_free(running.port)
+    server_db = sqlite3.connect(running.var / "stack" / "prefect" / "prefect.db")
+    try:
+        marks = "?" * len(started)
+        states = dict(
+            server_db.execute(
+                f"SELECT id, state_type FROM flow_run WHERE id IN ({','.join(marks)})", started
+            ).fetchall()
+        )
+    finally:
+        server_db.close()
+    assert states == {run_id: "CRASHED" for run_id in started}, states
+
+
+def a_started_run(running: RunningStack, timeout: float = 240) -> list[dict[str, Any]]:
+    """The stack's started runs (Pending, Running) once one of them is Running: `up`'s ad
+    hoc runs when one is under way, else a new cleanup run once none is due to start (a run
+    created beside a due one of the same job would be Cancelled for its one slot)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = datetime.now(UTC)
+        body = {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}}}
+        runs = running.post("/flow_runs/filter", body)
+        started = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
+        if any(r["state_type"] == "RUNNING" for r in started):
+            return started
+        due = [
+            r
+            for r in runs
+            if r["state_type"] == "SCHEDULED"
+            and datetime.fromisoformat(r["expected_start_time"]) <= now
+        ]
+        if not started and not due:
+            deployment = running.get("/deployments/name/cleanup-job/cleanup-job")
+            running.post(f"/deployments/{deployment['id']}/create_flow_run", {})
+        if time.monotonic() > deadline:
+            pytest.fail(f"no run of the stack Running in {timeout:.0f} s: {runs}")
+        time.sleep(0.5)
 
 
 def wait_for_state(running: RunningStack, run_id: str, states: set[str]) -> str:
