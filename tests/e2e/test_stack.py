@@ -403,16 +403,17 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
 
 
 def a_started_run(running: RunningStack, timeout: float = 240) -> list[dict[str, Any]]:
-    """The stack's started runs (Pending, Running) once one of them is Running: `up`'s ad
-    hoc runs when one is under way, else a new cleanup run once none is due to start (a run
-    created beside a due one of the same job would be Cancelled for its one slot)."""
+    """The stack's started runs (Pending or Running: a worker took them) once there is one:
+    `up`'s ad hoc runs when one is under way, else a new cleanup run once none is due to
+    start (a run created beside a due one of the same job would be Cancelled for its one
+    slot)."""
     deadline = time.monotonic() + timeout
     while True:
         now = datetime.now(UTC)
         body = {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}}}
         runs = running.post("/flow_runs/filter", body)
         started = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
-        if any(r["state_type"] == "RUNNING" for r in started):
+        if started:
             return started
         due = [
             r
@@ -420,11 +421,11 @@ def a_started_run(running: RunningStack, timeout: float = 240) -> list[dict[str,
             if r["state_type"] == "SCHEDULED"
             and datetime.fromisoformat(r["expected_start_time"]) <= now
         ]
-        if not started and not due:
+        if not due:
             deployment = running.get("/deployments/name/cleanup-job/cleanup-job")
             running.post(f"/deployments/{deployment['id']}/create_flow_run", {})
         if time.monotonic() > deadline:
-            pytest.fail(f"no run of the stack Running in {timeout:.0f} s: {runs}")
+            pytest.fail(f"no run of the stack started in {timeout:.0f} s: {runs}")
         time.sleep(0.5)
 
 
