@@ -379,7 +379,7 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
     lock = sqlite3.connect(running.var / "backjobs.db", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # no job run can end while the test holds it
     try:
-        started = [r["id"] for r in a_started_run(running)]
+        started = [r["id"] for r in wait_for_started_runs(running)]
         done = stack("down --wait 0", running.env)
     finally:
         lock.rollback()
@@ -402,7 +402,7 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
     assert states == {run_id: "CRASHED" for run_id in started}, states
 
 
-def a_started_run(running: RunningStack, timeout: float = 240) -> list[dict[str, Any]]:
+def wait_for_started_runs(running: RunningStack, timeout: float = 240) -> list[dict[str, Any]]:
     """The stack's started runs (Pending or Running: a worker took them) once there is one:
     `up`'s ad hoc runs when one is under way, else a new cleanup run once none is due to
     start (a run created beside a due one of the same job would be Cancelled for its one

@@ -84,10 +84,10 @@ def test_flow_sends_the_outbox_and_reports_counts(
     assert any(warned in m for m in messages), messages
 
 
-def final_task_runs(flow_run_id: UUID | None, name: str, timeout: float = 30) -> list[TaskRun]:
+def final_task_runs(flow_run_id: UUID, name: str, timeout: float = 30) -> list[TaskRun]:
     """The runs of task ``name`` in the flow run, once the server holds each in a final state
     (the client reports task states as events, recorded a moment later)."""
-    flows = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id] if flow_run_id else []))
+    flows = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while True:
@@ -126,7 +126,9 @@ def test_unreachable_server_fails_the_run_once_with_the_reason(
         state.result()
     # DB_TASK_OPTIONS retries a task 3 times: a server fault is not retried, the send ran
     # once (as the server recorded it, not as a stopwatch says: a loaded machine is slow).
-    [send] = final_task_runs(state.state_details.flow_run_id, "send_due_emails")
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    [send] = final_task_runs(run_id, "send_due_emails")
     assert (send.state_name, send.run_count) == ("Failed", 1)
     with smtp_env.session() as s:
         task = s.get_one(AppTask, task_id)
