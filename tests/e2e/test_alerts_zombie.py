@@ -83,7 +83,12 @@ def worker_env(
     env = stack.dash.prefect_env
     create_pools(stack, "backjobs")
     out = deploy(stack, env)
-    assert f"{JOB}: automation backjobs-{JOB}-zombie created" in out, out
+    # The window comes from the heartbeat the pool's template gives the runs (the deploying
+    # shell sets none): three heartbeats of 30 s.
+    assert (
+        f"{JOB}: automation backjobs-{JOB}-zombie created (a Running run is Crashed 90 s after"
+        " its last heartbeat; heartbeats every 30 s, from the job template of pool 'backjobs')"
+    ) in out, out
     return env | {
         "BACKJOBS_DATABASE_URL": stack.app_db,
         "BACKJOBS_STORAGE_ROOT": str(tmp_path_factory.mktemp("files")),

@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask, User
+from backjobs.stack.pool import locked_process_template
 from tests.support.dashboard import GatedDashboard, gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call_json, create_process_pool
 from tests.support.prefect_server import stop_workers
@@ -103,9 +104,14 @@ def deploy(stack: AlertStack, env: dict[str, str]) -> str:
 
 
 def create_pools(stack: AlertStack, *pools: str) -> None:
-    """Process work pools, created through the gate with the machine token."""
+    """Process work pools with the backjobs pool's job template (as the README has ops
+    create theirs: it gives runs their heartbeat), created through the gate with the
+    machine token."""
+    template = locked_process_template()
     for pool in pools:
-        create_process_pool(stack.dash.api, pool, headers=stack.dash.machine_headers())
+        create_process_pool(
+            stack.dash.api, pool, headers=stack.dash.machine_headers(), template=template
+        )
 
 
 def start_worker(
@@ -135,7 +141,6 @@ def start_worker(
         | {
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "PREFECT_WORKER_PREFETCH_SECONDS": "0",
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "PREFECT_CLIENT_MAX_RETRIES": "8",
         },
         stdout=out,

@@ -77,17 +77,24 @@ def call(
         pause = min(pause * 2, 2.0)
 
 
-def create_process_pool(api_url: str, name: str, *, headers: dict[str, str] | None = None) -> None:
-    """What ``prefect work-pool create --type process NAME`` does, as one API call: the pool
-    with the process worker's default job template, taken from the installed Prefect as the
-    command takes it. It spares a test a Prefect CLI process (≈ 1.2 s of CPU); the tests that
-    follow the README (test_worker, test_dashboard_prefect) still run the command."""
+def create_process_pool(
+    api_url: str,
+    name: str,
+    *,
+    headers: dict[str, str] | None = None,
+    template: dict[str, Any] | None = None,
+) -> None:
+    """What ``prefect work-pool create --type process NAME [--base-job-template F]`` does, as
+    one API call: the pool with ``template``, by default the process worker's default job
+    template, taken from the installed Prefect as the command takes it. It spares a test a
+    Prefect CLI process (≈ 1.2 s of CPU); the tests that follow the README (test_worker,
+    test_dashboard_prefect) still run the command."""
     from prefect.workers.process import ProcessWorker
 
     body = {
         "name": name,
         "type": "process",
-        "base_job_template": ProcessWorker.get_default_base_job_template(),
+        "base_job_template": template or ProcessWorker.get_default_base_job_template(),
     }
     call_json("POST", f"{api_url}/work_pools/", headers=headers, body=body)
 

@@ -25,7 +25,13 @@ from backjobs.orchestration.alert_store import (
     variable_name,
 )
 from backjobs.orchestration.alerts import AlertKind, IncidentBook, RunInfo, silent_window
-from backjobs.orchestration.automations import JobSchedule, cron_period, job_silent_window
+from backjobs.orchestration.automations import (
+    JobSchedule,
+    cron_period,
+    job_silent_window,
+    run_heartbeat,
+    wanted_automations,
+)
 from backjobs.settings import SettingsError, load_settings
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -190,3 +196,48 @@ def test_a_silent_floor_under_10_minutes_needs_the_test_rig_opt_in() -> None:
     assert load_settings(alert_silent_min_minutes=10).alert_silent_min_minutes == 10
     rig = load_settings(alert_silent_min_minutes=0.25, alert_allow_short_silence=True)
     assert rig.alert_silent_min_minutes == 0.25
+
+
+# --- The zombie window follows the runs' heartbeat ---------------------------------------
+
+SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+
+
+@pytest.mark.parametrize(
+    ("run_env", "deploying", "seconds", "source"),
+    [
+        ({SETTING: "30"}, None, 30, "from the job template of pool 'backjobs'"),
+        ({SETTING: " 120 "}, "30", 120, "from the job template"),  # the pool's value wins
+        ({}, "60", 60, f"this shell's {SETTING} (pool 'backjobs' leaves {SETTING} to the"),
+        ({}, None, 180, f"Prefect's default (pool 'backjobs' leaves {SETTING} to the"),
+        ({SETTING: None}, None, 180, "Prefect's default"),  # unset by the deployment
+        ({}, "ten", 180, "Prefect's default"),  # a shell value Prefect would refuse
+        ({}, "29", 180, "Prefect's default"),
+    ],
+)
+def test_the_heartbeat_is_the_one_the_runs_get(
+    run_env: dict[str, str | None], deploying: str | None, seconds: int, source: str
+) -> None:
+    beat = run_heartbeat(run_env, pool="backjobs", deploying=deploying, prefect_default=180)
+    assert (beat.seconds, beat.problem) == (seconds, None)
+    assert beat.source.startswith(source), beat.source
+
+
+@pytest.mark.parametrize("value", ["ten", "10", "29", "30.5", ""])
+def test_a_heartbeat_the_runs_would_refuse_is_a_problem_naming_pool_and_value(
+    value: str,
+) -> None:
+    beat = run_heartbeat({SETTING: value}, pool="etl", deploying="30", prefect_default=180)
+    assert beat.seconds == 180  # the longest wait: no healthy run is crashed on a guess
+    assert beat.problem is not None
+    assert f"pool 'etl' sets {SETTING}={value!r}" in beat.problem
+    assert "at least 30" in beat.problem and "fail to start" in beat.problem
+
+
+def test_the_zombie_trigger_waits_three_heartbeats() -> None:
+    automations = wanted_automations(
+        "cleanup-job", "d-1", block_id="b-1", silent_after=None, heartbeat_seconds=180
+    )
+    [zombie] = [a for a in automations if a["name"] == "backjobs-cleanup-job-zombie"]
+    assert zombie["trigger"]["within"] == 540
+    assert '"heartbeat_seconds": 180' in zombie["actions"][0]["payload"]

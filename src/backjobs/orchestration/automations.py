@@ -12,8 +12,10 @@ For each deployment of prefect.yaml (``<job>`` = its name):
   (10; lower only with ``BACKJOBS_ALERT_ALLOW_SHORT_SILENCE=true``, on a test rig);
 - ``backjobs-<job>-zombie`` — Prefect's "detect zombie flows" pattern: after a run's
   heartbeat, expect another heartbeat or a final state within 3 heartbeat intervals
-  (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 30 s: detection about 90-95 s after the last
-  heartbeat); the receiver then sets the run Crashed if it is still Running.
+  (30 s on the backjobs pool: detection about 90-95 s after the last heartbeat); the
+  receiver then sets the run Crashed if it is still Running. The interval is the one the
+  deployment's runs will use (:func:`deployment_heartbeat`): too short a window would
+  crash healthy runs.
 
 Every automation calls the receiver through one Webhook block, ``backjobs-alert-receiver``:
 the dashboard's address as this process reaches it (PREFECT_API_URL without ``/api``, or
@@ -40,7 +42,8 @@ from backjobs.orchestration.alerts import silent_window
 
 PREFIX = "backjobs-"
 BLOCK_NAME = "backjobs-alert-receiver"
-DEFAULT_HEARTBEAT_SECONDS = 30
+HEARTBEAT_SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+MIN_HEARTBEAT_SECONDS = 30  # Prefect refuses a shorter interval
 ZOMBIE_HEARTBEATS = 3  # a zombie trigger's window must be >= 2 heartbeat intervals
 # Prefect reads "*" as one character or more: "Completed*" alone misses plain Completed.
 COMPLETED = ("Completed", "Completed*")
@@ -60,6 +63,87 @@ class AutomationChanges:
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     unchanged: int = 0
+
+
+class Heartbeat(NamedTuple):
+    """How often a deployment's runs send heartbeats, and where ``deploy`` learnt it."""
+
+    seconds: int
+    source: str  # for deploy's report, e.g. "set by pool 'backjobs'"
+    problem: str | None = None  # a setting the runs will refuse: deploy reports it
+
+
+def run_heartbeat(
+    run_env: Mapping[str, str | None],
+    *,
+    pool: str | None,
+    deploying: str | None,
+    prefect_default: int,
+) -> Heartbeat:
+    """The heartbeat interval of runs started with ``run_env`` (the environment the pool's
+    job template and the deployment's job variables give them).
+
+    A run takes PREFECT_FLOWS_HEARTBEAT_FREQUENCY from that environment, else from its
+    worker's. The worker's is unknown here: the deploying shell's setting stands for it
+    when set (whoever deploys says what the workers use), else Prefect's own default (180
+    s in Prefect 3.9). A window sized for a shorter interval than the runs use would crash
+    every run that lasts longer than it, so when in doubt the longer one is taken.
+    """
+    where = f"pool {pool!r}" if pool else "a deployment with no work pool"
+    fixed = run_env.get(HEARTBEAT_SETTING)
+    if fixed is not None:
+        seconds = _whole_seconds(fixed)
+        if seconds is None:
+            return Heartbeat(
+                prefect_default,
+                f"Prefect's default, as {where} sets an invalid {HEARTBEAT_SETTING}",
+                problem=(
+                    f"{where} sets {HEARTBEAT_SETTING}={fixed!r}: Prefect takes a whole "
+                    f"number of seconds, at least {MIN_HEARTBEAT_SECONDS}; its runs will "
+                    "fail to start"
+                ),
+            )
+        return Heartbeat(seconds, f"from the job template of {where}")
+    leaves = f"{where} leaves {HEARTBEAT_SETTING} to the workers"
+    if deploying is not None and (seconds := _whole_seconds(deploying)) is not None:
+        return Heartbeat(seconds, f"this shell's {HEARTBEAT_SETTING} ({leaves})")
+    return Heartbeat(prefect_default, f"Prefect's default ({leaves})")
+
+
+def _whole_seconds(value: str | None) -> int | None:
+    text = (value or "").strip()
+    if not text.isdigit() or int(text) < MIN_HEARTBEAT_SECONDS:
+        return None
+    return int(text)
+
+
+async def deployment_heartbeat(client: Any, deployment: Any) -> Heartbeat:
+    """The heartbeat interval of ``deployment``'s runs, from its pool's job template and
+    its job variables as the server holds them (Prefect's own merge of the two)."""
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings.models.flows import FlowsSettings
+    from prefect.workers.base import BaseJobConfiguration
+
+    default = FlowsSettings.model_fields["heartbeat_frequency"].default
+    pool_name = deployment.work_pool_name
+    run_env: Mapping[str, str | None] = {}
+    if pool_name:
+        try:
+            pool = await client.read_work_pool(pool_name)
+        except ObjectNotFound:
+            pool = None
+        if pool is not None and pool.base_job_template:
+            configuration: BaseJobConfiguration
+            configuration = await BaseJobConfiguration.from_template_and_values(
+                pool.base_job_template, dict(deployment.job_variables or {}), client=client
+            )
+            run_env = configuration.env
+    return run_heartbeat(
+        run_env,
+        pool=pool_name,
+        deploying=os.environ.get(HEARTBEAT_SETTING),
+        prefect_default=int(default),
+    )
 
 
 def cron_period(schedule: JobSchedule, *, now: datetime, samples: int = 30) -> timedelta:
@@ -243,22 +327,21 @@ async def sync_job_automations(
     client: Any,
     deployments: Mapping[str, tuple[str, Sequence[JobSchedule]]],
     *,
+    heartbeats: Mapping[str, Heartbeat],
     api_url: str,
     auth_string: str | None,
 ) -> AutomationChanges:
-    """The receiver block, then every deployment's automations (``name -> (id, schedules)``).
+    """The receiver block, then every deployment's automations (``name -> (id, schedules)``;
+    ``heartbeats``: each one's :func:`deployment_heartbeat`).
 
     Settings read here (this process, the deploying one): BACKJOBS_ALERT_SILENT_AFTER_PERIODS,
-    BACKJOBS_ALERT_SILENT_MIN_MINUTES, BACKJOBS_ALERT_RECEIVER_URL and
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the one the pool's job template gives the runs).
+    BACKJOBS_ALERT_SILENT_MIN_MINUTES and BACKJOBS_ALERT_RECEIVER_URL.
     """
     from backjobs.settings import get_settings
 
     settings = get_settings()
     url = receiver_url(api_url, override=settings.alert_receiver_url)
     block_id = await ensure_receiver_block(client, url=url, auth_string=auth_string)
-    heartbeat_env = os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
-    heartbeat = int(heartbeat_env or DEFAULT_HEARTBEAT_SECONDS)
     now = datetime.now(UTC)
     wanted = []
     for job, (deployment_id, schedules) in sorted(deployments.items()):
@@ -273,6 +356,6 @@ async def sync_job_automations(
             deployment_id,
             block_id=block_id,
             silent_after=window,
-            heartbeat_seconds=max(heartbeat, DEFAULT_HEARTBEAT_SECONDS),
+            heartbeat_seconds=heartbeats[job].seconds,
         )
     return await sync_automations(client, wanted)

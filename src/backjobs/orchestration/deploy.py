@@ -211,17 +211,30 @@ async def _with_client(work: Any, argument: Any, *, env: Mapping[str, str]) -> A
 async def _sync_all(
     client: Any, wanted: Mapping[str, list[WantedSchedule]]
 ) -> dict[str, ScheduleChanges]:
+    from backjobs.orchestration.automations import ZOMBIE_HEARTBEATS, deployment_heartbeat
+
     changes = {}
     ids = {}
+    heartbeats = {}
     for name, schedules in wanted.items():
         deployment = await client.read_deployment_by_name(f"{name}/{name}")
         ids[name] = str(deployment.id)
         changes[name] = await sync_schedules(client, deployment.id, schedules)
-    done = await _sync_automations(client, ids, wanted)
+        heartbeats[name] = await deployment_heartbeat(client, deployment)
+        if heartbeats[name].problem:
+            changes[name].automations.append(f"{name}: warning: {heartbeats[name].problem}")
+    done = await _sync_automations(client, ids, wanted, heartbeats)
     for verb, names in (("created", done.created), ("replaced", done.replaced)):
         for automation in names:
             job = _job_of(automation, changes)
-            changes[job].automations.append(f"{job}: automation {automation} {verb}")
+            line = f"{job}: automation {automation} {verb}"
+            if automation.endswith("-zombie"):  # say what its window assumes
+                beat = heartbeats[job]
+                line += (
+                    f" (a Running run is Crashed {beat.seconds * ZOMBIE_HEARTBEATS} s after its"
+                    f" last heartbeat; heartbeats every {beat.seconds} s, {beat.source})"
+                )
+            changes[job].automations.append(line)
     for automation in done.deleted:  # of a job prefect.yaml no longer has, or a stale kind
         job = _job_of(automation, changes)
         if job in changes:
@@ -242,7 +255,10 @@ def _job_of(automation: str, jobs: Mapping[str, Any]) -> str:
 
 
 async def _sync_automations(
-    client: Any, ids: Mapping[str, str], wanted: Mapping[str, list[WantedSchedule]]
+    client: Any,
+    ids: Mapping[str, str],
+    wanted: Mapping[str, list[WantedSchedule]],
+    heartbeats: Mapping[str, Any],
 ) -> Any:
     """The alert and zombie automations (backjobs.orchestration.automations)."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
@@ -257,6 +273,7 @@ async def _sync_automations(
     done = await sync_job_automations(
         client,
         jobs,
+        heartbeats=heartbeats,
         api_url=str(PREFECT_API_URL.value()),
         auth_string=auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth,
     )
