@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.workers.process import ProcessWorker
@@ -84,3 +85,35 @@ def test_a_value_the_runs_would_refuse_is_reported() -> None:
     beat = heartbeat_of(template, {})
     assert beat.seconds == 180
     assert beat.problem and f"sets {SETTING}='10'" in beat.problem, beat
+
+
+def test_a_template_that_cannot_be_filled_in_is_reported_and_gets_the_longest_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool's heartbeat comes from a Secret block deleted since: the worker could not
+    start a run either. Nothing is known of the runs, so not even this shell's value."""
+    monkeypatch.setenv(SETTING, "30")
+
+    async def go() -> tuple[Heartbeat, str]:
+        name = f"zombie-window-{uuid.uuid4().hex[:8]}"
+        async with get_client() as client:
+            block_id = await Secret(value="30").save(name, client=client)
+            template = locked_process_template()
+            ref = {"$ref": {"block_document_id": str(block_id)}}
+            template["variables"]["properties"]["beat"] = {"type": "object", "default": ref}
+            template["job_configuration"]["env"][SETTING] = "{{ beat }}"
+            await client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=template)
+            )
+            flow_id = await client.create_flow_from_name("zombie-window-probe")
+            deployment_id = await client.create_deployment(
+                flow_id=flow_id, name=name, work_pool_name=name
+            )
+            await client.delete_block_document(block_id)
+            deployment = await client.read_deployment(deployment_id)
+            return await deployment_heartbeat(client, deployment), str(block_id)
+
+    beat, block_id = asyncio.run(go())
+    assert beat.seconds == 180, beat
+    assert beat.problem and "cannot be filled in" in beat.problem, beat
+    assert block_id in beat.problem, beat

@@ -69,7 +69,7 @@ class Heartbeat(NamedTuple):
     """How often a deployment's runs send heartbeats, and where ``deploy`` learnt it."""
 
     seconds: int
-    source: str  # for deploy's report, e.g. "set by pool 'backjobs'"
+    source: str  # for deploy's report, e.g. "from the job template of pool 'backjobs'"
     problem: str | None = None  # a setting the runs will refuse: deploy reports it
 
 
@@ -134,9 +134,16 @@ async def deployment_heartbeat(client: Any, deployment: Any) -> Heartbeat:
             pool = None
         if pool is not None and pool.base_job_template:
             configuration: BaseJobConfiguration
-            configuration = await BaseJobConfiguration.from_template_and_values(
-                pool.base_job_template, dict(deployment.job_variables or {}), client=client
-            )
+            try:
+                configuration = await BaseJobConfiguration.from_template_and_values(
+                    pool.base_job_template, dict(deployment.job_variables or {}), client=client
+                )
+            except Exception as exc:  # the worker will meet it too; the window stays safe
+                unknown = run_heartbeat(
+                    {}, pool=pool_name, deploying=None, prefect_default=int(default)
+                )
+                problem = f"the job template of pool {pool_name!r} cannot be filled in: {exc}"
+                return unknown._replace(problem=problem)
             run_env = configuration.env
     return run_heartbeat(
         run_env,
