@@ -10,7 +10,8 @@ sets ``command`` or ``env``). The command is the worker's own (``python -m
 prefect.engine``); the environment is fixed here, added to the worker's own:
 
 - ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30``: runs send heartbeats, so a run whose process
-  died is found (zombie-run detection);
+  died is found (zombie-run detection; ``backjobs deploy`` reads it here to size each
+  deployment's zombie window: three heartbeats, 90 s);
 - ``PREFECT_LOGGING_EXTRA_LOGGERS=backjobs``: the domain's warnings reach the run's logs
   (it must be set before the run's process imports Prefect).
 
