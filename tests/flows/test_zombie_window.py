@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -23,10 +24,13 @@ SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
 
 def heartbeat_of(
-    template: dict[str, Any], job_variables: dict[str, Any], *, delete_pool: bool = False
+    template: dict[str, Any],
+    job_variables: dict[str, Any],
+    *,
+    after_deploy: Callable[[Any, str], Awaitable[Any]] | None = None,
 ) -> Heartbeat:
-    """Create a pool with ``template`` and a deployment on it (then delete the pool, if
-    asked); the heartbeat deploy reads for that deployment from the server."""
+    """Create a pool with ``template`` and a deployment on it (then ``after_deploy(client,
+    pool)``, if given); the heartbeat deploy reads for that deployment from the server."""
 
     async def go() -> Heartbeat:
         pool = f"zombie-window-{uuid.uuid4().hex[:8]}"
@@ -38,8 +42,8 @@ def heartbeat_of(
             deployment_id = await client.create_deployment(
                 flow_id=flow_id, name=pool, work_pool_name=pool, job_variables=job_variables
             )
-            if delete_pool:
-                await client.delete_work_pool(pool)
+            if after_deploy is not None:
+                await after_deploy(client, pool)
             deployment = await client.read_deployment(deployment_id)
             return await deployment_heartbeat(client, deployment)
 
@@ -75,7 +79,11 @@ def test_a_pool_that_leaves_it_to_the_workers_gets_prefects_default_or_this_shel
 
 
 def test_a_deployment_whose_pool_was_deleted_leaves_it_to_the_workers() -> None:
-    beat = heartbeat_of(locked_process_template(), {}, delete_pool=True)
+    beat = heartbeat_of(
+        locked_process_template(),
+        {},
+        after_deploy=lambda client, pool: client.delete_work_pool(pool),
+    )
     assert beat.seconds == 180 and "leaves" in beat.source, beat
 
 
@@ -93,27 +101,14 @@ def test_a_template_that_cannot_be_filled_in_is_reported_and_gets_the_longest_wi
     """The pool's heartbeat comes from a Secret block deleted since: the worker could not
     start a run either. Nothing is known of the runs, so not even this shell's value."""
     monkeypatch.setenv(SETTING, "30")
-
-    async def go() -> tuple[Heartbeat, str]:
-        name = f"zombie-window-{uuid.uuid4().hex[:8]}"
-        async with get_client() as client:
-            block_id = await Secret(value="30").save(name, client=client)
-            template = locked_process_template()
-            ref = {"$ref": {"block_document_id": str(block_id)}}
-            template["variables"]["properties"]["beat"] = {"type": "object", "default": ref}
-            template["job_configuration"]["env"][SETTING] = "{{ beat }}"
-            await client.create_work_pool(
-                WorkPoolCreate(name=name, type="process", base_job_template=template)
-            )
-            flow_id = await client.create_flow_from_name("zombie-window-probe")
-            deployment_id = await client.create_deployment(
-                flow_id=flow_id, name=name, work_pool_name=name
-            )
-            await client.delete_block_document(block_id)
-            deployment = await client.read_deployment(deployment_id)
-            return await deployment_heartbeat(client, deployment), str(block_id)
-
-    beat, block_id = asyncio.run(go())
+    block_id = str(Secret(value="30").save(f"zombie-window-{uuid.uuid4().hex[:8]}"))
+    template = locked_process_template()
+    ref = {"$ref": {"block_document_id": block_id}}
+    template["variables"]["properties"]["beat"] = {"type": "object", "default": ref}
+    template["job_configuration"]["env"][SETTING] = "{{ beat }}"
+    beat = heartbeat_of(
+        template, {}, after_deploy=lambda client, _: client.delete_block_document(block_id)
+    )
     assert beat.seconds == 180, beat
     assert beat.problem and "cannot be filled in" in beat.problem, beat
     assert block_id in beat.problem, beat

@@ -72,6 +72,18 @@ class Heartbeat(NamedTuple):
     source: str  # for deploy's report, e.g. "from the job template of pool 'backjobs'"
     problem: str | None = None  # a setting the runs will refuse: deploy reports it
 
+    def report(self) -> str:
+        """What the zombie window assumes, as deploy's report says it."""
+        return (
+            f"a Running run is Crashed {zombie_window(self.seconds)} s after its last"
+            f" heartbeat; heartbeats every {self.seconds} s, {self.source}"
+        )
+
+
+def zombie_window(heartbeat_seconds: int) -> int:
+    """How long a zombie trigger waits after a run's heartbeat for the next one or its end."""
+    return heartbeat_seconds * ZOMBIE_HEARTBEATS
+
 
 def run_heartbeat(
     run_env: Mapping[str, str | None],
@@ -139,11 +151,12 @@ async def deployment_heartbeat(client: Any, deployment: Any) -> Heartbeat:
                     pool.base_job_template, dict(deployment.job_variables or {}), client=client
                 )
             except Exception as exc:  # the worker will meet it too; the window stays safe
-                unknown = run_heartbeat(
-                    {}, pool=pool_name, deploying=None, prefect_default=int(default)
+                return Heartbeat(
+                    int(default),
+                    f"Prefect's default, as the job template of pool {pool_name!r} cannot be"
+                    " filled in",
+                    problem=f"the job template of pool {pool_name!r} cannot be filled in: {exc}",
                 )
-                problem = f"the job template of pool {pool_name!r} cannot be filled in: {exc}"
-                return unknown._replace(problem=problem)
             run_env = configuration.env
     return run_heartbeat(
         run_env,
@@ -239,7 +252,7 @@ def wanted_automations(
         expect=["heartbeat", *ENDED],
         after=["prefect.flow-run.heartbeat"],
         posture="Proactive",
-        within=heartbeat_seconds * ZOMBIE_HEARTBEATS,
+        within=zombie_window(heartbeat_seconds),
         for_each=["prefect.resource.id"],
     )
     found = [

@@ -37,11 +37,14 @@ import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backjobs.orchestration.orphan_runs import delete_orphaned_runs
 from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
 from backjobs.orchestration.schedule_report import describe_changes, read_schedules
+
+if TYPE_CHECKING:
+    from backjobs.orchestration.automations import Heartbeat
 
 PROJECT_DIR_ENV = "BACKJOBS_PROJECT_DIR"
 PROJECT_FILE = "prefect.yaml"
@@ -211,7 +214,7 @@ async def _with_client(work: Any, argument: Any, *, env: Mapping[str, str]) -> A
 async def _sync_all(
     client: Any, wanted: Mapping[str, list[WantedSchedule]]
 ) -> dict[str, ScheduleChanges]:
-    from backjobs.orchestration.automations import ZOMBIE_HEARTBEATS, deployment_heartbeat
+    from backjobs.orchestration.automations import deployment_heartbeat
 
     changes = {}
     ids = {}
@@ -229,11 +232,7 @@ async def _sync_all(
             job = _job_of(automation, changes)
             line = f"{job}: automation {automation} {verb}"
             if automation.endswith("-zombie"):  # say what its window assumes
-                beat = heartbeats[job]
-                line += (
-                    f" (a Running run is Crashed {beat.seconds * ZOMBIE_HEARTBEATS} s after its"
-                    f" last heartbeat; heartbeats every {beat.seconds} s, {beat.source})"
-                )
+                line += f" ({heartbeats[job].report()})"
             changes[job].automations.append(line)
     for automation in done.deleted:  # of a job prefect.yaml no longer has, or a stale kind
         job = _job_of(automation, changes)
@@ -258,7 +257,7 @@ async def _sync_automations(
     client: Any,
     ids: Mapping[str, str],
     wanted: Mapping[str, list[WantedSchedule]],
-    heartbeats: Mapping[str, Any],
+    heartbeats: Mapping[str, Heartbeat],
 ) -> Any:
     """The alert and zombie automations (backjobs.orchestration.automations)."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
