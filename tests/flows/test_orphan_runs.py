@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentScheduleCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_engine import run_flow
 from prefect.states import Scheduled
 
@@ -60,8 +61,12 @@ def scheduled_run(client: Any, name: str | None = None) -> tuple[Any, Any]:
     )  # fmt: skip
     response.raise_for_status()
     by_deployment = FlowRunFilterDeploymentId(any_=[deployment_id])
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=by_deployment))
-    # The server's own scheduler may have made some too (a new deployment is "recent").
+    # The server's own scheduler may have made later ones too (a new deployment is "recent"):
+    # the earliest is the one due within the 5 minutes a job accepts as its as_of.
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(deployment_id=by_deployment),
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+    )
     run = runs[0]
     assert run.auto_scheduled and run.created_by.type == "SCHEDULE", run
     return deployment_id, run
