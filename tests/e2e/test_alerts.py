@@ -189,6 +189,9 @@ def test_ten_scheduled_failures_two_a_second_apart_are_all_alerted_and_grouped(
     # the server's incident holds all ten, every one reported, once the last store is done.
     wait_incident(stack, FLAKY, failures=10, timeout=60)
     assert (incident(stack, FLAKY) or {}).get("reported") == 10
+    # No call of the server's to the receiver was cut off by another's (webhook_calls).
+    cut = [line for line in stack.dash.log().splitlines() if "Webhook call failed" in line]
+    assert cut == [], cut
 
 
 def wait_scheduled(

@@ -222,6 +222,9 @@ def serve_dashboard(config: DashboardConfig, *, engine: Engine) -> None:
     import uvicorn
     from prefect.server.api.server import create_app
 
+    from backjobs.orchestration.webhook_calls import own_transport_per_call
+
+    own_transport_per_call()  # the automations' webhook calls, made by this process
     with prefect.settings.temporary_settings(updates=_prefect_settings(config)):
         prefect_app = create_app(final=True)
         app = gated_app(config, prefect_app=prefect_app, engine=engine)
