@@ -770,3 +770,25 @@ def test_the_alert_receiver_refuses_every_caller_but_the_machine(dash: GatedDash
     accepted = httpx.post(receiver, content=b"{}", headers=dash.machine_headers())
     assert accepted.status_code == 400, accepted.text
     assert "gate-test-job" not in dash.log()
+
+
+def test_a_receiver_call_cut_off_before_its_body_arrived_is_logged_as_lost(
+    dash: GatedDashboard,
+) -> None:
+    """A caller that hangs up mid-body (as Prefect's webhook calls did when one closed the
+    others' connections) is an ``alert LOST`` line, not a silent bad request."""
+    port = int(dash.url.rsplit(":", 1)[1])
+    half = b'{"signal": "failed", "job": "cut-'
+    head = (
+        "POST /backjobs/alerts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: {dash.machine_headers()['Authorization']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as caller:
+        caller.sendall(head.encode() + half)
+        time.sleep(0.5)  # the receiver is waiting for the rest of the body
+    wanted = f"alert LOST: a call was cut off after {len(half)} bytes of its body"
+    deadline = time.monotonic() + 15
+    while wanted not in dash.log():
+        assert time.monotonic() < deadline, dash.log()[-2000:]
+        time.sleep(0.2)

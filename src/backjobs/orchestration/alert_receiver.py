@@ -124,7 +124,12 @@ class AlertReceiver:
         if not self._authorized(Headers(scope=scope).get("authorization", "")):
             return JSONResponse({"exception_message": "Unauthorized"}, 401)
         try:
-            body = json.loads(await _read_body(receive))
+            raw = await _read_body(receive)
+        except CallCut as exc:  # the caller hung up: nothing to answer, but say it
+            logger.error("alert LOST: %s", exc)
+            return JSONResponse({"error": str(exc)}, 400)
+        try:
+            body = json.loads(raw)
             signal = Signal(body["signal"])
             job = str(body["job"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -346,10 +351,19 @@ async def _failed_parts(api: httpx.AsyncClient, flow_run_id: str) -> tuple[str, 
     return tuple(parts)
 
 
+class CallCut(Exception):
+    """The caller hung up before its call's body arrived."""
+
+
 async def _read_body(receive: Any) -> bytes:
     body = b""
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise CallCut(
+                f"a call was cut off after {len(body)} bytes of its body, before it could be "
+                "read (job and run unknown): Prefect records the webhook action as failed"
+            )
         body += bytes(message.get("body", b""))
         if len(body) > MAX_BODY_BYTES:
             raise ValueError("body too large")
