@@ -34,12 +34,19 @@ def slot_holder(client: Any, deployment_id: UUID, *, exclude: Any) -> Any:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
     )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
+    # Scheduled runs never hold the slot, and Prefect sorts them by their (future) expected
+    # start: left in, a scheduler keeping 100 future runs (Prefect's default) filled the
+    # page and hid the Running holder.
     runs = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])),
         ),
         sort=FlowRunSort.START_TIME_DESC,
         limit=50,
