@@ -315,11 +315,21 @@ async def ensure_receiver_block(client: Any, *, url: str, auth_string: str | Non
     return str(block_id)
 
 
+async def _all_automations(client: Any) -> list[Any]:
+    """Every automation on the server. The API returns a page at a time (200 by default,
+    sorted by name), and ops' own automations named before ``backjobs-`` would push
+    backjobs' off the first one: unseen, they were created again at every deploy."""
+    found: list[Any] = []
+    while page := await client.read_automations(offset=len(found)):
+        found += page
+    return found
+
+
 async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> AutomationChanges:
     """Make the server's ``backjobs-*`` automations exactly ``wanted``."""
     from prefect.events.schemas.automations import AutomationCore
 
-    existing = {a.name: a for a in await client.read_automations() if a.name.startswith(PREFIX)}
+    existing = {a.name: a for a in await _all_automations(client) if a.name.startswith(PREFIX)}
     created, replaced = [], []
     unchanged = 0
     for spec in wanted:

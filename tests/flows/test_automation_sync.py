@@ -1,0 +1,64 @@
+"""``backjobs deploy``'s automation sync against the test run's Prefect server when the server
+holds more automations than one page of its API (200): ops' own automations, named to sort
+before ``backjobs-``, must not hide backjobs' from the sync (it would create them again)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.events.schemas.automations import AutomationCore
+
+from backjobs.orchestration.automations import sync_automations
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+OPS_AUTOMATIONS = 201  # one page of the API, and one more
+
+
+def never_firing(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": f"{name}: a test automation",
+        "trigger": {
+            "type": "event",
+            "expect": ["backjobs.test.never-emitted"],
+            "posture": "Reactive",
+            "threshold": 1,
+            "within": 0,
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+
+
+def test_a_second_sync_behind_a_full_page_of_ops_automations_changes_nothing() -> None:
+    wanted = [never_firing("backjobs-sync-probe-alert"), never_firing("backjobs-sync-probe-zombie")]
+
+    async def go() -> tuple[Any, Any, list[str]]:
+        async with get_client() as client:
+            ops = [
+                await client.create_automation(
+                    AutomationCore.model_validate(never_firing(f"alert-ops-{n:03}"))
+                )
+                for n in range(OPS_AUTOMATIONS)
+            ]
+            try:
+                first = await sync_automations(client, wanted)
+                second = await sync_automations(client, wanted)
+                names = [
+                    a.name
+                    for a in await client.read_automations_by_name("backjobs-sync-probe-alert")
+                ]
+                await sync_automations(client, [])  # leaves no backjobs automation behind
+            finally:
+                for automation_id in ops:
+                    await client.delete_automation(automation_id)
+        return first, second, names
+
+    first, second, names = asyncio.run(go())
+
+    assert first.created == ("backjobs-sync-probe-alert", "backjobs-sync-probe-zombie")
+    assert (second.created, second.replaced, second.unchanged) == ((), (), 2)
+    assert names == ["backjobs-sync-probe-alert"]
