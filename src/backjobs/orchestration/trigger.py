@@ -278,10 +278,21 @@ def result_table(client: Any, run_id: UUID, key: str) -> list[dict[str, str]]:
 
 def failed_tasks(client: Any, run_id: UUID) -> list[tuple[str, str]]:
     """(task name, state message) of the run's failed task runs, as recorded so far."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
 
+    # Only the failed ones: the API returns one page (200) of a run's task runs.
     task_runs = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+        task_run_filter=TaskRunFilter(
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED]))
+        ),
     )
     return [
         (t.name.rsplit("-", 1)[0], t.state.message or t.state.name)
