@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import time
@@ -787,8 +788,9 @@ def test_a_receiver_call_cut_off_before_its_body_arrived_is_logged_as_lost(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as caller:
         caller.sendall(head.encode() + half)
         time.sleep(0.5)  # the receiver is waiting for the rest of the body
-    wanted = f"alert LOST: a call was cut off after {len(half)} bytes of its body"
+    # uvicorn hands over what arrived (len(half) bytes) unless the hang-up is seen first (0).
+    wanted = re.compile(rf"alert LOST: a call was cut off after (0|{len(half)}) bytes of its body")
     deadline = time.monotonic() + 15
-    while wanted not in dash.log():
+    while not wanted.search(dash.log()):
         assert time.monotonic() < deadline, dash.log()[-2000:]
         time.sleep(0.2)
