@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from backjobs.db import make_engine, session_scope
 from backjobs.models import Marker, RefreshToken, StoredFile, Transaction
 from backjobs.outbox import enqueue_email
+from backjobs.stack.config import CLIENT_PATIENCE
 from backjobs.stack.processes import MARKER
 from tests.support.browser import chromium_page
 from tests.support.dashboard import basic
@@ -356,19 +357,32 @@ def test_down_lets_a_started_run_end_leaves_no_process_and_a_free_port_then_up_w
         while said[-1] and "started run(s) to end" not in said[-1]:
             said.append(down.stdout.readline())
         assert re.search(r"waiting up to 240 s for \d+ started run\(s\) to end", said[-1]), said
+        # A run that comes due while `down` waits is not started (to be killed with the
+        # worker a moment later): the worker's pool is paused until the next `up`.
+        name = "pending-users-reminder-job"
+        other = running.get(f"/deployments/name/{name}/{name}")
+        due = running.post(f"/deployments/{other['id']}/create_flow_run", {})
+        polls = float(CLIENT_PATIENCE["PREFECT_WORKER_QUERY_SECONDS"])  # the worker asks
+        deadline = time.monotonic() + 2 * polls + 1
+        while time.monotonic() < deadline:
+            assert running.get(f"/flow_runs/{due['id']}")["state_type"] == "SCHEDULED"
+            time.sleep(0.5)
     finally:
         lock.rollback()
         lock.close()
     rest, errors = down.communicate(timeout=300)
     assert down.returncode == 0, errors
     down_stdout = "".join(said) + rest
-    assert "could not mark" not in down_stdout and "marked Crashed" not in down_stdout
+    assert "could not" not in down_stdout and "marked Crashed" not in down_stdout, down_stdout
     assert members(running.var) == []
     assert port_free(running.port)
     again = stack("up", running.env)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "work pool backjobs resumed" in again.stdout, again.stdout
     assert healthy(running.api)
+    assert running.get("/work_pools/backjobs")["is_paused"] is False
     assert running.get(f"/flow_runs/{started['id']}")["state_type"] == "COMPLETED"
+    assert wait_for_state(running, due["id"], {"COMPLETED"}) == "COMPLETED"  # run once back up
     assert "demo data" not in again.stdout  # the data was kept, not seeded twice
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from backjobs.orchestration.crons import next_fire
@@ -103,6 +104,39 @@ async def ensure_work_pools(stack: Stack) -> None:
                 )
             except ObjectAlreadyExists:
                 await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+
+
+async def hold_work_pool(pool: str, marker: Path) -> bool:
+    """Pause the stack worker's pool, so that the worker takes no new run while ``down``
+    waits for the started ones (a run coming due in the wait would otherwise start, then
+    be killed when the worker stops). True if this paused it.
+
+    ``marker`` is written first, with the pool's name: it tells the next ``up`` to resume
+    the pool. A pool paused already (by an operator, in the UI) is left alone, and stays
+    paused.
+    """
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    async with _client() as client:
+        if (await client.read_work_pool(pool)).is_paused:
+            return False
+        marker.write_text(f"{pool}\n")
+        await client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+        return True
+
+
+async def resume_held_work_pool(marker: Path) -> str | None:
+    """Resume the pool the last ``down`` paused (:func:`hold_work_pool`); its name, or None
+    when ``down`` paused none."""
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    if not marker.exists():
+        return None
+    pool = marker.read_text().strip()
+    async with _client() as client:
+        await client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
+    marker.unlink()
+    return pool
 
 
 async def wait_worker_online(stack: Stack, *, timeout: float) -> None:

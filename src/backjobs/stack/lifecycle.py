@@ -9,7 +9,8 @@ each deployment's one-at-a-time slot frees); creates the work pool; deploys pref
 (``backjobs deploy``: exactly the file's schedules); starts one process worker; and
 creates one ad hoc run of each job, so the UI has runs to show.
 
-``down`` lets runs the worker started end (up to ``wait`` seconds, default 60), stops the
+``down`` pauses the worker's pool (so that it takes no new run), lets runs the worker
+started end (up to ``wait`` seconds, default 60; ``up`` resumes the pool), stops the
 worker (two SIGTERMs, then SIGKILL), marks every run still Pending,
 Running or Cancelling as Crashed through the API, stops the dashboard, then any leftover
 process of this stack (a flow run the worker left), and waits for the port to be free.
@@ -35,6 +36,7 @@ from backjobs.stack.config import DASHBOARD, WORK_POOL, WORKER, Stack, StackErro
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 DEFAULT_STOP_WAIT = 60.0  # seconds `down` lets started runs end before stopping the worker
 STUCK = ("PENDING", "RUNNING", "CANCELLING")
+POOL_HELD = "pool-held-by-down"  # in the stack folder: the pool `down` paused, for `up`
 
 
 def executable(name: str) -> str:
@@ -77,6 +79,9 @@ def up(stack: Stack, *, demo: bool, say: Any = _say) -> dict[str, Any]:
         if crashed:
             say(f"{crashed} run(s) left Pending/Running by an earlier stack marked Crashed")
     stack_api.run(stack, stack_api.ensure_work_pools(stack))
+    resumed = stack_api.run(stack, stack_api.resume_held_work_pool(stack.folder / POOL_HELD))
+    if resumed:
+        say(f"work pool {resumed} resumed (paused by `stack down` while started runs ended)")
     if fresh_worker:
         # Started before deploying: it boots while `prefect deploy` runs.
         command = ["worker", "start", "--pool", WORK_POOL, "--name", "stack-worker"]
@@ -194,6 +199,18 @@ def down(stack: Stack, *, wait: float = DEFAULT_STOP_WAIT, say: Any = _say) -> N
     say(f"stack stopped; data kept in {stack.var_dir}")
 
 
+def _hold_work_pool(stack: Stack, *, say: Any) -> None:
+    """The worker takes no new run while ``down`` waits: its pool is paused until the next
+    ``up`` (which resumes it). Without this, a run coming due in the wait (email-send-job:
+    every 2 minutes) could start in the last second, then be killed with the worker."""
+    from backjobs.stack import api as stack_api
+
+    try:
+        stack_api.run(stack, stack_api.hold_work_pool(WORK_POOL, stack.folder / POOL_HELD))
+    except Exception as exc:  # stopping goes on regardless
+        say(f"could not pause work pool {WORK_POOL}: {type(exc).__name__}: {exc}")
+
+
 def _let_runs_finish(stack: Stack, *, wait: float, say: Any) -> None:
     """Wait (up to ``wait`` s) while runs the worker started are Pending or Running.
 
@@ -201,6 +218,9 @@ def _let_runs_finish(stack: Stack, *, wait: float, say: Any) -> None:
     """
     from backjobs.stack import api as stack_api
 
+    if wait <= 0:
+        return
+    _hold_work_pool(stack, say=say)
     deadline = time.monotonic() + wait
     told = False
     while time.monotonic() < deadline:
