@@ -9,6 +9,7 @@ minutes of waiting run beside these tests, in another test process.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from backjobs.orchestration.alert_receiver import REDELIVERY_SETTLE
+from backjobs.orchestration.alert_redelivery import WATERMARK
+from backjobs.orchestration.automations import ensure_receiver_block, receiver_url
 from tests.support.alerts import (
     AlertStack,
     alert_emails,
@@ -29,7 +35,7 @@ from tests.support.alerts import (
     stop,
     wait_final,
 )
-from tests.support.dashboard import restart_dashboard
+from tests.support.dashboard import AUTH_STRING, restart_dashboard
 from tests.support.prefect_api import call_json
 
 pytestmark = pytest.mark.slow
@@ -240,3 +246,79 @@ def test_a_run_attempt_that_fails_twice_is_one_failure(
         )  # fmt: skip
         assert answer == {"outcome": "duplicate"}, (event, answer)
     assert (incident(stack, FLAKY) or {}).get("failures") == failures + 1
+
+
+def test_a_call_the_receiver_refused_is_delivered_again_from_the_event_log(
+    stack: AlertStack, deployed: Deployed
+) -> None:
+    """The webhook block holds a credential the dashboard no longer takes (the machine
+    credential changed without a deploy): Prefect's call is answered 401, which it records
+    as done. The receiver finds the call in the server's event log and handles it: the
+    failure is counted, once, and alerted."""
+    deployment = stack.api(f"deployments/name/{FLAKY}/{FLAKY}")
+    known = incident(stack, FLAKY)
+    failures = known["failures"] if known else 0
+    before = len(stack.hook.received())
+    set_receiver_credential(stack, "worker:a-credential-the-dashboard-does-not-take")
+    try:
+        failing = stack.api(
+            f"deployments/{deployment['id']}/create_flow_run", {"parameters": {"fail": True}}
+        )["id"]
+        wait_final(stack, [failing], timeout=120)
+        refused = wait_log(stack, "alert call refused: not the machine credential", timeout=60)
+    finally:
+        set_receiver_credential(stack, AUTH_STRING)
+    # The refused call's event is read once it is REDELIVERY_SETTLE old, at a flusher pass.
+    wait_incident(stack, FLAKY, failures=failures + 1, timeout=120)
+    redelivered = wait_log(stack, f"alert redelivered: state call for job {FLAKY}, run "
+                                  f"{failing} (it answered 401)", timeout=30)  # fmt: skip
+    assert refused and redelivered
+    # Alerted: an alert (a first failure or "still failing") counts it in the incident.
+    bodies = stack.hook.wait_for(
+        lambda b: any(a["failures"] == failures + 1 for a in alerts_of(b[before:], FLAKY)),
+        timeout=60,
+        what="an alert counting the redelivered failure",
+    )
+    assert max(a["failures"] for a in alerts_of(bodies[before:], FLAKY)) == failures + 1
+    # A later pass read past the call and did not handle it again.
+    wait_redelivery_read_past(stack, datetime.now(UTC) - REDELIVERY_SETTLE, timeout=60)
+    assert (incident(stack, FLAKY) or {}).get("failures") == failures + 1
+    assert stack.dash.log().count(f"alert redelivered: state call for job {FLAKY}") == 1
+
+
+def set_receiver_credential(stack: AlertStack, auth_string: str) -> None:
+    """Store ``auth_string`` in the automations' webhook block, as a deploy would."""
+
+    async def store() -> None:
+        async with get_client() as client:
+            url = receiver_url(stack.dash.prefect_env["PREFECT_API_URL"])
+            await ensure_receiver_block(client, url=url, auth_string=auth_string)
+
+    updates = {
+        PREFECT_API_URL: stack.dash.prefect_env["PREFECT_API_URL"],
+        PREFECT_API_AUTH_STRING: AUTH_STRING,
+    }
+    with temporary_settings(updates=updates):
+        asyncio.run(store())
+
+
+def wait_redelivery_read_past(stack: AlertStack, moment: datetime, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = stack.api("variables/filter", {"variables": {"name": {"any_": [WATERMARK]}}})
+        if found and datetime.fromisoformat(found[0]["value"]["until"]) > moment:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the redelivery did not read past {moment} in {timeout} s: {found}")
+        time.sleep(0.5)
+
+
+def wait_log(stack: AlertStack, text: str, *, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [line for line in stack.dash.log().splitlines() if text in line]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} not in the dashboard's log in {timeout} s")
+        time.sleep(0.5)

@@ -30,7 +30,9 @@ retried here before the answer (:func:`backjobs.orchestration.alert_delivery.ret
 run that still cannot be read alerts with what its event says; an email that still cannot
 be queued leaves the webhook going out; an incident that cannot be read or written means
 the call is lost: each of these logs one ERROR line naming the job and the run, and the
-call is answered 503 (Prefect then records the action as failed).
+call is answered 503. Prefect records that answer as a call done (with its status code), and
+a call that failed outright as a failed action: the flusher finds both in the server's event
+log and handles the call again (:mod:`backjobs.orchestration.alert_redelivery`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ from backjobs.orchestration.alert_delivery import (
     queue_alert_email,
     retrying,
 )
+from backjobs.orchestration.alert_redelivery import (
+    read_watermark,
+    undelivered_calls,
+    write_watermark,
+)
 from backjobs.orchestration.alert_store import (
     SEEN_PER_JOB,
     load_incident,
@@ -75,6 +82,10 @@ MAX_BODY_BYTES = 64 * 1024
 SEEN_EVENTS = 10_000  # event ids remembered, so a repeated call alerts once
 FAILURE_EVENTS = ("Failed", "Crashed", "TimedOut")
 MAX_PARTS = 20
+# A call's event is in the log a moment after the call (the server stores events every 5 s,
+# retrying on a busy database): the redelivery reads up to this long ago, so that it never
+# passes an event not yet stored.
+REDELIVERY_SETTLE = timedelta(seconds=30)
 
 
 class Signal(StrEnum):
@@ -122,6 +133,11 @@ class AlertReceiver:
         if scope["method"] != "POST":
             return JSONResponse({"error": "POST only"}, 405, {"allow": "POST"})
         if not self._authorized(Headers(scope=scope).get("authorization", "")):
+            logger.error(
+                "alert call refused: not the machine credential (the webhook block holds "
+                "another one: run `backjobs deploy` to store the current one); the call is "
+                "delivered again from the server's event log"
+            )
             return JSONResponse({"exception_message": "Unauthorized"}, 401)
         try:
             raw = await _read_body(receive)
@@ -266,10 +282,37 @@ class AlertReceiver:
         while True:
             await asyncio.sleep(pause)
             try:
+                await self._redeliver(now=datetime.now(UTC))
+            except Exception:  # the next pass starts again where this one stopped
+                logger.exception("alert redelivery failed; the next pass tries again")
+            try:
                 async with self._lock:
                     await self._flush(now=datetime.now(UTC))
             except Exception:  # keep flushing; the next pass tries again
                 logger.exception("alert flush failed")
+
+    async def _redeliver(self, *, now: datetime) -> None:
+        """Handle, oldest first, the automation calls that went wrong
+        (:mod:`backjobs.orchestration.alert_redelivery`), then move the mark past them."""
+        until = now - REDELIVERY_SETTLE
+        async with self._api() as api:
+            since, handled = await read_watermark(api, now=now)
+            if until <= since:
+                return
+            calls = await undelivered_calls(api, since=since, until=until, handled=handled)
+        for call in calls:
+            outcome = await self._dispatch(Signal(call.signal), call.job, call.body)
+            logger.warning(
+                "alert redelivered: %s call for job %s, run %s (it %s): %s",
+                call.signal, call.job, call.body.get("flow_run_id") or "none", call.why, outcome,
+            )  # fmt: skip
+            if call.occurred > since:
+                since, handled = call.occurred, set()
+            handled.add(call.event_id)
+            async with self._api() as api:
+                await write_watermark(api, since, handled)
+        async with self._api() as api:
+            await write_watermark(api, until, set())
 
     async def _flush(self, *, now: datetime) -> None:
         async with self._api() as api:
