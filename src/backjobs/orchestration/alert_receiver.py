@@ -86,6 +86,7 @@ MAX_PARTS = 20
 # retrying on a busy database): the redelivery reads up to this long ago, so that it never
 # passes an event not yet stored.
 REDELIVERY_SETTLE = timedelta(seconds=30)
+REDELIVERY_TRIES = 5  # passes a redelivered call may fail (each retried within) before LOST
 
 
 class Signal(StrEnum):
@@ -119,6 +120,7 @@ class AlertReceiver:
         self._deployments: dict[str, str] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self._redelivery_tries: dict[str, int] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -301,11 +303,23 @@ class AlertReceiver:
                 return
             calls = await undelivered_calls(api, since=since, until=until, handled=handled)
         for call in calls:
-            outcome = await self._dispatch(Signal(call.signal), call.job, call.body)
-            logger.warning(
-                "alert redelivered: %s call for job %s, run %s (it %s): %s",
-                call.signal, call.job, call.body.get("flow_run_id") or "none", call.why, outcome,
-            )  # fmt: skip
+            run = call.body.get("flow_run_id") or "none"
+            try:
+                outcome = await self._dispatch(Signal(call.signal), call.job, call.body)
+            except Exception as exc:
+                tries = self._redelivery_tries[call.event_id] = (
+                    self._redelivery_tries.get(call.event_id, 0) + 1
+                )
+                if tries < REDELIVERY_TRIES:
+                    raise  # the next pass starts again with this call
+                logger.error("alert LOST: %s call for job %s, run %s (it %s): redelivery "
+                             "given up after %d passes: %s",
+                             call.signal, call.job, run, call.why, tries, exc)  # fmt: skip
+            else:
+                logger.warning(
+                    "alert redelivered: %s call for job %s, run %s (it %s): %s",
+                    call.signal, call.job, run, call.why, outcome,
+                )  # fmt: skip
             if call.occurred > since:
                 since, handled = call.occurred, set()
             handled.add(call.event_id)

@@ -105,22 +105,25 @@ async def undelivered_calls(
         "limit": PAGE,
     }
     found: list[Undelivered] = []
-    automations: dict[str, dict[str, Any]] = {}
+    automations: dict[str, dict[str, Any] | None] = {}
     async for event in _events(api, query):
         why = failure_of(event)
         kind = automation_kind(str(event["resource"].get("prefect.resource.name") or ""))
         if why is None or kind is None or str(event["id"]) in handled:
             continue
-        automation_id = str(event["resource"]["prefect.resource.id"]).rpartition(".")[2]
-        if automation_id not in automations:
-            automations[automation_id] = await _automation(api, automation_id)
-        trigger = await _triggering_event(api, event)
         job, signal = kind
-        body = call_body(signal, job, automations[automation_id], trigger)
+        name = str(event["resource"]["prefect.resource.name"])
+        if name not in automations:
+            automation_id = str(event["resource"]["prefect.resource.id"]).rpartition(".")[2]
+            automations[name] = await _automation(api, automation_id, name=name)
+        automation = automations[name]
+        trigger = await _triggering_event(api, event)
+        body = call_body(signal, job, automation, trigger) if automation else None
         if body is None:
+            gone = "its triggering event" if automation else f"automation {name}"
             logger.error(
                 "alert LOST: a %s call for job %s went wrong (%s) and cannot be rebuilt: "
-                "its triggering event is gone", signal, job, why,
+                "%s is gone", signal, job, why, gone,
             )  # fmt: skip
             continue
         found.append(
@@ -180,10 +183,20 @@ async def _events(api: httpx.AsyncClient, query: dict[str, Any]) -> Any:
         response = await api.get(str(next_page).partition("/api")[2] or str(next_page))
 
 
-async def _automation(api: httpx.AsyncClient, automation_id: str) -> dict[str, Any]:
+async def _automation(
+    api: httpx.AsyncClient, automation_id: str, *, name: str
+) -> dict[str, Any] | None:
+    """The automation that made the call; if a deploy has replaced it since (same name, new
+    id), the one of that name now; None when there is none."""
     response = await api.get(f"/automations/{automation_id}")
+    if response.status_code != 404:
+        response.raise_for_status()
+        return dict(response.json())
+    query = {"automations": {"name": {"any_": [name]}}, "limit": 1}
+    response = await api.post("/automations/filter", json=query)
     response.raise_for_status()
-    return dict(response.json())
+    found = response.json()
+    return dict(found[0]) if found else None
 
 
 async def _triggering_event(api: httpx.AsyncClient, event: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,0 +1,93 @@
+"""Which automation calls the receiver delivers again, read from a real Prefect server's event
+log: the call events Prefect writes (``prefect.automation.action.executed`` with the answer's
+status, ``prefect.automation.action.failed``), posted here as its actions service would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from backjobs.orchestration.alert_redelivery import undelivered_calls
+from backjobs.orchestration.automations import wanted_automations
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def event(name: str, resource: dict[str, str], at: datetime, **more: Any) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "event": name, "occurred": at.isoformat(),
+            "resource": resource, **more}  # fmt: skip
+
+
+def call_event(
+    automation: dict[str, Any], trigger: dict[str, Any], at: datetime, **payload: Any
+) -> dict[str, Any]:
+    name = "failed" if "reason" in payload else "executed"
+    return event(
+        f"prefect.automation.action.{name}",
+        {"prefect.resource.id": f"prefect.automation.{automation['id']}",
+         "prefect.resource.name": automation["name"]},
+        at,
+        related=[{"prefect.resource.id": f"prefect.event.{trigger['id']}",
+                  "prefect.resource.role": "triggering-event"}],
+        payload={"action_index": 0, "action_type": "call-webhook", **payload},
+    )  # fmt: skip
+
+
+async def scenario() -> None:
+    job = f"redelivery-{uuid.uuid4().hex[:8]}-job"
+    deployment = str(uuid.uuid4())
+    [alert, *_] = wanted_automations(
+        job, deployment, block_id=str(uuid.uuid4()), silent_after=None, heartbeat_seconds=30
+    )
+    async with httpx.AsyncClient(base_url=PREFECT_API_URL.value(), timeout=30) as api:
+        created = (await api.post("/automations/", json=alert)).raise_for_status().json()
+        now = datetime.now(UTC)
+        runs = [str(uuid.uuid4()) for _ in range(4)]
+        triggers = [
+            event("prefect.flow-run.Failed", {"prefect.resource.id": f"prefect.flow-run.{r}"},
+                  now - timedelta(seconds=40 - i))
+            for i, r in enumerate(runs)
+        ]  # fmt: skip
+        replaced = created | {"id": str(uuid.uuid4())}  # a deploy replaced it since: new id
+        calls = [
+            call_event(created, triggers[0], now - timedelta(seconds=30), status_code=204),
+            call_event(created, triggers[1], now - timedelta(seconds=29), status_code=401),
+            call_event(replaced, triggers[2], now - timedelta(seconds=28),
+                       reason="Webhook call failed: ReadError('')"),
+            call_event(created, triggers[3], now - timedelta(seconds=27), status_code=503),
+        ]  # fmt: skip
+        (await api.post("/events", json=triggers + calls)).raise_for_status()
+        window = {"since": now - timedelta(minutes=1), "until": now}
+        deadline = time.monotonic() + 60
+        while len(found := await undelivered_calls(api, **window, handled=set())) < 3:
+            assert time.monotonic() < deadline, f"the call events were not stored: {found}"
+            await asyncio.sleep(0.5)
+
+        assert [(c.event_id, c.why) for c in found] == [
+            (calls[1]["id"], "answered 401"),
+            (calls[2]["id"], "Webhook call failed: ReadError('')"),
+            (calls[3]["id"], "answered 503"),
+        ]
+        assert [c.body for c in found] == [
+            {"signal": "state", "job": job, "deployment_id": deployment, "flow_run_id": run,
+             "event_id": trigger["id"], "event": "prefect.flow-run.Failed"}
+            for run, trigger in zip(runs[1:], triggers[1:], strict=True)
+        ]  # fmt: skip
+        handled = {calls[1]["id"]}
+        again = await undelivered_calls(api, **window, handled=handled)
+        assert [c.event_id for c in again] == [calls[2]["id"], calls[3]["id"]]
+        later = await undelivered_calls(
+            api, since=now - timedelta(seconds=28), until=now, handled={calls[2]["id"]}
+        )
+        assert [c.event_id for c in later] == [calls[3]["id"]]
+
+
+def test_calls_that_failed_or_were_answered_with_an_error_are_rebuilt_oldest_first() -> None:
+    asyncio.run(scenario())
