@@ -283,7 +283,8 @@ def test_a_call_the_receiver_refused_is_delivered_again_from_the_event_log(
     # A later pass read past the call and did not handle it again.
     wait_redelivery_read_past(stack, datetime.now(UTC) - REDELIVERY_SETTLE, timeout=60)
     assert (incident(stack, FLAKY) or {}).get("failures") == failures + 1
-    assert stack.dash.log().count(f"alert redelivered: state call for job {FLAKY}") == 1
+    line = f"alert redelivered: state call for job {FLAKY}, run {failing} "
+    assert stack.dash.log().count(line) == 1
 
 
 def set_receiver_credential(stack: AlertStack, auth_string: str) -> None:
