@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Completed, Running
 
-from backjobs.orchestration.alert_redelivery import undelivered_calls
+from backjobs.orchestration.alert_redelivery import completed_since, undelivered_calls
 from backjobs.orchestration.automations import wanted_automations
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -91,3 +93,28 @@ async def scenario() -> None:
 
 def test_calls_that_failed_or_were_answered_with_an_error_are_rebuilt_oldest_first() -> None:
     asyncio.run(scenario())
+
+
+async def silence_then_a_completed_run() -> None:
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name("silence-probe-job")
+        deployment = await client.create_deployment(
+            flow_id=flow_id, name=f"silence-{uuid.uuid4().hex[:8]}"
+        )
+        other = await client.create_deployment(
+            flow_id=flow_id, name=f"silence-{uuid.uuid4().hex[:8]}"
+        )
+        before = datetime.now(UTC) - timedelta(seconds=5)
+        run = await client.create_flow_run_from_deployment(deployment)
+        await client.set_flow_run_state(run.id, Running(), force=True)
+        await client.set_flow_run_state(run.id, Completed(), force=True)
+        ended = (await client.read_flow_run(run.id)).end_time
+        assert ended is not None
+    async with httpx.AsyncClient(base_url=PREFECT_API_URL.value(), timeout=30) as api:
+        assert await completed_since(api, str(deployment), before) is True  # stale silence
+        assert await completed_since(api, str(deployment), ended + timedelta(seconds=1)) is False
+        assert await completed_since(api, str(other), before) is False
+
+
+def test_a_silent_call_is_stale_once_a_run_of_its_deployment_completed_after_it() -> None:
+    asyncio.run(silence_then_a_completed_run())

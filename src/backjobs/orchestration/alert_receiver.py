@@ -61,6 +61,8 @@ from backjobs.orchestration.alert_delivery import (
     retrying,
 )
 from backjobs.orchestration.alert_redelivery import (
+    Undelivered,
+    completed_since,
     read_watermark,
     undelivered_calls,
     write_watermark,
@@ -239,6 +241,14 @@ class AlertReceiver:
         await retrying(f"storing the incident of {job}", store)
         return outcome
 
+    async def _redelivered(self, call: Undelivered) -> str:
+        if call.signal == Signal.SILENT:
+            async with self._api() as api:
+                deployment = str(call.body["deployment_id"])
+                if await completed_since(api, deployment, call.occurred):
+                    return "stale (a run of the job completed since)"
+        return await self._dispatch(Signal(call.signal), call.job, call.body)
+
     def _remember(self, key: str) -> None:
         if not key:
             return
@@ -305,7 +315,7 @@ class AlertReceiver:
         for call in calls:
             run = call.body.get("flow_run_id") or "none"
             try:
-                outcome = await self._dispatch(Signal(call.signal), call.job, call.body)
+                outcome = await self._redelivered(call)
             except Exception as exc:
                 tries = self._redelivery_tries[call.event_id] = (
                     self._redelivery_tries.get(call.event_id, 0) + 1

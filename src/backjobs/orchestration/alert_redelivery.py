@@ -13,9 +13,10 @@ The receiver (:mod:`backjobs.orchestration.alert_receiver`) reads these events o
 ``backjobs-*`` automations at every pass of its flusher, rebuilds each call from the
 automation (job, kind, deployment) and its triggering event (run, event id, time) — the
 body the automation would have sent — and handles it as if it had arrived. A call handled
-twice is answered ``duplicate`` (event ids and run attempts are remembered). Where the log
-was read up to is kept on the server (a Prefect Variable), so a restart neither skips
-nor repeats a call.
+twice is answered ``duplicate`` (event ids and run attempts are remembered); a ``silent``
+call is ``stale`` once a run of its job has completed after it (:func:`completed_since`).
+Where the log was read up to is kept on the server (a Prefect Variable), so a restart
+neither skips nor repeats a call.
 """
 
 from __future__ import annotations
@@ -168,6 +169,22 @@ def _heartbeat_seconds(automation: dict[str, Any]) -> int:
         if found:
             return int(found.group(1))
     raise ValueError(f"automation {automation.get('name')!r} names no heartbeat interval")
+
+
+async def completed_since(api: httpx.AsyncClient, deployment_id: str, moment: datetime) -> bool:
+    """Whether the deployment has a run that completed after ``moment``: a ``silent`` call
+    delivered late is then stale (the job ran since), and alerts nothing."""
+    query = {
+        "flow_runs": {
+            "deployment_id": {"any_": [deployment_id]},
+            "state": {"type": {"any_": ["COMPLETED"]}},
+            "end_time": {"after_": moment.isoformat()},
+        },
+        "limit": 1,
+    }
+    response = await api.post("/flow_runs/filter", json=query)
+    response.raise_for_status()
+    return bool(response.json())
 
 
 async def _events(api: httpx.AsyncClient, query: dict[str, Any]) -> Any:
