@@ -31,7 +31,7 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "backjobs-"  # the automations' names: backjobs-<job>-<kind> (see automations)
+PREFIX = "backjobs-"  # every automation deploy manages: backjobs-<job>-<kind>
 SIGNAL_OF_KIND = {"alert": "state", "zombie": "zombie", "silent": "silent"}
 WATERMARK = "backjobs-alert-redelivery"  # the Variable: where the log was read up to
 FIRST_LOOKBACK = timedelta(hours=1)  # where a server that never read it starts

@@ -38,9 +38,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from backjobs.orchestration.alert_receiver import RECEIVER_PATH, Signal
+from backjobs.orchestration.alert_redelivery import PREFIX
 from backjobs.orchestration.alerts import silent_window
 
-PREFIX = "backjobs-"
 BLOCK_NAME = "backjobs-alert-receiver"
 HEARTBEAT_SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 MIN_HEARTBEAT_SECONDS = 30  # Prefect refuses a shorter interval
