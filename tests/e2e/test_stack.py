@@ -390,7 +390,15 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
     """``down --wait 0`` ("stop now") waits for no run: a started run that cannot end (a
     cleanup run held on the app database's write lock) ends Crashed on the server (its own
     database, read after it stopped), no started run is left Pending or Running, and no
-    process of the stack is left. Last in the module: it leaves the stack down."""
+    process of the stack is left. More than the server's page of 200 unfinished runs are
+    all marked (runs a dead worker left Pending, made here through the API). Last in the
+    module: it leaves the stack down."""
+    flow = running.post("/flows/", {"name": "left-pending-by-a-dead-worker"})
+    pending = {"type": "PENDING", "name": "Pending"}
+    left = [
+        running.post("/flow_runs/", {"flow_id": flow["id"], "state": pending})["id"]
+        for _ in range(205)
+    ]
     lock = sqlite3.connect(running.var / "backjobs.db", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # cleanup's deletes wait for it: that run cannot end
     try:
@@ -413,13 +421,19 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
                 f"SELECT id, state_type FROM flow_run WHERE id IN ({','.join(marks)})", started
             ).fetchall()
         )
+        left_states = server_db.execute(
+            "SELECT state_type, count(*) FROM flow_run WHERE flow_id = ? GROUP BY state_type",
+            [flow["id"]],
+        ).fetchall()
     finally:
         server_db.close()
+    assert left_states == [("CRASHED", len(left))], left_states
     assert states[blocked] == "CRASHED", states
     # A run with nothing to write (a reminder with no one pending) may end on its own while
     # `down` stops the worker: Completed is then its true state. None is left under way.
     assert set(states.values()) <= {"CRASHED", "COMPLETED"}, states
-    assert int(marked.group(1)) >= list(states.values()).count("CRASHED"), (done.stdout, states)
+    crashed = list(states.values()).count("CRASHED") + len(left)
+    assert int(marked.group(1)) >= crashed, (done.stdout, states)
 
 
 def wait_for_a_blocked_cleanup_run(
@@ -433,24 +447,17 @@ def wait_for_a_blocked_cleanup_run(
     deadline = time.monotonic() + timeout
     while True:
         now = datetime.now(UTC)
-        body = {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}}}
-        runs = running.post("/flow_runs/filter", body)
+        wanted = {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}}
+        jobs = {"deployment_id": {"is_null_": False}}  # not the deployment-less runs made here
+        due = {"expected_start_time": {"before_": now.isoformat()}}  # not the weeks scheduled
+        runs = running.post("/flow_runs/filter", {"flow_runs": wanted | jobs | due})
         started = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
         blocked = [
             r for r in started if r["deployment_id"] == cleanup and r["state_type"] == "RUNNING"
         ]
         if blocked:
             return blocked[0]["id"], [r["id"] for r in started]
-        cleanup_due = [
-            r
-            for r in runs
-            if r["deployment_id"] == cleanup
-            and (
-                r["state_type"] != "SCHEDULED"
-                or datetime.fromisoformat(r["expected_start_time"]) <= now
-            )
-        ]
-        if not cleanup_due:
+        if not any(r["deployment_id"] == cleanup for r in runs):  # none due or under way
             running.post(f"/deployments/{cleanup}/create_flow_run", {})
         if time.monotonic() > deadline:
             pytest.fail(f"no cleanup run of the stack started in {timeout:.0f} s: {runs}")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 STUCK_STATES = ("PENDING", "RUNNING", "CANCELLING")
+PAGE = 200  # the server's largest page of flow runs
 
 
 def run(stack: Stack, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -44,25 +45,33 @@ def _client() -> PrefectClient:
 
 
 async def unfinished_runs() -> int:
-    """How many runs are Pending, Running or Cancelling: started and not yet ended."""
+    """How many runs are Pending, Running or Cancelling: started and not yet ended (counted
+    by the server, not read a page at a time)."""
     async with _client() as client:
-        return len(await _stuck_runs(client))
+        return int(await client.count_flow_runs(flow_run_filter=_stuck_filter()))
 
 
 async def crash_stuck_runs(*, reason: str) -> int:
-    """Mark every Pending, Running or Cancelling run Crashed (its process is gone)."""
+    """Mark every Pending, Running or Cancelling run Crashed (its process is gone): the
+    first page of them again and again until none is left, as a run marked leaves the
+    filter, so that more than a page of them are all marked."""
     from prefect.states import Crashed
 
+    crashed: set[Any] = set()
     async with _client() as client:
-        runs = await _stuck_runs(client)
-        for flow_run in runs:
-            await client.set_flow_run_state(
-                flow_run.id, Crashed(message=f"Crashed: {reason}"), force=True
-            )
-        return len(runs)
+        while True:
+            page = await client.read_flow_runs(flow_run_filter=_stuck_filter(), limit=PAGE)
+            fresh = [run for run in page if run.id not in crashed]
+            if not fresh:  # none left, or the server keeps a run we marked (never loop)
+                return len(crashed)
+            for flow_run in fresh:
+                await client.set_flow_run_state(
+                    flow_run.id, Crashed(message=f"Crashed: {reason}"), force=True
+                )
+                crashed.add(flow_run.id)
 
 
-async def _stuck_runs(client: PrefectClient) -> list[Any]:
+def _stuck_filter() -> Any:
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -71,13 +80,7 @@ async def _stuck_runs(client: PrefectClient) -> list[Any]:
     from prefect.client.schemas.objects import StateType
 
     wanted = [StateType(name) for name in STUCK_STATES]
-    return list(
-        await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted))
-            )
-        )
-    )
+    return FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=wanted)))
 
 
 async def ensure_work_pools(stack: Stack) -> None:
