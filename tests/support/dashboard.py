@@ -27,7 +27,7 @@ import jwt
 from backjobs.db import make_engine
 from backjobs.db.migrate import upgrade_engine
 from tests.support.prefect_api import clean_env, free_port, healthy
-from tests.support.prefect_server import seed_prefect_home, terminate
+from tests.support.prefect_server import SEEDED_HOME_ENV, seed_prefect_home, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
@@ -131,7 +131,9 @@ def gated_dashboard(
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     seed_prefect_home(folder / "prefect-home")
-    env = dashboard_env(folder / "prefect-home", app_db_url=app_db_url, port=port, extra=extra_env)
+    env = SEEDED_HOME_ENV | dashboard_env(
+        folder / "prefect-home", app_db_url=app_db_url, port=port, extra=extra_env
+    )
     log_path = folder / "dashboard.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
