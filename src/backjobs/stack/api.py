@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from backjobs.orchestration.crons import next_fire
+from backjobs.orchestration.orphan_runs import PAGE
 from backjobs.orchestration.prefect_yaml import load_deployments
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 STUCK_STATES = ("PENDING", "RUNNING", "CANCELLING")
-PAGE = 200  # the server's largest page of flow runs
 
 
 def run(stack: Stack, coroutine: Coroutine[Any, Any, T]) -> T:

@@ -35,7 +35,6 @@ from backjobs.stack.config import DASHBOARD, WORK_POOL, WORKER, Stack, StackErro
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 DEFAULT_STOP_WAIT = 60.0  # seconds `down` lets started runs end before stopping the worker
-STUCK = ("PENDING", "RUNNING", "CANCELLING")
 POOL_HELD = "pool-held-by-down"  # in the stack folder: the pool `down` paused, for `up`
 
 
