@@ -437,8 +437,8 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
     # A run with nothing to write (a reminder with no one pending) may end on its own while
     # `down` stops the worker: Completed is then its true state. None is left under way.
     assert set(states.values()) <= {"CRASHED", "COMPLETED"}, states
-    # The count `down` prints is the runs it marked, exactly: a started run the worker
-    # reported Crashed itself as it stopped (its process killed) is not among them.
+    # The count `down` prints is the runs it marked, exactly: a started run Prefect itself
+    # set Crashed as the worker stopped it (its process killed) is not among them.
     assert int(marked.group(1)) == marked_on_server >= len(left), (done.stdout, states)
 
 
