@@ -401,8 +401,9 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
     ]
     lock = sqlite3.connect(running.var / "backjobs.db", isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # cleanup's deletes wait for it: that run cannot end
+    locked_at = datetime.now(UTC)
     try:
-        blocked, started = wait_for_a_blocked_cleanup_run(running)
+        blocked, started = wait_for_a_blocked_cleanup_run(running, since=locked_at)
         done = stack("down --wait 0", running.env)
     finally:
         lock.rollback()
@@ -443,10 +444,12 @@ def test_down_wait_0_stops_at_once_and_marks_started_runs_crashed(running: Runni
 
 
 def wait_for_a_blocked_cleanup_run(
-    running: RunningStack, timeout: float = 240
+    running: RunningStack, *, since: datetime, timeout: float = 240
 ) -> tuple[str, list[str]]:
-    """A Running cleanup run (the caller holds the app database's write lock, so it cannot
-    end) and the ids of every started run (Pending or Running) beside it. A cleanup run is
+    """A cleanup run that went Running after ``since``, when the caller took the app
+    database's write lock (so its deletes wait and it cannot end), and the ids of every
+    started run (Pending or Running) beside it. One Running from before may have deleted
+    already (`up` makes an ad hoc run of each job): it is left to end. A cleanup run is
     created when none is due or under way (one created beside a due one would be Cancelled
     for the job's one slot)."""
     cleanup = running.get("/deployments/name/cleanup-job/cleanup-job")["id"]
@@ -459,7 +462,11 @@ def wait_for_a_blocked_cleanup_run(
         runs = running.post("/flow_runs/filter", {"flow_runs": wanted | jobs | due})
         started = [r for r in runs if r["state_type"] in ("PENDING", "RUNNING")]
         blocked = [
-            r for r in started if r["deployment_id"] == cleanup and r["state_type"] == "RUNNING"
+            r
+            for r in started
+            if r["deployment_id"] == cleanup
+            and r["state_type"] == "RUNNING"
+            and datetime.fromisoformat(r["start_time"]) > since
         ]
         if blocked:
             return blocked[0]["id"], [r["id"] for r in started]
