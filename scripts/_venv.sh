@@ -42,5 +42,6 @@ fi
 # took ≈ 20 % of the import's CPU, in each of the ≈ 250 processes a test run starts. A
 # collection still comes, just less often; memory is unchanged (peak RSS measured).
 for site in .venv/lib/python3*/site-packages; do
+  [ -d "$site" ] || continue
   [ -f "$site/backjobs_gc.pth" ] || echo 'import gc; gc.set_threshold(10000, 10, 10)' >"$site/backjobs_gc.pth"
 done
