@@ -40,7 +40,7 @@ fi
 # cyclic garbage after 10,000 new container objects instead of 700: importing Prefect
 # creates hundreds of thousands, and with the default the collector ran so often that it
 # took ≈ 20 % of the import's CPU, in each of the ≈ 250 processes a test run starts. A
-# collection still comes, just less often; memory is unchanged (peak RSS measured).
+# collection still comes, just less often (peak memory of an import: the same, measured).
 for site in .venv/lib/python3*/site-packages; do
   [ -d "$site" ] || continue
   [ -f "$site/backjobs_gc.pth" ] || echo 'import gc; gc.set_threshold(10000, 10, 10)' >"$site/backjobs_gc.pth"
