@@ -5,6 +5,7 @@ traceback unless ``--debug``. Each case runs the real command from the test's ow
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -83,6 +84,39 @@ def test_an_as_of_beyond_the_calendar_in_utc_is_a_usage_error(as_of: str) -> Non
     assert done.returncode == 2
     line = one_error_line(done)
     assert as_of in line and "outside years 1-9999" in line
+
+
+def test_a_mistyped_job_is_refused_before_prefect_is_imported(tmp_path: Path) -> None:
+    """``run`` and ``trigger`` read the job's name from prefect.yaml alone: a typo is one
+    line at once, not after the ≈ 1.5 s of importing Prefect."""
+    code = (
+        "import json, sys\n"
+        "from backjobs.cli import main\n"
+        f"project = ['--project-dir', {str(ROOT)!r}]\n"
+        "codes = [main(['db', 'upgrade']), main(['run', 'NoSuchJob', *project]),\n"
+        "         main(['trigger', 'NoSuchJob', *project])]\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'prefect')\n"
+        "print(json.dumps([codes, loaded]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path.cwd(),
+        env=os.environ
+        | {
+            "BACKJOBS_DATABASE_URL": f"sqlite:///{tmp_path / 'app.db'}",
+            "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    codes, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == [0, 2, 2] and loaded == []
+    refusals = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(refusals) == 2, done.stderr
+    for line in refusals:
+        assert "unknown job 'NoSuchJob'" in line and "cleanup-job (CleanupJob)" in line
 
 
 def test_an_entrypoint_with_a_syntax_error_is_a_problem_line() -> None:

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from backjobs.cli.common import parse_as_of
-from backjobs.orchestration.jobbase import kebab, resolve_as_of, result_rows
-from backjobs.orchestration.prefect_yaml import seed_name
+from backjobs.orchestration.jobbase import resolve_as_of, result_rows
+from backjobs.orchestration.prefect_yaml import kebab, seed_name
 
 SEED_NAMES = {
     "CleanupJob": "cleanup-job",

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, Self, TypeVar, cast
@@ -59,17 +58,13 @@ from prefect.states import Cancelled, Completed
 
 from backjobs.clock import check_as_of, to_utc
 from backjobs.orchestration.orphan_runs import orphaned_run_reason
+from backjobs.orchestration.prefect_yaml import kebab
 from backjobs.orchestration.runlogs import prepare_run_logging
 from backjobs.settings import get_settings
 
 R = TypeVar("R")
 
 CANCELLED = (TerminationSignal, KeyboardInterrupt, asyncio.CancelledError)
-
-
-def kebab(name: str) -> str:
-    """``ProcessRecurringTransactionsJob`` -> ``process-recurring-transactions-job``."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
 
 
 def resolve_as_of(as_of: datetime | None) -> datetime:

@@ -69,15 +69,19 @@ def _yaml_kind(value: Any) -> str:
     return f"{type(value).__name__} ({value!r:.40})"
 
 
+def kebab(name: str) -> str:
+    """``ProcessRecurringTransactionsJob`` -> ``process-recurring-transactions-job``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", name).lower()
+
+
 def seed_name(flow_name: str) -> str:
     """``cleanup-job`` -> ``CleanupJob``."""
     return "".join(part.capitalize() for part in flow_name.split("-"))
 
 
 def find_deployment(path: Path, job: str) -> dict[str, Any]:
-    """The deployment of ``job``, given as flow name or seed name (any case)."""
-    from backjobs.orchestration.jobbase import kebab
-
+    """The deployment of ``job``, given as flow name or seed name (any case). Reads only
+    prefect.yaml: a mistyped name is refused before anything imports Prefect."""
     wanted = job.strip()
     wanted = wanted.lower() if "-" in wanted else kebab(wanted)
     deployments = load_deployments(path)
@@ -90,9 +94,9 @@ def find_deployment(path: Path, job: str) -> dict[str, Any]:
 
 def load_job_flow(path: Path, job: str) -> Any:
     """Import the job's flow from its entrypoint, relative to prefect.yaml's folder."""
+    deployment = find_deployment(path, job)
     from prefect.flows import load_flow_from_entrypoint
 
-    deployment = find_deployment(path, job)
     root = path.parent
     script, _, function = str(deployment["entrypoint"]).rpartition(":")
     if str(root) not in sys.path:
