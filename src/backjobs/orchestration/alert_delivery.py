@@ -73,13 +73,14 @@ async def retrying(
                 raise
             logger.warning(
                 "%s failed (attempt %d of %d), again in %g s: %s",
-                what, attempt, len(delays) + 1, delay, _short(exc),
+                what, attempt, len(delays) + 1, delay, error_line(exc),
             )  # fmt: skip
             await sleep(delay)
     raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
-def _short(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``Type: the first line of the message``, for one log line."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 

@@ -28,11 +28,17 @@ answered ``duplicate`` and counted nowhere; an event delivered twice is, too.
 Prefect never retries a webhook action, so each step that can fail on a transient error is
 retried here before the answer (:func:`backjobs.orchestration.alert_delivery.retrying`). A
 run that still cannot be read alerts with what its event says; an email that still cannot
-be queued leaves the webhook going out; an incident that cannot be read or written means
-the call is lost: each of these logs one ERROR line naming the job and the run, and the
-call is answered 503. Prefect records that answer as a call done (with its status code), and
-a call that failed outright as a failed action: the flusher finds both in the server's event
+be queued leaves the webhook going out; an incident that cannot be read means the call is
+lost: each of these logs one ERROR line naming the job and the run, and the call is
+answered 503. Prefect records that answer as a call done (with its status code), and a
+call that failed outright as a failed action: the flusher finds both in the server's event
 log and handles the call again (:mod:`backjobs.orchestration.alert_redelivery`).
+
+An incident that cannot be written once its alert went out is kept in memory, used in the
+server's copy's place and written again at every pass of the flusher
+(:meth:`AlertReceiver._store`): reading the server's older copy back would count the
+alerted failures again. So the counts stay exact while the dashboard runs; only a dashboard
+stopped before the write succeeds may send those alerts again after its restart.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from starlette.responses import JSONResponse
 from backjobs.orchestration.alert_delivery import (
     alert_document,
     alert_key,
+    error_line,
     post_webhook,
     queue_alert_email,
     retrying,
@@ -84,6 +91,9 @@ MAX_BODY_BYTES = 64 * 1024
 SEEN_EVENTS = 10_000  # event ids remembered, so a repeated call alerts once
 FAILURE_EVENTS = ("Failed", "Crashed", "TimedOut")
 MAX_PARTS = 20
+# Retries of an incident's write before it is kept in memory for the flusher's next pass
+# (the lock is held meanwhile: other calls wait).
+STORE_DELAYS = (0.5, 1.0)
 # A call's event is in the log a moment after the call (the server stores events every 5 s,
 # retrying on a busy database): the redelivery reads up to this long ago, so that it never
 # passes an event not yet stored.
@@ -123,6 +133,9 @@ class AlertReceiver:
         self._background: set[asyncio.Task[Any]] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._redelivery_tries: dict[str, int] = {}
+        # Incidents (None: closed) whose alert went out but whose write to the server
+        # failed: the truth until a write succeeds (see _store).
+        self._unsaved: dict[str, Incident | None] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -216,9 +229,13 @@ class AlertReceiver:
         return outcome
 
     async def _book(self, job: str) -> IncidentBook:
-        """A book holding the job's incident as the server has it."""
-        found = await retrying(f"reading the incident of {job}", lambda: self._load(job))
+        """A book holding the job's incident as the server has it (or, while its last write
+        failed, as this process holds it)."""
         book = IncidentBook(repeat=self.repeat)
+        if job in self._unsaved:
+            found = self._unsaved[job]
+        else:
+            found = await retrying(f"reading the incident of {job}", lambda: self._load(job))
         if found is not None:
             book.incidents[job] = found
         return book
@@ -230,16 +247,36 @@ class AlertReceiver:
     async def _settle(
         self, job: str, book: IncidentBook, alert: Alert | None, *, run_id: str | None
     ) -> str:
-        """Send the alert (if any), then store the incident: an alert whose incident could
-        not be stored may be sent again, but none is counted without being sent."""
+        """Send the alert (if any), then store the incident: none is counted without being
+        sent, and none sent is counted again (see :meth:`_store`)."""
         outcome = await self._deliver(alert, run_id=run_id) if alert else "counted"
-
-        async def store() -> None:
-            async with self._api() as api:
-                await save_incident(api, job, book.incidents.get(job))
-
-        await retrying(f"storing the incident of {job}", store)
+        await self._store(job, book.incidents.get(job))
         return outcome
+
+    async def _store(self, job: str, incident: Incident | None) -> bool:
+        """Write the job's incident (None: delete it), retried briefly; if the server still
+        cannot take it (a locked SQLite file, a restarting database), keep it in memory in
+        the server's copy's place, to be written at the flusher's next pass. Whether it was
+        written."""
+
+        async def write() -> None:
+            async with self._api() as api:
+                await save_incident(api, job, incident)
+
+        waiting = job in self._unsaved
+        self._unsaved[job] = incident
+        try:
+            await retrying(f"storing the incident of {job}", write, delays=STORE_DELAYS)
+        except Exception as exc:
+            log = logger.error if waiting else logger.warning
+            log("the incident of %s is not stored on the server (%s): this process keeps it "
+                "and tries again at the next pass; a restart before then may send its alerts "
+                "again", job, error_line(exc))  # fmt: skip
+            return False
+        del self._unsaved[job]
+        if waiting:
+            logger.warning("the incident of %s is stored on the server again", job)
+        return True
 
     async def _redelivered(self, call: Undelivered) -> str:
         if call.signal == Signal.SILENT:
@@ -339,8 +376,14 @@ class AlertReceiver:
             await write_watermark(api, until, set())
 
     async def _flush(self, *, now: datetime) -> None:
+        for job, incident in list(self._unsaved.items()):
+            await self._store(job, incident)
         async with self._api() as api:
             incidents = await load_incidents(api)
+        for job, kept in self._unsaved.items():  # still not written: newer than the server's
+            incidents.pop(job, None)
+            if kept is not None:
+                incidents[job] = kept
         book = IncidentBook(repeat=self.repeat)
         book.incidents = incidents
         for alert in book.due(now=now):

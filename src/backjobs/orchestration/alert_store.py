@@ -9,12 +9,14 @@ twice is counted once, across restarts too. Recovery deletes it.
 
 Why a Variable: the incidents then live where the events and the automations live, in the
 Prefect server's database, and survive a restart of ``backjobs dashboard`` (the receiver
-holds nothing that matters in memory) — a job still failing after a restart goes on as the
-same incident, and its recovery still sends ``recovered`` with the count. It needs no table
-in the app's database, and ops can see an open incident on the UI's Variables page;
-deleting the Variable closes the incident without a notice (the next failure alerts as a
-first failure). The receiver reads and writes them through Prefect's app in process, under
-its lock: run one ``backjobs dashboard`` per server (two would race on an incident).
+holds one in memory only while the server cannot take its write: see
+:meth:`backjobs.orchestration.alert_receiver.AlertReceiver._store`) — a job still failing
+after a restart goes on as the same incident, and its recovery still sends ``recovered``
+with the count. It needs no table in the app's database, and ops can see an open incident
+on the UI's Variables page; deleting the Variable closes the incident without a notice (the
+next failure alerts as a first failure). The receiver reads and writes them through
+Prefect's app in process, under its lock: run one ``backjobs dashboard`` per server (two
+would race on an incident).
 """
 
 from __future__ import annotations
