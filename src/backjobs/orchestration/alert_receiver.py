@@ -253,11 +253,10 @@ class AlertReceiver:
         await self._store(job, book.incidents.get(job))
         return outcome
 
-    async def _store(self, job: str, incident: Incident | None) -> bool:
+    async def _store(self, job: str, incident: Incident | None) -> None:
         """Write the job's incident (None: delete it), retried briefly; if the server still
         cannot take it (a locked SQLite file, a restarting database), keep it in memory in
-        the server's copy's place, to be written at the flusher's next pass. Whether it was
-        written."""
+        the server's copy's place, to be written at the flusher's next pass."""
 
         async def write() -> None:
             async with self._api() as api:
@@ -272,11 +271,10 @@ class AlertReceiver:
             log("the incident of %s is not stored on the server (%s): this process keeps it "
                 "and tries again at the next pass; a restart before then may send its alerts "
                 "again", job, error_line(exc))  # fmt: skip
-            return False
+            return
         del self._unsaved[job]
         if waiting:
             logger.warning("the incident of %s is stored on the server again", job)
-        return True
 
     async def _redelivered(self, call: Undelivered) -> str:
         if call.signal == Signal.SILENT:
