@@ -64,17 +64,20 @@ def _run(args: argparse.Namespace) -> int:
     # Up front, before Prefect starts: a bad setting, a database that is unreachable,
     # missing (never created here) or not migrated is one line, not a failed run.
     check_ready(get_settings().database_url)
-    from backjobs.orchestration.prefect_yaml import find_deployment, find_project_file
+    from backjobs.orchestration.prefect_yaml import (
+        find_deployment,
+        find_project_file,
+        load_job_flow,
+    )
 
     project_file = find_project_file(args.project_dir)
-    find_deployment(project_file, args.job)  # a mistyped job, before Prefect is imported
+    deployment = find_deployment(project_file, args.job)  # a typo: refused before Prefect
     prefect_defaults()
     _ensure_prefect_home()  # before Prefect is imported: it makes its home on import
 
     from backjobs.orchestration.jobbase import result_rows
-    from backjobs.orchestration.prefect_yaml import load_job_flow
 
-    job = load_job_flow(project_file, args.job)
+    job = load_job_flow(project_file, deployment)
     state = job(as_of=args.as_of, return_state=True)
     if not state.is_completed():
         print(

@@ -92,9 +92,9 @@ def find_deployment(path: Path, job: str) -> dict[str, Any]:
     raise LookupError(f"unknown job {job!r}; known jobs: {known or 'none'}")
 
 
-def load_job_flow(path: Path, job: str) -> Any:
-    """Import the job's flow from its entrypoint, relative to prefect.yaml's folder."""
-    deployment = find_deployment(path, job)
+def load_job_flow(path: Path, deployment: dict[str, Any]) -> Any:
+    """Import the flow of ``deployment`` (from :func:`find_deployment`) from its entrypoint,
+    relative to prefect.yaml's folder."""
     from prefect.flows import load_flow_from_entrypoint
 
     root = path.parent
