@@ -8,7 +8,6 @@ import asyncio
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
@@ -18,28 +17,9 @@ from prefect.states import Completed, Running
 
 from backjobs.orchestration.alert_redelivery import completed_since, undelivered_calls
 from backjobs.orchestration.automations import wanted_automations
+from tests.support.alerts import call_event, event
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def event(name: str, resource: dict[str, str], at: datetime, **more: Any) -> dict[str, Any]:
-    return {"id": str(uuid.uuid4()), "event": name, "occurred": at.isoformat(),
-            "resource": resource, **more}  # fmt: skip
-
-
-def call_event(
-    automation: dict[str, Any], trigger: dict[str, Any], at: datetime, **payload: Any
-) -> dict[str, Any]:
-    name = "failed" if "reason" in payload else "executed"
-    return event(
-        f"prefect.automation.action.{name}",
-        {"prefect.resource.id": f"prefect.automation.{automation['id']}",
-         "prefect.resource.name": automation["name"]},
-        at,
-        related=[{"prefect.resource.id": f"prefect.event.{trigger['id']}",
-                  "prefect.resource.role": "triggering-event"}],
-        payload={"action_index": 0, "action_type": "call-webhook", **payload},
-    )  # fmt: skip
 
 
 async def scenario() -> None:

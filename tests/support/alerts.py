@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -222,3 +223,27 @@ def wait_events(
         if time.monotonic() > deadline:
             pytest.fail(f"{count} x {name} of {resource} not seen in {timeout} s: {len(found)}")
         time.sleep(1)
+
+
+def event(name: str, resource: dict[str, str], at: datetime, **more: Any) -> dict[str, Any]:
+    """An event as ``POST /api/events`` takes it (a new id)."""
+    return {"id": str(uuid.uuid4()), "event": name, "occurred": at.isoformat(),
+            "resource": resource, **more}  # fmt: skip
+
+
+def call_event(
+    automation: dict[str, Any], trigger: dict[str, Any], at: datetime, **payload: Any
+) -> dict[str, Any]:
+    """The event Prefect's actions service writes for a webhook call of ``automation``
+    that ``trigger`` fired: ``action.failed`` given a ``reason``, else ``action.executed``
+    (with the answer's ``status_code``)."""
+    name = "failed" if "reason" in payload else "executed"
+    return event(
+        f"prefect.automation.action.{name}",
+        {"prefect.resource.id": f"prefect.automation.{automation['id']}",
+         "prefect.resource.name": automation["name"]},
+        at,
+        related=[{"prefect.resource.id": f"prefect.event.{trigger['id']}",
+                  "prefect.resource.role": "triggering-event"}],
+        payload={"action_index": 0, "action_type": "call-webhook", **payload},
+    )  # fmt: skip

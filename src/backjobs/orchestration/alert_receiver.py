@@ -38,7 +38,9 @@ An incident that cannot be written once its alert went out is kept in memory, us
 server's copy's place and written again at every pass of the flusher
 (:meth:`AlertReceiver._store`): reading the server's older copy back would count the
 alerted failures again. So the counts stay exact while the dashboard runs; only a dashboard
-stopped before the write succeeds may send those alerts again after its restart.
+stopped before the write succeeds may send those alerts again after its restart. Where the
+redelivery read the event log up to is kept the same way (:meth:`AlertReceiver._save_mark`),
+so a call it delivered again is not handled again at the next pass.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class AlertReceiver:
         # Incidents (None: closed) whose alert went out but whose write to the server
         # failed: the truth until a write succeeds (see _store).
         self._unsaved: dict[str, Incident | None] = {}
+        # Where the redelivery read the event log up to, and the calls handled at that
+        # instant, while its last write to the server failed (see _save_mark).
+        self._unsaved_mark: tuple[datetime, set[str]] | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -342,10 +347,10 @@ class AlertReceiver:
         """Handle, oldest first, the automation calls that went wrong
         (:mod:`backjobs.orchestration.alert_redelivery`), then move the mark past them."""
         until = now - REDELIVERY_SETTLE
+        since, handled = await self._read_mark(now=now)
+        if until <= since:
+            return
         async with self._api() as api:
-            since, handled = await read_watermark(api, now=now)
-            if until <= since:
-                return
             calls = await undelivered_calls(api, since=since, until=until, handled=handled)
         for call in calls:
             run = call.body.get("flow_run_id") or "none"
@@ -368,10 +373,46 @@ class AlertReceiver:
             if call.occurred > since:
                 since, handled = call.occurred, set()
             handled.add(call.event_id)
-            async with self._api() as api:
-                await write_watermark(api, since, handled)
+            # Once a write failed, this pass keeps the mark in memory only (no 1.5 s of
+            # retries per call); the pass's last write tries the server again.
+            await self._save_mark(since, handled, write=self._unsaved_mark is None)
+        await self._save_mark(until, set())
+
+    async def _read_mark(self, *, now: datetime) -> tuple[datetime, set[str]]:
+        """Where the redelivery read the log up to: the server's Variable, or, while the
+        last write of it failed, this process's copy (the pass's last write tries again)."""
+        if self._unsaved_mark is not None:
+            since, handled = self._unsaved_mark
+            return since, set(handled)
         async with self._api() as api:
-            await write_watermark(api, until, set())
+            return await read_watermark(api, now=now)
+
+    async def _save_mark(self, until: datetime, handled: set[str], *, write: bool = True) -> None:
+        """Write where the redelivery read the log up to, retried briefly; if the server
+        still cannot take it, keep it in memory in the server's copy's place, to be written
+        at the next pass: reading the older copy back would handle its calls again."""
+
+        async def store() -> None:
+            async with self._api() as api:
+                await write_watermark(api, until, handled)
+
+        waiting = self._unsaved_mark is not None
+        self._unsaved_mark = (until, set(handled))
+        if not write:
+            return
+        try:
+            await retrying("storing where the alert redelivery read up to", store,
+                           delays=STORE_DELAYS)  # fmt: skip
+        except Exception as exc:
+            log = logger.error if waiting else logger.warning
+            log("where the alert redelivery read up to is not stored on the server (%s): this "
+                "process keeps it and tries again at the next pass; a restart before then "
+                "reads those calls again (a failure already counted is answered duplicate)",
+                error_line(exc))  # fmt: skip
+            return
+        self._unsaved_mark = None
+        if waiting:
+            logger.warning("where the alert redelivery read up to is stored on the server again")
 
     async def _flush(self, *, now: datetime) -> None:
         for job, incident in list(self._unsaved.items()):

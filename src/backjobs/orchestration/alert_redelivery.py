@@ -16,7 +16,10 @@ body the automation would have sent — and handles it as if it had arrived. A c
 twice is answered ``duplicate`` (event ids and run attempts are remembered); a ``silent``
 call is ``stale`` once a run of its job has completed after it (:func:`completed_since`).
 Where the log was read up to is kept on the server (a Prefect Variable), so a restart
-neither skips nor repeats a call.
+neither skips nor repeats a call. While the server cannot take that write (its SQLite file
+locked by a busy server), the receiver keeps the mark in memory in its place and writes it
+again at the next pass; only a restart in between reads those calls again (a failure already
+counted is then answered ``duplicate``).
 """
 
 from __future__ import annotations
