@@ -25,6 +25,7 @@ import httpx
 import pytest
 from prefect import flow
 from prefect.settings import PREFECT_API_URL
+from sqlalchemy import Engine
 
 from backjobs.db import make_engine
 from backjobs.orchestration.alert_receiver import RECEIVER_PATH, AlertReceiver
@@ -99,14 +100,11 @@ def failed_runs(count: int) -> list[str]:
     return runs
 
 
-def test_an_incident_the_server_cannot_store_is_kept_and_its_alerts_never_count_twice(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    app_db = migrated_sqlite(tmp_path)
-    add_admins(app_db)
-    runs = failed_runs(3)
-    job = f"doomed-{uuid.uuid4().hex[:8]}-job"
-    api_url = PREFECT_API_URL.value()
+def receiver_behind_proxy(
+    app_db: str, api_url: str
+) -> tuple[AlertReceiver, VariableWritesRefused, Engine]:
+    """The receiver as ``backjobs dashboard`` runs it, reaching the server through the proxy
+    (its engine, on the app database, is the caller's to dispose of)."""
     proxy = VariableWritesRefused(api_url)
     engine = make_engine(app_db)
     settings = Settings(database_url=app_db, alert_repeat_minutes=REPEAT_MINUTES)
@@ -118,6 +116,25 @@ def test_an_incident_the_server_cannot_store_is_kept_and_its_alerts_never_count_
         settings=settings,
         public_url="https://jobs.example",
     )
+    return receiver, proxy, engine
+
+
+async def wait_until(what: str, check: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.2)
+
+
+def test_an_incident_the_server_cannot_store_is_kept_and_its_alerts_never_count_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app_db = migrated_sqlite(tmp_path)
+    add_admins(app_db)
+    runs = failed_runs(3)
+    job = f"doomed-{uuid.uuid4().hex[:8]}-job"
+    api_url = PREFECT_API_URL.value()
+    receiver, proxy, engine = receiver_behind_proxy(app_db, api_url)
     caplog.set_level(logging.WARNING, logger="backjobs.orchestration.alert_receiver")
 
     def kinds() -> list[tuple[str, int, int]]:
@@ -131,12 +148,6 @@ def test_an_incident_the_server_cannot_store_is_kept_and_its_alerts_never_count_
         async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
             answer = await api.get(f"/variables/name/{variable_name(job)}")
         return None if answer.status_code == 404 else dict(answer.json()["value"])
-
-    async def wait_until(what: str, check: Any, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not await check():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-            await asyncio.sleep(0.2)
 
     async def scenario() -> None:
         headers = {"authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()}
@@ -210,28 +221,12 @@ def test_a_call_delivered_again_is_handled_once_while_the_server_cannot_store_th
         heartbeat_seconds=30,
     )  # fmt: skip
     api_url = PREFECT_API_URL.value()
-    proxy = VariableWritesRefused(api_url)
-    engine = make_engine(app_db)
-    settings = Settings(database_url=app_db, alert_repeat_minutes=REPEAT_MINUTES)
-    receiver = AlertReceiver(
-        not_found,
-        prefect_app=proxy,
-        auth_string=AUTH,
-        engine=engine,
-        settings=settings,
-        public_url="https://jobs.example",
-    )
+    receiver, proxy, engine = receiver_behind_proxy(app_db, api_url)
     caplog.set_level(logging.WARNING, logger="backjobs.orchestration.alert_receiver")
     handled = f"alert redelivered: state call for job {job}, run {run} (it answered 401): "
 
     def lines(text: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if r.getMessage().startswith(text)]
-
-    async def wait_until(what: str, check: Any, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not await check():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-            await asyncio.sleep(0.2)
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
