@@ -51,9 +51,10 @@ import hmac
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -70,6 +71,7 @@ from backjobs.orchestration.alert_delivery import (
     retrying,
 )
 from backjobs.orchestration.alert_redelivery import (
+    WATERMARK,
     Undelivered,
     completed_since,
     read_watermark,
@@ -87,14 +89,15 @@ from backjobs.orchestration.alerts import Alert, Incident, IncidentBook, RunInfo
 from backjobs.settings import Settings
 
 logger = logging.getLogger(__name__)
+V = TypeVar("V")
 
 RECEIVER_PATH = "/backjobs/alerts"
 MAX_BODY_BYTES = 64 * 1024
 SEEN_EVENTS = 10_000  # event ids remembered, so a repeated call alerts once
 FAILURE_EVENTS = ("Failed", "Crashed", "TimedOut")
 MAX_PARTS = 20
-# Retries of an incident's write before it is kept in memory for the flusher's next pass
-# (the lock is held meanwhile: other calls wait).
+# Retries of a write (an incident, the redelivery's mark) before it is kept in memory for
+# the flusher's next pass (an incident's lock is held meanwhile: other calls wait).
 STORE_DELAYS = (0.5, 1.0)
 # A call's event is in the log a moment after the call (the server stores events every 5 s,
 # retrying on a busy database): the redelivery reads up to this long ago, so that it never
@@ -139,8 +142,9 @@ class AlertReceiver:
         # failed: the truth until a write succeeds (see _store).
         self._unsaved: dict[str, Incident | None] = {}
         # Where the redelivery read the event log up to, and the calls handled at that
-        # instant, while its last write to the server failed (see _save_mark).
-        self._unsaved_mark: tuple[datetime, set[str]] | None = None
+        # instant, while its last write to the server failed (see _save_mark): at most
+        # one, under the Variable's name.
+        self._unsaved_mark: dict[str, tuple[datetime, set[str]]] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -259,27 +263,16 @@ class AlertReceiver:
         return outcome
 
     async def _store(self, job: str, incident: Incident | None) -> None:
-        """Write the job's incident (None: delete it), retried briefly; if the server still
-        cannot take it (a locked SQLite file, a restarting database), keep it in memory in
-        the server's copy's place, to be written at the flusher's next pass."""
+        """Write the job's incident (None: delete it), or keep it (:func:`write_or_keep`):
+        the flusher's next pass writes it."""
 
         async def write() -> None:
             async with self._api() as api:
                 await save_incident(api, job, incident)
 
-        waiting = job in self._unsaved
-        self._unsaved[job] = incident
-        try:
-            await retrying(f"storing the incident of {job}", write, delays=STORE_DELAYS)
-        except Exception as exc:
-            log = logger.error if waiting else logger.warning
-            log("the incident of %s is not stored on the server (%s): this process keeps it "
-                "and tries again at the next pass; a restart before then may send its alerts "
-                "again", job, error_line(exc))  # fmt: skip
-            return
-        del self._unsaved[job]
-        if waiting:
-            logger.warning("the incident of %s is stored on the server again", job)
+        await write_or_keep(self._unsaved, job, incident, write,
+                            what=f"the incident of {job}",
+                            after_restart="may send its alerts again")  # fmt: skip
 
     async def _redelivered(self, call: Undelivered) -> str:
         if call.signal == Signal.SILENT:
@@ -373,46 +366,33 @@ class AlertReceiver:
             if call.occurred > since:
                 since, handled = call.occurred, set()
             handled.add(call.event_id)
-            # Once a write failed, this pass keeps the mark in memory only (no 1.5 s of
-            # retries per call); the pass's last write tries the server again.
-            await self._save_mark(since, handled, write=self._unsaved_mark is None)
+            if self._unsaved_mark:  # a write failed: the pass's last write tries again
+                self._unsaved_mark[WATERMARK] = (since, set(handled))
+            else:
+                await self._save_mark(since, handled)
         await self._save_mark(until, set())
 
     async def _read_mark(self, *, now: datetime) -> tuple[datetime, set[str]]:
         """Where the redelivery read the log up to: the server's Variable, or, while the
         last write of it failed, this process's copy (the pass's last write tries again)."""
-        if self._unsaved_mark is not None:
-            since, handled = self._unsaved_mark
+        if WATERMARK in self._unsaved_mark:
+            since, handled = self._unsaved_mark[WATERMARK]
             return since, set(handled)
         async with self._api() as api:
             return await read_watermark(api, now=now)
 
-    async def _save_mark(self, until: datetime, handled: set[str], *, write: bool = True) -> None:
-        """Write where the redelivery read the log up to, retried briefly; if the server
-        still cannot take it, keep it in memory in the server's copy's place, to be written
-        at the next pass: reading the older copy back would handle its calls again."""
+    async def _save_mark(self, until: datetime, handled: set[str]) -> None:
+        """Write where the redelivery read the log up to, or keep it (:func:`write_or_keep`):
+        reading the server's older copy back would handle its calls again."""
 
-        async def store() -> None:
+        async def write() -> None:
             async with self._api() as api:
                 await write_watermark(api, until, handled)
 
-        waiting = self._unsaved_mark is not None
-        self._unsaved_mark = (until, set(handled))
-        if not write:
-            return
-        try:
-            await retrying("storing where the alert redelivery read up to", store,
-                           delays=STORE_DELAYS)  # fmt: skip
-        except Exception as exc:
-            log = logger.error if waiting else logger.warning
-            log("where the alert redelivery read up to is not stored on the server (%s): this "
-                "process keeps it and tries again at the next pass; a restart before then "
-                "reads those calls again (a failure already counted is answered duplicate)",
-                error_line(exc))  # fmt: skip
-            return
-        self._unsaved_mark = None
-        if waiting:
-            logger.warning("where the alert redelivery read up to is stored on the server again")
+        await write_or_keep(self._unsaved_mark, WATERMARK, (until, set(handled)), write,
+                            what="where the alert redelivery read up to",
+                            after_restart="reads those calls again (a failure already "
+                                          "counted is answered duplicate)")  # fmt: skip
 
     async def _flush(self, *, now: datetime) -> None:
         for job, incident in list(self._unsaved.items()):
@@ -477,6 +457,35 @@ class AlertReceiver:
     async def _zombie(self, job: str, body: dict[str, Any], *, now: datetime) -> str:
         async with self._api() as api:
             return await crash_if_running(api, job, body, now=now)
+
+
+async def write_or_keep(
+    held: dict[str, V],
+    key: str,
+    value: V,
+    write: Callable[[], Awaitable[None]],
+    *,
+    what: str,
+    after_restart: str,
+) -> None:
+    """``await write()``, retried briefly (STORE_DELAYS); if the server still cannot take it
+    (a locked SQLite file, a restarting database), keep ``value`` in ``held[key]``, which
+    the caller reads in the server's copy's place until a later call writes it. ``what``
+    names it in the log: WARNING at the first failed write, ERROR at each later one, then a
+    line when it is stored again."""
+    waiting = key in held
+    held[key] = value
+    try:
+        await retrying(f"storing {what}", write, delays=STORE_DELAYS)
+    except Exception as exc:
+        log = logger.error if waiting else logger.warning
+        log("%s is not stored on the server (%s): this process keeps it and tries again at "
+            "the next pass; a restart before then %s",
+            what, error_line(exc), after_restart)  # fmt: skip
+        return
+    del held[key]
+    if waiting:
+        logger.warning("%s is stored on the server again", what)
 
 
 async def _failed_parts(api: httpx.AsyncClient, flow_run_id: str) -> tuple[str, ...]:
