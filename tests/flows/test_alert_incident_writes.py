@@ -28,6 +28,7 @@ from prefect.settings import PREFECT_API_URL
 from sqlalchemy import Engine
 
 from backjobs.db import make_engine
+from backjobs.orchestration.alert_delivery import retrying
 from backjobs.orchestration.alert_receiver import RECEIVER_PATH, AlertReceiver
 from backjobs.orchestration.alert_redelivery import (
     WATERMARK,
@@ -230,15 +231,26 @@ def test_a_call_delivered_again_is_handled_once_while_the_server_cannot_store_th
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
+
+            async def post(path: str, body: Any) -> Any:
+                return (await api.post(path, json=body)).raise_for_status()
+
+            # The shared server answers 503 while its SQLite file is locked by the other
+            # test processes' writes: the set-up's writes are retried, as the receiver's are.
             start = datetime.now(UTC)
-            await write_watermark(api, start - timedelta(seconds=60), set())
-            created = (await api.post("/automations/", json=automation)).raise_for_status()
+            await retrying(
+                "setting the mark",
+                lambda: write_watermark(api, start - timedelta(minutes=1), set()),
+            )
+            created = await retrying(
+                "creating the automation", lambda: post("/automations/", automation)
+            )
             failed = event("prefect.flow-run.Failed",
                            {"prefect.resource.id": f"prefect.flow-run.{run}"},
                            start - timedelta(seconds=36))  # fmt: skip
             call = call_event(created.json(), failed, start - timedelta(seconds=35),
                               status_code=401)  # fmt: skip
-            (await api.post("/events", json=[failed, call])).raise_for_status()
+            await retrying("posting the events", lambda: post("/events", [failed, call]))
             window = {"since": start - timedelta(seconds=60), "until": start}
 
             async def stored() -> bool:  # before the flusher passes the call's time

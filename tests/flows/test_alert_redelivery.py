@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Running
 
+from backjobs.orchestration.alert_delivery import retrying
 from backjobs.orchestration.alert_redelivery import (
     Undelivered,
     completed_since,
@@ -34,7 +35,15 @@ async def scenario() -> None:
         job, deployment, block_id=str(uuid.uuid4()), silent_after=None, heartbeat_seconds=30
     )
     async with httpx.AsyncClient(base_url=PREFECT_API_URL.value(), timeout=30) as api:
-        created = (await api.post("/automations/", json=alert)).raise_for_status().json()
+
+        async def post(path: str, body: Any) -> Any:
+            return (await api.post(path, json=body)).raise_for_status()
+
+        # The shared server answers 503 while its SQLite file is locked by the other test
+        # processes' writes: the set-up's writes are retried, as the receiver's are.
+        created = (
+            await retrying("creating the automation", lambda: post("/automations/", alert))
+        ).json()
         now = datetime.now(UTC)
         runs = [str(uuid.uuid4()) for _ in range(4)]
         triggers = [
@@ -50,7 +59,7 @@ async def scenario() -> None:
                        reason="Webhook call failed: ReadError('')"),
             call_event(created, triggers[3], now - timedelta(seconds=27), status_code=503),
         ]  # fmt: skip
-        (await api.post("/events", json=triggers + calls)).raise_for_status()
+        await retrying("posting the events", lambda: post("/events", triggers + calls))
         window = {"since": now - timedelta(minutes=1), "until": now}
 
         async def calls_of_job(**query: Any) -> list[Undelivered]:
