@@ -38,7 +38,13 @@ from backjobs.orchestration.alert_redelivery import (
 from backjobs.orchestration.alert_store import variable_name
 from backjobs.orchestration.automations import wanted_automations
 from backjobs.settings import Settings
-from tests.support.alerts import add_admins, alert_emails, call_event, event
+from tests.support.alerts import (
+    add_admins,
+    alert_emails,
+    call_event,
+    event,
+    post_retried,
+)
 from tests.support.dashboard import migrated_sqlite
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -231,10 +237,6 @@ def test_a_call_delivered_again_is_handled_once_while_the_server_cannot_store_th
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=api_url, timeout=30) as api:
-
-            async def post(path: str, body: Any) -> Any:
-                return (await api.post(path, json=body)).raise_for_status()
-
             # The shared server answers 503 while its SQLite file is locked by the other
             # test processes' writes: the set-up's writes are retried, as the receiver's are.
             start = datetime.now(UTC)
@@ -242,15 +244,13 @@ def test_a_call_delivered_again_is_handled_once_while_the_server_cannot_store_th
                 "setting the mark",
                 lambda: write_watermark(api, start - timedelta(minutes=1), set()),
             )
-            created = await retrying(
-                "creating the automation", lambda: post("/automations/", automation)
-            )
+            created = await post_retried(api, "/automations/", automation)
             failed = event("prefect.flow-run.Failed",
                            {"prefect.resource.id": f"prefect.flow-run.{run}"},
                            start - timedelta(seconds=36))  # fmt: skip
             call = call_event(created.json(), failed, start - timedelta(seconds=35),
                               status_code=401)  # fmt: skip
-            await retrying("posting the events", lambda: post("/events", [failed, call]))
+            await post_retried(api, "/events", [failed, call])
             window = {"since": start - timedelta(seconds=60), "until": start}
 
             async def stored() -> bool:  # before the flusher passes the call's time

@@ -16,14 +16,13 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Completed, Running
 
-from backjobs.orchestration.alert_delivery import retrying
 from backjobs.orchestration.alert_redelivery import (
     Undelivered,
     completed_since,
     undelivered_calls,
 )
 from backjobs.orchestration.automations import wanted_automations
-from tests.support.alerts import call_event, event
+from tests.support.alerts import call_event, event, post_retried
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -35,15 +34,7 @@ async def scenario() -> None:
         job, deployment, block_id=str(uuid.uuid4()), silent_after=None, heartbeat_seconds=30
     )
     async with httpx.AsyncClient(base_url=PREFECT_API_URL.value(), timeout=30) as api:
-
-        async def post(path: str, body: Any) -> Any:
-            return (await api.post(path, json=body)).raise_for_status()
-
-        # The shared server answers 503 while its SQLite file is locked by the other test
-        # processes' writes: the set-up's writes are retried, as the receiver's are.
-        created = (
-            await retrying("creating the automation", lambda: post("/automations/", alert))
-        ).json()
+        created = (await post_retried(api, "/automations/", alert)).json()
         now = datetime.now(UTC)
         runs = [str(uuid.uuid4()) for _ in range(4)]
         triggers = [
@@ -59,7 +50,7 @@ async def scenario() -> None:
                        reason="Webhook call failed: ReadError('')"),
             call_event(created, triggers[3], now - timedelta(seconds=27), status_code=503),
         ]  # fmt: skip
-        await retrying("posting the events", lambda: post("/events", triggers + calls))
+        await post_retried(api, "/events", triggers + calls)
         window = {"since": now - timedelta(minutes=1), "until": now}
 
         async def calls_of_job(**query: Any) -> list[Undelivered]:

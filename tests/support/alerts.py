@@ -21,12 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from sqlalchemy import select
 
 from backjobs.db import make_engine, session_scope
 from backjobs.models import AppTask, User
+from backjobs.orchestration.alert_delivery import retrying
 from backjobs.stack.pool import locked_process_template
 from tests.support.dashboard import GatedDashboard, gated_dashboard, migrated_sqlite
 from tests.support.prefect_api import call_json, create_process_pool
@@ -247,3 +249,13 @@ def call_event(
                   "prefect.resource.role": "triggering-event"}],
         payload={"action_index": 0, "action_type": "call-webhook", **payload},
     )  # fmt: skip
+
+
+async def post_retried(api: httpx.AsyncClient, path: str, body: Any) -> httpx.Response:
+    """POST to the test run's shared Prefect server, which answers 503 while its SQLite file
+    is locked by the other test processes' writes: retried, as the receiver's writes are."""
+
+    async def post() -> httpx.Response:
+        return (await api.post(path, json=body)).raise_for_status()
+
+    return await retrying(f"POST {path}", post)
