@@ -308,6 +308,28 @@ def test_up_again_is_a_no_op(running: RunningStack) -> None:
     assert all(int(pid) in members(running.var) for pid in before)
 
 
+@pytest.mark.parametrize("command", [["trigger", "cleanup-job"], ["deploy"]])
+def test_a_new_shell_is_pointed_at_the_stack_that_is_up(
+    running: RunningStack, command: list[str]
+) -> None:
+    """A shell without `stack env` (no PREFECT_API_URL) is refused, naming the command that
+    points it at the stack; the eval'd export lines then reach it."""
+    new_shell = clean_env() | {"BACKJOBS_STACK_DIR": str(running.var)}
+    done = subprocess.run(
+        [BACKJOBS, *command], cwd=ROOT, env=new_shell, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("backjobs: error: set PREFECT_API_URL to the Prefect server "), line
+    hint = f'the local stack in {running.var} is up, and eval "$({BACKJOBS} stack env)"'
+    assert hint in line, line
+    exported = subprocess.run(
+        ["bash", "-c", f'eval "$({BACKJOBS} stack env)" && echo "$PREFECT_API_URL"'],
+        cwd=ROOT, env=new_shell, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert exported.stdout.strip() == running.api, exported.stderr
+
+
 def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -385,6 +385,31 @@ def test_a_prefect_server_that_is_down_is_one_line_naming_its_url(args: tuple[st
     assert "Connection refused" in line or "connection attempts failed" in line, line
 
 
+@pytest.mark.parametrize("args", SERVER_COMMANDS)
+def test_without_a_server_and_no_stack_up_the_refusal_names_prefect_api_url_alone(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The local stack is named only while it is up (test_stack: a new shell beside one);
+    a stack folder whose dashboard has gone, its pid file left behind, is not."""
+    stopped = tmp_path / "var" / "stack"
+    stopped.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (stopped / "dashboard.pid").write_text(str(dead.pid))
+    done = subprocess.run(
+        [BACKJOBS, *args],
+        cwd=Path.cwd(),
+        env=clean_env() | {"BACKJOBS_STACK_DIR": str(stopped.parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert line.startswith("backjobs: error: set PREFECT_API_URL to the Prefect server "), line
+    assert "stack" not in line, line
+
+
 def test_a_prefect_server_that_never_answers_is_named_within_seconds() -> None:
     """A port that accepts and never answers: Prefect's client alone waited over 5 min."""
     with socket.socket() as hung:

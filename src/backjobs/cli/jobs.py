@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,7 +126,7 @@ def _trigger(args: argparse.Namespace) -> int:
     if args.as_of is not None:
         _refuse_a_future_as_of(args.as_of)
     if not os.environ.get("PREFECT_API_URL"):
-        raise LookupError("set PREFECT_API_URL to the Prefect server that holds the deployments")
+        raise _no_server("set PREFECT_API_URL to the Prefect server that holds the deployments")
     if args.timeout is not None and not args.wait:
         raise ValueError("--timeout needs --wait")
     prefect_defaults()
@@ -134,6 +135,25 @@ def _trigger(args: argparse.Namespace) -> int:
 
     return trigger_deployment(
         str(deployment["name"]), as_of=args.as_of, wait=args.wait, timeout=args.timeout
+    )
+
+
+def _no_server(said: str) -> LookupError:
+    """No PREFECT_API_URL: when the local stack of this folder is up (``backjobs stack up``
+    from here, or BACKJOBS_STACK_DIR), the refusal names the command that points the shell
+    at it, as the developer who started it and opened a new shell needs."""
+    from backjobs.settings import get_settings
+    from backjobs.stack.config import DASHBOARD
+    from backjobs.stack.processes import running_pid
+
+    var = get_settings().stack_dir.expanduser().resolve()
+    if running_pid(var / "stack", DASHBOARD) is None:
+        return LookupError(said)
+    # The command as this shell ran it (.venv/bin/backjobs when it is not on PATH).
+    program = sys.argv[0] if Path(sys.argv[0]).name == "backjobs" else "backjobs"
+    return LookupError(
+        f"{said}: the local stack in {var} is up, and "
+        f'eval "$({shlex.quote(program)} stack env)" points this shell at it'
     )
 
 
@@ -172,7 +192,7 @@ def _deploy(args: argparse.Namespace) -> int:
     from backjobs.orchestration.prefect_yaml import find_project_file
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise LookupError("set PREFECT_API_URL to the Prefect server to deploy to")
+        raise _no_server("set PREFECT_API_URL to the Prefect server to deploy to")
     prefect_defaults()
     require_prefect_server()
     path = find_project_file(args.file)
