@@ -1,19 +1,32 @@
-"""``backjobs deploy``'s automation sync against the test run's Prefect server when the server
-holds more automations than one page of its API (200): ops' own automations, named to sort
-before ``backjobs-``, must not hide backjobs' from the sync (it would create them again)."""
+"""``backjobs deploy``'s automation sync against a Prefect server when the server holds more
+automations than one page of its API (200): ops' own automations, named to sort before
+``backjobs-``, must not hide backjobs' from the sync (it would create them again).
+
+The sync owns every ``backjobs-*`` automation on its server, so this module has a server of
+its own: on the run's shared server it deleted the automations that the redelivery tests
+make there meanwhile (``test_alert_incident_writes.py`` then waited in vain for its call).
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import AutomationCore
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from backjobs.orchestration.automations import sync_automations
+from tests.support.prefect_server import PrefectServer
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+@pytest.fixture(autouse=True)
+def own_server(prefect_server: PrefectServer) -> Iterator[None]:
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        yield
+
 
 OPS_AUTOMATIONS = 201  # one page of the API, and one more
 
