@@ -410,6 +410,34 @@ def test_without_a_server_and_no_stack_up_the_refusal_names_prefect_api_url_alon
     assert "stack" not in line, line
 
 
+@pytest.mark.parametrize("bad", ["a setting trigger does not use", "a stack folder in a loop"])
+def test_without_a_server_the_refusal_stands_when_the_stack_cannot_be_looked_for(
+    bad: str, tmp_path: Path
+) -> None:
+    """Looking for a running stack is only a hint: it never replaces the refusal."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    setting = (
+        {"BACKJOBS_DASHBOARD_PORT": "http"}
+        if bad.startswith("a setting")
+        else {"BACKJOBS_STACK_DIR": str(loop / "var")}
+    )
+    done = subprocess.run(
+        [BACKJOBS, *SERVER_COMMANDS[0]],
+        cwd=Path.cwd(),
+        env=clean_env() | setting,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    line = one_error_line(done)
+    assert (
+        line
+        == "backjobs: error: set PREFECT_API_URL to the Prefect server that holds the deployments"
+    ), line
+
+
 def test_a_prefect_server_that_never_answers_is_named_within_seconds() -> None:
     """A port that accepts and never answers: Prefect's client alone waited over 5 min."""
     with socket.socket() as hung:

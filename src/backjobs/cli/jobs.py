@@ -141,13 +141,18 @@ def _trigger(args: argparse.Namespace) -> int:
 def _no_server(said: str) -> LookupError:
     """No PREFECT_API_URL: when the local stack of this folder is up (``backjobs stack up``
     from here, or BACKJOBS_STACK_DIR), the refusal names the command that points the shell
-    at it, as the developer who started it and opened a new shell needs."""
-    from backjobs.settings import get_settings
+    at it, as the developer who started it and opened a new shell needs. Only a hint: a
+    setting or a stack folder that cannot be read leaves the refusal as it is."""
+    from backjobs.settings import SettingsError, get_settings
     from backjobs.stack.config import DASHBOARD
     from backjobs.stack.processes import running_pid
 
-    var = get_settings().stack_dir.expanduser().resolve()
-    if running_pid(var / "stack", DASHBOARD) is None:
+    try:
+        var = get_settings().stack_dir.expanduser().resolve()
+        up = running_pid(var / "stack", DASHBOARD) is not None
+    except (SettingsError, OSError, RuntimeError):  # RuntimeError: pathlib's symlink loop
+        up = False
+    if not up:
         return LookupError(said)
     # The command as this shell ran it (.venv/bin/backjobs when it is not on PATH).
     program = sys.argv[0] if Path(sys.argv[0]).name == "backjobs" else "backjobs"
