@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 BACKJOBS = str(Path(sys.executable).with_name("backjobs"))
 JOB = "email-send-job"
+ORPHANS = "removed, paused or changed schedules"  # what deploy says it deleted runs of
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def test_redeploying_leaves_the_server_holding_exactly_the_files_schedules(
     write(project, None, drop_key=True)
     out = deploy_ok(project, server)
     assert schedules(server) == []
-    assert f"{JOB}: " in out and " scheduled run(s) of removed or paused schedules deleted" in out
+    assert f"{JOB}: " in out and f" run(s) of {ORPHANS} deleted" in out
     deployment_id = deployed(server)["id"]
     runs = api(server, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
     assert waiting not in [r["id"] for r in runs]
@@ -202,17 +205,26 @@ def test_deploy_in_the_callers_process_leaves_its_environment_folder_and_logging
     assert schedules(server) == [("0 7 * * *", True, "email-cron")]
 
 
-def run_queued_for_a_slot(env: dict[str, str]) -> str:
+def run_queued_for_a_slot(
+    env: dict[str, str], *, not_at: Callable[[datetime], bool] = lambda _: False
+) -> str:
     """One run of the deployment's schedule in ``AwaitingConcurrencySlot`` (as Prefect
-    leaves it when a deployment that queues has its slot taken); its id."""
+    leaves it when a deployment that queues has its slot taken), at a time ``not_at``
+    refuses; its id."""
     deployment_id = deployed(env)["id"]
     call_json(
         "POST",
         f"{env['PREFECT_API_URL']}/deployments/{deployment_id}/schedule",
-        body={"min_runs": 1, "max_runs": 1},
+        body={"min_runs": 3, "max_runs": 3},
     )
     runs = api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
-    run = next(r for r in runs if r["auto_scheduled"] and r["state_type"] == "SCHEDULED")
+    run = next(
+        r
+        for r in runs
+        if r["auto_scheduled"]
+        and r["state_type"] == "SCHEDULED"
+        and not not_at(datetime.fromisoformat(r["expected_start_time"]))
+    )
     state = {
         "type": "SCHEDULED",
         "name": "AwaitingConcurrencySlot",
@@ -239,10 +251,15 @@ def test_deploy_prints_what_changed_on_the_server_and_names_the_pause_it_reverte
     write(project, [cron("*/2 * * * *", slug)])
     deploy_ok(project, server)
 
-    # A cron edit: `prefect deploy` applies it itself; the report still shows it.
+    # A cron edit: `prefect deploy` applies it itself; the report still shows it. A run of
+    # the old cron that Prefect keeps (queued for a slot) at a time the new one never fires
+    # is deleted, as the scheduler's race would leave one.
+    waiting = run_queued_for_a_slot(server, not_at=lambda when: when.minute % 5 == 0)
     write(project, [cron("*/5 * * * *", slug)])
     out = deploy_ok(project, server)
     assert f"{JOB}: schedule {slug}: cron `*/2 * * * *` → `*/5 * * * *`" in out, out
+    assert re.search(rf"{JOB}: [1-9][0-9]* scheduled run\(s\) of {ORPHANS} deleted", out), out
+    assert waiting not in [r["id"] for r in runs_of(server)]
 
     # A pause made in the UI (its schedule toggle: PATCH the schedule's `active`).
     deployment = deployed(server)

@@ -1,8 +1,9 @@
-"""A run of a schedule that is gone or paused ends Cancelled without doing its job; one of
-an active schedule runs (the job base against the test run's Prefect server).
+"""A run of a schedule that is gone, paused or whose cron was changed ends Cancelled without
+doing its job; one of an active schedule runs (the job base against the test run's Prefect
+server).
 
 The orphan is made as Prefect leaves one behind: a run queued for a concurrency slot
-(``AwaitingConcurrencySlot``) survives its schedule's deletion or pause.
+(``AwaitingConcurrencySlot``) survives its schedule's deletion, pause or cron edit.
 """
 
 from __future__ import annotations
@@ -85,8 +86,18 @@ def start(client: Any, run: Any) -> Any:
     return run_flow(orphan_probe_job, flow_run=client.read_flow_run(run.id), return_type="state")
 
 
-@pytest.mark.parametrize("change", ["deleted", "paused"])
-def test_a_run_of_a_removed_or_paused_schedule_is_cancelled_before_the_job(change: str) -> None:
+CHANGES = {
+    "deleted": "no longer exists on the deployment",
+    "paused": "is paused",
+    # The probe's cron is */5: the run is at a minute the new cron never fires.
+    "edited": "no longer fires at",
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_run_of_a_removed_paused_or_edited_schedule_is_cancelled_before_the_job(
+    change: str,
+) -> None:
     RAN.clear()
     with get_client(sync_client=True) as client:
         deployment_id, run = scheduled_run(client)
@@ -94,16 +105,18 @@ def test_a_run_of_a_removed_or_paused_schedule_is_cancelled_before_the_job(chang
         [schedule] = client.read_deployment_schedules(deployment_id)
         if change == "deleted":
             client.delete_deployment_schedule(deployment_id, schedule.id)
-        else:
+        elif change == "paused":
             client.update_deployment_schedule(deployment_id, schedule.id, active=False)
+        else:
+            edit = CronSchedule(cron="1-59/5 * * * *")
+            client.update_deployment_schedule(deployment_id, schedule.id, schedule=edit)
         assert client.read_flow_run(run.id).state_name == "AwaitingConcurrencySlot"  # kept
 
         state = start(client, run)
 
         assert state.is_cancelled(), state
         assert str(schedule.id) in state.message and "orphan-probe-job: not run" in state.message
-        expected = "is paused" if change == "paused" else "no longer exists on the deployment"
-        assert expected in state.message
+        assert CHANGES[change] in state.message
         assert client.read_flow_run(run.id).state_type.value == "CANCELLED"
     assert RAN == []
 

@@ -1,26 +1,49 @@
-"""When a schedule on the Prefect server fires, computed as its scheduler does (the croniter
-Prefect vendors), for the stack's status and the orphan-run rule."""
+"""When a schedule on the Prefect server fires, computed by the code its scheduler runs, for
+the stack's status and the orphan-run rule.
+
+The times come from Prefect's own server-side ``CronSchedule``, not from croniter alone:
+on the days a time zone's clocks change, croniter and Prefect's scheduler disagree (a
+``30 2 * * *`` cron in Europe/Berlin, the day after clocks went back: croniter says 02:30
+UTC, the scheduler makes the run at 01:30 UTC). The scheduler's times are the ones runs
+carry, so they are the ones to compare with.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo
 
 
 def next_fire(schedule: Any, after: datetime) -> datetime | None:
     """When a Prefect cron schedule (``cron``, ``timezone``, ``day_or``) next fires after
     ``after``, in UTC, as the server's scheduler computes it; None for a schedule that is
-    no cron or a cron that never fires (``deploy`` refuses those; a server may hold one)."""
-    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
+    no cron, a cron that never fires (``deploy`` refuses those; a server may hold one), or
+    one Prefect cannot read (an unknown time zone on this machine)."""
+    from prefect.server.schemas.schedules import CronSchedule
 
     cron = getattr(schedule, "cron", None)
     if not cron:
         return None
-    zone = ZoneInfo(getattr(schedule, "timezone", None) or "UTC")
     try:
-        it = croniter(cron, after.astimezone(zone), day_or=getattr(schedule, "day_or", True))  # type: ignore[no-untyped-call]
-        fire: datetime = it.get_next(datetime)  # type: ignore[no-untyped-call]
+        prefect_cron = CronSchedule(
+            cron=cron,
+            timezone=getattr(schedule, "timezone", None) or "UTC",
+            day_or=getattr(schedule, "day_or", True),
+        )
+        # The scheduler's own generator (``get_dates`` is the same, as a coroutine): the
+        # first time on or after its start.
+        dates = prefect_cron._get_dates_generator(n=1, start=after + timedelta(microseconds=1))
+        fire = next(iter(dates), None)
     except Exception:
         return None
-    return fire.astimezone(UTC)
+    return None if fire is None else datetime.fromtimestamp(fire.timestamp(), UTC)
+
+
+def fires_at(schedule: Any, when: datetime) -> bool:
+    """Whether a schedule fires at ``when``, as the server's scheduler would have made a run
+    for it. True when that cannot be told (a schedule that is no cron — interval, rrule —
+    or a cron that cannot be computed here), so that a run is never refused on a guess."""
+    if not getattr(schedule, "cron", None):
+        return True
+    fire = next_fire(schedule, when - timedelta(seconds=1))
+    return fire is None or fire == when

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backjobs.orchestration.orphan_runs import delete_orphaned_runs
+from backjobs.orchestration.orphan_runs import ORPHANED_BY, delete_orphaned_runs
 from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
 from backjobs.orchestration.schedule_report import describe_changes, read_schedules
 
@@ -86,7 +86,7 @@ class ScheduleChanges:
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
-    orphans: int = 0  # runs of removed or paused schedules deleted (orphan_runs)
+    orphans: int = 0  # runs of removed, paused or changed schedules deleted (orphan_runs)
     report: list[str] = field(default_factory=list)
     automations: list[str] = field(default_factory=list)
 
@@ -119,7 +119,7 @@ def deploy(
     after = asyncio.run(_with_client(read_schedules, names, env=env or {}))
     for name, change in changes.items():
         orphans = (
-            [f"{name}: {change.orphans} scheduled run(s) of removed or paused schedules deleted"]
+            [f"{name}: {change.orphans} scheduled run(s) of {ORPHANED_BY} deleted"]
             if change.orphans
             else []
         )

@@ -1,22 +1,30 @@
-"""Runs of a schedule that is gone: ``backjobs deploy`` deletes them, a job run refuses them.
+"""Runs of a schedule that is gone or changed: ``backjobs deploy`` deletes them, a job run
+refuses them.
 
-Removing or pausing a schedule makes Prefect delete the schedule's future runs, but not
-all of them:
+Removing, pausing or changing a schedule makes Prefect delete the schedule's future runs,
+but not all of them:
 
 - **the scheduler's race.** Prefect's scheduler reads a deployment's active schedules and
-  inserts their runs in two transactions. A schedule deleted between the two (a deploy
-  while the scheduler is in its pass; on a busy server the gap is seconds) gets its runs
-  inserted after its deletion, for the next hour or more: the job keeps running on a
-  schedule that no longer exists (seen in CI: 13 runs of a removed ``*/5`` cron);
+  inserts their runs in two transactions. A schedule deleted or changed between the two (a
+  deploy while the scheduler is in its pass; on a busy server the gap is seconds) gets runs
+  inserted after the change: the job keeps running on a schedule that no longer exists
+  (seen in CI: 13 runs of a removed ``*/5`` cron), or at the times of a cron that was
+  edited (a changed cron keeps its schedule's id: the runs of the old cron are still the
+  active schedule's, for up to the scheduler's 100 runs ahead);
 - **runs queued for a concurrency slot.** A run in ``AwaitingConcurrencySlot`` is kept by
-  Prefect when its schedule goes, and runs later. (backjobs' deployments cancel a run that
-  finds the slot taken, ``CANCEL_NEW``; one whose prefect.yaml says ``ENQUEUE`` queues.)
+  Prefect when its schedule goes or changes, and runs later. (backjobs' deployments cancel
+  a run that finds the slot taken, ``CANCEL_NEW``; one whose prefect.yaml says ``ENQUEUE``
+  queues.)
 
 Such a run is an *orphan*: auto-scheduled, never started (``run_count`` 0), still in a
 Scheduled-type state, made by a schedule (``created_by``) that is no longer an active
-schedule of its deployment, at a time no active schedule of the deployment fires (so a run
-whose schedule ``prefect deploy`` replaced by an equal one is no orphan). ``backjobs
-deploy`` deletes every orphan it finds once the schedules are synced
+schedule of its deployment, or is one whose cron no longer fires at the run's time — and
+at a time no active schedule of the deployment fires (so a run whose schedule ``prefect
+deploy`` replaced by an equal one is no orphan). Whether a cron fires at a time is asked of
+Prefect's own schedule code (:mod:`backjobs.orchestration.crons`), so a run the scheduler
+made for the current cron, on a day clocks change too, is never taken for an orphan; a
+schedule that is no cron, or a cron that cannot be computed, is taken to fire at any time.
+``backjobs deploy`` deletes every orphan it finds once the schedules are synced
 (:func:`delete_orphaned_runs`), and says how many. One inserted after that (the race
 again) is refused when it starts: the job base ends it **Cancelled**, with a message
 naming the schedule, before the job does anything (:func:`orphaned_run_reason`).
@@ -28,22 +36,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import UTC
 from typing import Any
 
-from backjobs.orchestration.crons import next_fire
+from backjobs.orchestration.crons import fires_at
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE = "SCHEDULE"  # created_by.type of a run the scheduler made
+ORPHANED_BY = "removed, paused or changed schedules"  # whose runs deploy deletes
 PAGE = 200  # the server's largest page of flow runs
 
 
 def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
     """Why ``run`` (a Prefect flow run) belongs to no active schedule of its deployment,
-    or None when it is not such a run: not made by a schedule, its schedule is active, or
-    another active schedule fires at its time. ``schedules``: the deployment's schedules
-    as the server has them now.
+    or None when it is not such a run: not made by a schedule, its schedule is active and
+    fires at its time, or another active schedule fires at its time. ``schedules``: the
+    deployment's schedules as the server has them now.
 
     The last case keeps a run whose schedule was *replaced* by an equal one: ``prefect
     deploy`` recreates (new ids) the schedules of a deployment whose schedules lack a
@@ -56,21 +65,23 @@ def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
         return None
     schedules = list(schedules)
     name = f"schedule {created.display_value or 'of the deployment'} ({created.id})"
-    mine = [s for s in schedules if s.id == created.id]
-    if mine and mine[0].active:
-        return None
+    mine = next((s for s in schedules if s.id == created.id), None)
     when = getattr(run, "expected_start_time", None)
-    if when is not None and any(s.active and fires_at(s.schedule, when) for s in schedules):
+    if when is not None and any(s.active and fires_at(_of(s), when) for s in schedules):
         return None
-    return f"{name} is paused" if mine else f"{name} no longer exists on the deployment"
+    if mine is None:
+        return f"{name} no longer exists on the deployment"
+    if not mine.active:
+        return f"{name} is paused"
+    if when is None:  # its own schedule is active, and the run's time cannot be compared
+        return None
+    cron, zone = getattr(_of(mine), "cron", None), getattr(_of(mine), "timezone", None) or "UTC"
+    at = f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    return f"{name} no longer fires at {at} (its cron is now `{cron}`, {zone})"
 
 
-def fires_at(schedule: Any, when: datetime) -> bool:
-    """Whether a schedule fires at ``when``; a schedule that is no cron (interval, rrule)
-    is taken to fire at any time, so a run is never refused on a guess."""
-    if not getattr(schedule, "cron", None):
-        return True
-    return next_fire(schedule, when - timedelta(seconds=1)) == when
+def _of(deployment_schedule: Any) -> Any:
+    return getattr(deployment_schedule, "schedule", None)
 
 
 def is_unstarted(run: Any) -> bool:
