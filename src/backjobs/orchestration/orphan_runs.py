@@ -136,4 +136,6 @@ def orphaned_run_reason() -> str | None:
         logger.warning("could not check the schedules of run %s's deployment (%s); "
                        "running the job", run.id, exc)  # fmt: skip
         return None
-    return f"not run: {reason} (it was created before the schedule changed)" if reason else None
+    if reason is None:
+        return None
+    return f"not run: {reason}; the run was made from the schedule before it changed"
