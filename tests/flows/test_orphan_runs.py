@@ -52,14 +52,19 @@ def deploy_probe(client: Any, name: str) -> Any:
     )
 
 
-def scheduled_run(client: Any, name: str | None = None) -> tuple[Any, Any]:
+def scheduled_run(
+    client: Any, name: str | None = None, *, since: datetime | None = None
+) -> tuple[Any, Any]:
     """A deployment of the probe with one active cron schedule, and one of the runs the
-    server's scheduler code made of it (auto-scheduled, created by the schedule)."""
+    server's scheduler code made of it (auto-scheduled, created by the schedule); with
+    ``since``, the first due at or after that time (a backfill, when it is past)."""
     deployment_id = deploy_probe(client, name or f"orphans-{uuid.uuid4().hex[:8]}")
+    window: dict[str, Any] = {"min_runs": 1, "max_runs": 1}
+    if since is not None:
+        window["start_time"] = since.isoformat()
     response = client.request(
-        "POST", "/deployments/{id}/schedule", path_params={"id": deployment_id},
-        json={"min_runs": 1, "max_runs": 1},
-    )  # fmt: skip
+        "POST", "/deployments/{id}/schedule", path_params={"id": deployment_id}, json=window
+    )
     response.raise_for_status()
     by_deployment = FlowRunFilterDeploymentId(any_=[deployment_id])
     # The server's own scheduler may have made later ones too (a new deployment is "recent"):
@@ -145,6 +150,28 @@ def test_a_run_whose_schedule_a_redeploy_replaced_by_an_equal_one_does_its_job()
         assert deploy_probe(client, name) == deployment_id  # the upsert
         [after] = client.read_deployment_schedules(deployment_id)
         assert after.id != before.id and run.created_by.id == before.id
+
+        state = start(client, run)
+
+        assert state.is_completed(), state
+    assert RAN == [run.expected_start_time]
+
+
+def test_a_run_of_an_edited_cron_due_before_the_edit_still_runs() -> None:
+    """A run the old cron made, due before the edit (Late, here queued for the slot), is
+    kept by Prefect and runs, as it would have had the cron not changed: only the old
+    cron's runs due after the edit are orphans."""
+    RAN.clear()
+    with get_client(sync_client=True) as client:
+        since = datetime.now(UTC) - timedelta(minutes=9)
+        deployment_id, run = scheduled_run(client, since=since)
+        assert run.expected_start_time < datetime.now(UTC), run.expected_start_time
+        wait_for_slot(client, run)
+        [schedule] = client.read_deployment_schedules(deployment_id)
+        edit = CronSchedule(cron="1-59/5 * * * *")
+        client.update_deployment_schedule(deployment_id, schedule.id, schedule=edit)
+        [edited] = client.read_deployment_schedules(deployment_id)
+        assert edited.updated > run.expected_start_time, (edited.updated, run)
 
         state = start(client, run)
 

@@ -66,7 +66,8 @@ def test_a_run_of_a_cron_edited_since_is_an_orphan_at_the_old_times_only() -> No
     """A changed cron keeps its schedule's id: a run the scheduler made of the old cron (kept
     while queued for a slot, or inserted after the edit by the scheduler's race) is an
     orphan at a time the new cron does not fire, and no orphan at one it does."""
-    edited = Thing(id=SCHEDULE_ID, active=True, schedule=cron("1-59/5 * * * *"))
+    edited_at = datetime(2026, 12, 6, 22, 58, tzinfo=UTC)
+    edited = Thing(id=SCHEDULE_ID, active=True, schedule=cron("1-59/5 * * * *"), updated=edited_at)
     old = run()
     old.expected_start_time = datetime(2026, 12, 6, 23, 10, tzinfo=UTC)
     assert orphan_reason(old, [edited]) == (
@@ -79,8 +80,14 @@ def test_a_run_of_a_cron_edited_since_is_an_orphan_at_the_old_times_only() -> No
     # Another active schedule firing at the old time keeps the run, as for a removed one.
     other = Thing(id=uuid.uuid4(), active=True, schedule=cron("10 23 * * *"))
     assert orphan_reason(old, [edited, other]) is None
-    # Without its time the run cannot be judged: it runs.
+    # A run of the old cron due before the edit (Late, or queued for the slot) still runs,
+    # as Prefect keeps it; so does one whose time or whose schedule's last change is unknown.
+    late = run()
+    late.expected_start_time = datetime(2026, 12, 6, 22, 50, tzinfo=UTC)
+    assert orphan_reason(late, [edited]) is None
     assert orphan_reason(run(), [edited]) is None
+    undated = Thing(id=SCHEDULE_ID, active=True, schedule=cron("1-59/5 * * * *"))
+    assert orphan_reason(old, [undated]) is None
 
 
 def test_a_cron_is_read_as_the_scheduler_reads_it_on_the_days_clocks_change() -> None:
@@ -93,17 +100,28 @@ def test_a_cron_is_read_as_the_scheduler_reads_it_on_the_days_clocks_change() ->
     assert next_fire(berlin, datetime(2027, 10, 31, 0, 30, tzinfo=UTC)) == made
     assert fires_at(berlin, made)
     assert not fires_at(berlin, made + timedelta(hours=1))
+    # Its schedule last changed long before: only the cron's times decide.
+    current = Thing(
+        id=SCHEDULE_ID, active=True, schedule=berlin, updated=datetime(2027, 1, 1, tzinfo=UTC)
+    )
     due = run()
     due.expected_start_time = made
-    assert orphan_reason(due, [Thing(id=SCHEDULE_ID, active=True, schedule=berlin)]) is None
+    assert orphan_reason(due, [current]) is None
     spring = datetime(2027, 3, 28, 1, 30, tzinfo=UTC)
     assert next_fire(berlin, datetime(2027, 3, 27, 1, 30, tzinfo=UTC)) == spring
     due.expected_start_time = spring
-    assert orphan_reason(due, [Thing(id=SCHEDULE_ID, active=True, schedule=berlin)]) is None
+    assert orphan_reason(due, [current]) is None
+    due.expected_start_time = made + timedelta(hours=1)  # croniter's time that night
+    assert orphan_reason(due, [current]) is not None
 
 
 def test_a_cron_that_cannot_be_computed_never_refuses_a_run() -> None:
-    unknown_zone = Thing(id=SCHEDULE_ID, active=True, schedule=cron("0 23 * * *", "Mars/Olympus"))
+    unknown_zone = Thing(
+        id=SCHEDULE_ID,
+        active=True,
+        schedule=cron("0 23 * * *", "Mars/Olympus"),
+        updated=datetime(2026, 12, 1, tzinfo=UTC),
+    )
     due = run()
     due.expected_start_time = datetime(2026, 12, 6, 23, 7, tzinfo=UTC)
     assert next_fire(unknown_zone.schedule, due.expected_start_time) is None

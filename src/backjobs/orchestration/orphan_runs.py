@@ -17,8 +17,13 @@ but not all of them:
   queues.)
 
 Such a run is an *orphan*: auto-scheduled, never started (``run_count`` 0), still in a
-Scheduled-type state, made by a schedule (``created_by``) that is no longer an active
-schedule of its deployment, or is one whose cron no longer fires at the run's time — and
+Scheduled-type state, made by a schedule (``created_by``) that
+
+- is no longer an active schedule of its deployment, or
+- is one whose cron no longer fires at the run's time, the run being due after the
+  schedule last changed (one due before the edit — Late, or queued for the slot — still
+  runs, as Prefect keeps it),
+
 at a time no active schedule of the deployment fires (so a run whose schedule ``prefect
 deploy`` replaced by an equal one is no orphan). Whether a cron fires at a time is asked of
 Prefect's own schedule code (:mod:`backjobs.orchestration.crons`), so a run the scheduler
@@ -73,7 +78,11 @@ def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
         return f"{name} no longer exists on the deployment"
     if not mine.active:
         return f"{name} is paused"
-    if when is None:  # its own schedule is active, and the run's time cannot be compared
+    # Its own schedule is active but no longer fires at its time: the cron was edited. A run
+    # due before that edit (Late, or queued for a slot) is kept, as Prefect keeps it; one due
+    # after it is a run of the old cron Prefect meant to delete. Without both times: kept.
+    edited = getattr(mine, "updated", None)
+    if when is None or edited is None or when <= edited:
         return None
     cron, zone = getattr(_of(mine), "cron", None), getattr(_of(mine), "timezone", None) or "UTC"
     at = f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
