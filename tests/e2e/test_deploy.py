@@ -218,12 +218,16 @@ def run_queued_for_a_slot(
         body={"min_runs": 3, "max_runs": 3},
     )
     runs = api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
-    run = next(
-        r
-        for r in runs
-        if r["auto_scheduled"]
-        and r["state_type"] == "SCHEDULED"
-        and not not_at(datetime.fromisoformat(r["expected_start_time"]))
+    # The last one: due minutes ahead, so still due after a deploy that follows, however slow.
+    run = max(
+        (
+            r
+            for r in runs
+            if r["auto_scheduled"]
+            and r["state_type"] == "SCHEDULED"
+            and not not_at(datetime.fromisoformat(r["expected_start_time"]))
+        ),
+        key=lambda r: datetime.fromisoformat(r["expected_start_time"]),
     )
     state = {
         "type": "SCHEDULED",

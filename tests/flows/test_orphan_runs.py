@@ -105,7 +105,11 @@ def test_a_run_of_a_removed_paused_or_edited_schedule_is_cancelled_before_the_jo
 ) -> None:
     RAN.clear()
     with get_client(sync_client=True) as client:
-        deployment_id, run = scheduled_run(client)
+        # Due minutes after the change, however slow the machine: a run of an edited cron
+        # due before the edit would still run (the orphan check comes before the job's
+        # as_of check, so a run this far ahead is refused as an orphan, not as early).
+        later = datetime.now(UTC) + timedelta(minutes=2)
+        deployment_id, run = scheduled_run(client, since=later)
         wait_for_slot(client, run)
         [schedule] = client.read_deployment_schedules(deployment_id)
         if change == "deleted":
