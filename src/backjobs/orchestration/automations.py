@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 from backjobs.orchestration.alert_receiver import RECEIVER_PATH, Signal
 from backjobs.orchestration.alert_redelivery import PREFIX
 from backjobs.orchestration.alerts import silent_window
+from backjobs.orchestration.crons import fire_times
 
 BLOCK_NAME = "backjobs-alert-receiver"
 HEARTBEAT_SETTING = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
@@ -168,13 +169,7 @@ async def deployment_heartbeat(client: Any, deployment: Any) -> Heartbeat:
 
 def cron_period(schedule: JobSchedule, *, now: datetime, samples: int = 30) -> timedelta:
     """The longest gap between two of the next ``samples`` fire times of a cron."""
-    from zoneinfo import ZoneInfo
-
-    from prefect._vendor.croniter import croniter  # type: ignore[attr-defined]
-
-    start = now.astimezone(ZoneInfo(schedule.timezone))
-    it = croniter(schedule.cron, start, day_or=schedule.day_or)  # type: ignore[no-untyped-call]
-    times: list[datetime] = [it.get_next(datetime) for _ in range(samples)]  # type: ignore[no-untyped-call]
+    times = fire_times(schedule, now, samples)
     return max(later - earlier for earlier, later in itertools.pairwise(times))
 
 

@@ -1,5 +1,5 @@
 """When a schedule on the Prefect server fires, computed by the code its scheduler runs, for
-the stack's status and the orphan-run rule.
+the stack's status, the orphan-run rule and the size of a job's silent window.
 
 The times come from Prefect's own server-side ``CronSchedule``, not from croniter alone:
 on the days a time zone's clocks change, croniter and Prefect's scheduler disagree (a
@@ -14,29 +14,35 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
-def next_fire(schedule: Any, after: datetime) -> datetime | None:
-    """When a Prefect cron schedule (``cron``, ``timezone``, ``day_or``) next fires after
-    ``after``, in UTC, as the server's scheduler computes it; None for a schedule that is
-    no cron, a cron that never fires (``deploy`` refuses those; a server may hold one), or
-    one Prefect cannot read (an unknown time zone on this machine)."""
+def fire_times(schedule: Any, after: datetime, count: int) -> list[datetime]:
+    """The next ``count`` times a Prefect cron schedule (``cron``, ``timezone``,
+    ``day_or``) fires after ``after``, in UTC, as the server's scheduler computes them.
+    Raises what Prefect raises for a cron or time zone it cannot read."""
     from prefect.server.schemas.schedules import CronSchedule
 
-    cron = getattr(schedule, "cron", None)
-    if not cron:
+    prefect_cron = CronSchedule(
+        cron=schedule.cron,
+        timezone=getattr(schedule, "timezone", None) or "UTC",
+        day_or=getattr(schedule, "day_or", True),
+    )
+    # The scheduler's own generator (``get_dates`` is the same, as a coroutine): the times
+    # on or after its start.
+    dates = prefect_cron._get_dates_generator(n=count, start=after + timedelta(microseconds=1))
+    return sorted(datetime.fromtimestamp(date.timestamp(), UTC) for date in dates)
+
+
+def next_fire(schedule: Any, after: datetime) -> datetime | None:
+    """When a Prefect cron schedule next fires after ``after``, in UTC, as the server's
+    scheduler computes it; None for a schedule that is no cron, a cron that never fires
+    (``deploy`` refuses those; a server may hold one), or one Prefect cannot read (an
+    unknown time zone on this machine)."""
+    if not getattr(schedule, "cron", None):
         return None
     try:
-        prefect_cron = CronSchedule(
-            cron=cron,
-            timezone=getattr(schedule, "timezone", None) or "UTC",
-            day_or=getattr(schedule, "day_or", True),
-        )
-        # The scheduler's own generator (``get_dates`` is the same, as a coroutine): the
-        # first time on or after its start.
-        dates = prefect_cron._get_dates_generator(n=1, start=after + timedelta(microseconds=1))
-        fire = next(iter(dates), None)
+        times = fire_times(schedule, after, 1)
     except Exception:
         return None
-    return None if fire is None else datetime.fromtimestamp(fire.timestamp(), UTC)
+    return times[0] if times else None
 
 
 def fires_at(schedule: Any, when: datetime) -> bool:

@@ -84,7 +84,8 @@ def orphan_reason(run: Any, schedules: Iterable[Any]) -> str | None:
     edited = getattr(mine, "updated", None)
     if when is None or edited is None or when <= edited:
         return None
-    cron, zone = getattr(_of(mine), "cron", None), getattr(_of(mine), "timezone", None) or "UTC"
+    current = _of(mine)
+    cron, zone = getattr(current, "cron", None), getattr(current, "timezone", None) or "UTC"
     at = f"{when.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
     return f"{name} no longer fires at {at} (its cron is now `{cron}`, {zone})"
 
