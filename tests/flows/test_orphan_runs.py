@@ -181,3 +181,35 @@ def test_a_run_of_an_edited_cron_due_before_the_edit_still_runs() -> None:
 
         assert state.is_completed(), state
     assert RAN == [run.expected_start_time]
+
+
+def test_a_run_whose_schedules_cannot_be_read_does_its_job(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The check's read of the schedules fails (the server unreachable for that one call):
+    the job runs, with a warning, even for a run the rule would refuse — a server hiccup
+    must not cost a scheduled run."""
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
+
+    RAN.clear()
+    with get_client(sync_client=True) as client:
+        # Due already (the job refuses an as_of minutes ahead); its schedule then paused.
+        deployment_id, run = scheduled_run(client, since=datetime.now(UTC) - timedelta(minutes=9))
+        wait_for_slot(client, run)
+        [schedule] = client.read_deployment_schedules(deployment_id)
+        client.update_deployment_schedule(deployment_id, schedule.id, active=False)
+
+        def unreachable(self: Any, deployment_id: Any) -> Any:
+            raise httpx.ConnectError("All connection attempts failed")
+
+        monkeypatch.setattr(SyncPrefectClient, "read_deployment_schedules", unreachable)
+        state = start(client, run)
+
+        assert state.is_completed(), state
+    assert RAN == [run.expected_start_time]
+    assert any(
+        r.getMessage().startswith(f"could not check the schedules of run {run.id}'s deployment")
+        and "All connection attempts failed" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
