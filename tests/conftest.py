@@ -34,12 +34,14 @@ SERVER_TIERS = frozenset({"flows", "e2e"})
 
 
 # The order in which the test processes take modules (`./scripts/test` runs them with
-# --dist loadfile --no-loadscope-reorder). xdist hands each of the 4 processes two modules
-# at the start (the first four in turn, then the next four), and another whenever one has
-# two tests or fewer left. So: the two modules that wait minutes on real time (heartbeats,
-# alert windows) and use little CPU meanwhile take two processes, the two longest CPU-bound
-# modules the other two; the third waiter follows the first one in its process, and the
-# long modules after those follow where a process frees up. Every other module comes in
+# --dist loadfile --no-loadscope-reorder). xdist hands the 4 processes the first four
+# modules in turn, then, in the same turn, the next ones to each process whose module has
+# two tests or fewer (`LoadScopeScheduling._reschedule`), and later another whenever a
+# process has two tests or fewer left. So: the two modules that wait minutes on real time
+# (heartbeats, alert windows) and use little CPU meanwhile take two processes, the two
+# longest CPU-bound modules the other two; the third waiter queues behind the first (a
+# module of one test) and test_deploy behind test_scaling (one test too), and the long
+# modules after those follow where a process frees up. Every other module comes in
 # collection order, so the short ones fill the end and no process runs alone there.
 # Measured per-module times are in the README (Tests); a module missing here still runs.
 SCHEDULE_FIRST = (
