@@ -1,9 +1,9 @@
 """``backjobs deploy`` against a real Prefect server: the server holds exactly the file's
 schedules, whatever was deployed before, and deploy prints each change as it stands on
-the server (a cron edit, a UI pause it reverted); a never-firing cron is refused; the
-pull step stores no path of the deploying machine. And ``backjobs trigger`` on the same
-server: a future as_of refused before any run exists, a trigger meeting the run that
-holds the job's one slot.
+the server (a cron edit, a UI pause it reverted, a job removed from the file); a
+never-firing cron is refused; the pull step stores no path of the deploying machine. And
+``backjobs trigger`` on the same server: a future as_of refused before any run exists, a
+trigger meeting the run that holds the job's one slot.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from backjobs.orchestration.prefect_yaml import describe_cron
-from tests.support.prefect_api import call_json
+from tests.support.prefect_api import call, call_json
 from tests.support.prefect_server import PrefectServer
 
 pytestmark = pytest.mark.slow
@@ -424,3 +424,66 @@ def test_a_trigger_meeting_the_run_holding_the_slot_follows_it_or_queues_behind_
     assert f"{JOB}: completed" in out
     assert "Cancelled" not in out
     prefect_server.stop_workers()
+
+
+def test_a_job_removed_from_prefect_yaml_loses_its_schedules_and_other_projects_keep_theirs(
+    server: dict[str, str], project: Path, tmp_path: Path
+) -> None:
+    """A job dropped from prefect.yaml loses its schedules (``prefect deploy`` alone keeps
+    its cron running) and its automations; deploy says what is left and how to delete it,
+    at every deploy. A deployment of another project (no backjobs pull step) on the same
+    server keeps its schedule and is not named."""
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("flows", "tasks"):
+        (both / name).symlink_to(ROOT / name)
+    document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    document["deployments"] = [
+        d for d in document["deployments"] if d["name"] in ("cleanup-job", JOB)
+    ]
+    (both / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    deploy_ok(both, server)
+    base = server["PREFECT_API_URL"]
+    flow = call_json("POST", f"{base}/flows/", body={"name": "other-project-flow"})
+    other = call_json(
+        "POST",
+        f"{base}/deployments/",
+        body={
+            "name": "other-project",
+            "flow_id": flow["id"],
+            "schedules": [{"schedule": {"cron": "0 1 * * *", "timezone": "UTC"}, "active": True}],
+        },
+    )
+    try:
+        write(project, [cron("*/2 * * * *", "email-cron")])  # email-send-job alone
+        out = deploy_ok(project, server)
+        assert (
+            "cleanup-job: schedule cleanup-job-cron `0 23 * * *` removed (the job is not in "
+            "prefect.yaml)"
+        ) in out, out
+        left = (
+            "cleanup-job: not in prefect.yaml: never runs on its own; the deployment stays on"
+            " the server with its past runs (`prefect deployment delete cleanup-job/cleanup-job`"
+            " deletes it)"
+        )
+        assert left in out, out
+        for kind in ("alert", "silent", "zombie"):
+            assert f"cleanup-job: automation backjobs-cleanup-job-{kind} deleted" in out, out
+        assert "other-project" not in out, out
+        retired = call_json("GET", f"{base}/deployments/name/cleanup-job/cleanup-job")
+        assert retired["schedules"] == []
+        kept = call_json("GET", f"{base}/deployments/{other['id']}")
+        assert [s["schedule"]["cron"] for s in kept["schedules"]] == ["0 1 * * *"]
+        assert schedules(server) == [("*/2 * * * *", True, "email-cron")]
+
+        again = deploy_ok(project, server)  # nothing left to remove: the reminder alone
+        assert [line for line in again.splitlines() if line.startswith("cleanup-job")] == [left]
+    finally:
+        for deployment_id in (other["id"], retired_id(base)):
+            if deployment_id:
+                call_json("DELETE", f"{base}/deployments/{deployment_id}")
+
+
+def retired_id(base: str) -> str | None:
+    found = call("GET", f"{base}/deployments/name/cleanup-job/cleanup-job")
+    return str(found.json()["id"]) if found.status_code == 200 else None

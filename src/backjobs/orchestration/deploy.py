@@ -7,7 +7,9 @@ fire is refused) and running ``prefect --no-prompt deploy --all``, every deploym
 schedules are made equal to the file's: matched by slug (else by cron and timezone),
 changed ones updated in place (same id), missing ones created, the rest deleted. A
 schedule without ``active:`` is active. A deployment without schedules never runs on its
-own (the seed's CronNever) but can be triggered.
+own (the seed's CronNever) but can be triggered. A backjobs deployment (its pull step is
+:data:`PULL_STEP`) the file no longer lists loses its schedules and automations, and stays
+on the server with its runs; deployments of other projects are left alone (:func:`_retire`).
 
 Then the runs of schedules now gone or paused that Prefect leaves behind (its scheduler
 inserting them as the schedule is deleted; runs queued for a concurrency slot) are deleted
@@ -39,15 +41,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backjobs.orchestration.orphan_runs import ORPHANED_BY, delete_orphaned_runs
+from backjobs.orchestration.orphan_runs import ORPHANED_BY, PAGE, delete_orphaned_runs
 from backjobs.orchestration.prefect_yaml import check_project_file, load_deployments
-from backjobs.orchestration.schedule_report import describe_changes, read_schedules
+from backjobs.orchestration.schedule_report import (
+    describe_changes,
+    describe_retired,
+    read_schedules,
+    server_schedules,
+)
 
 if TYPE_CHECKING:
     from backjobs.orchestration.automations import Heartbeat
 
 PROJECT_DIR_ENV = "BACKJOBS_PROJECT_DIR"
 PROJECT_FILE = "prefect.yaml"
+# The pull step of every backjobs deployment (prefect.yaml's `pull:`): it tells the
+# project's deployments on a server from any other's.
+PULL_STEP = f"{__name__}.set_project_directory"
 
 
 class DeployError(RuntimeError):
@@ -87,6 +97,8 @@ class ScheduleChanges:
     deleted: int = 0
     unchanged: int = 0
     orphans: int = 0  # runs of removed, paused or changed schedules deleted (orphan_runs)
+    retired: bool = False  # a backjobs deployment prefect.yaml no longer lists
+    deployment_id: Any = None  # of a retired one
     report: list[str] = field(default_factory=list)
     automations: list[str] = field(default_factory=list)
 
@@ -123,11 +135,12 @@ def deploy(
             if change.orphans
             else []
         )
-        change.report = [
-            *describe_changes(name, before.get(name), after.get(name) or []),
-            *orphans,
-            *change.automations,
-        ]
+        described = (
+            change.report
+            if change.retired
+            else describe_changes(name, before.get(name), after.get(name) or [])
+        )
+        change.report = [*described, *orphans, *change.automations]
     return changes
 
 
@@ -226,6 +239,8 @@ async def _sync_all(
         heartbeats[name] = await deployment_heartbeat(client, deployment)
         if heartbeats[name].problem:
             changes[name].automations.append(f"{name}: warning: {heartbeats[name].problem}")
+    retired = await _retire(client, listed=set(wanted))
+    changes |= retired
     done = await _sync_automations(client, ids, wanted, heartbeats)
     for verb, names in (("created", done.created), ("replaced", done.replaced)):
         for automation in names:
@@ -242,7 +257,41 @@ async def _sync_all(
             print(f"automation {automation} deleted (no such job in prefect.yaml)")
     for name, deployment_id in ids.items():  # last: the scheduler's pass has had its time
         changes[name].orphans = await delete_orphaned_runs(client, deployment_id)
+    for change in retired.values():
+        change.orphans = await delete_orphaned_runs(client, change.deployment_id)
     return changes
+
+
+async def _retire(client: Any, *, listed: set[str]) -> dict[str, ScheduleChanges]:
+    """Every backjobs deployment on the server (its pull step is :data:`PULL_STEP`) that
+    prefect.yaml no longer lists loses its schedules, as a schedule removed from the file
+    does: it never runs on its own again. The deployment itself, its past runs and its
+    history in the UI stay; the report says how to delete it. (Its automations go with the
+    job: :func:`backjobs.orchestration.automations.sync_automations`.) Deployments of other
+    projects on the same server are left alone."""
+    retired: dict[str, ScheduleChanges] = {}
+    offset = 0
+    while True:
+        page = await client.read_deployments(limit=PAGE, offset=offset)
+        for deployment in page:
+            if deployment.name in listed or not _is_backjobs(deployment):
+                continue
+            before = await server_schedules(client, deployment.id)
+            change = await sync_schedules(client, deployment.id, [])
+            flow = await client.read_flow(deployment.flow_id)
+            change.retired = True
+            change.deployment_id = deployment.id
+            change.report = describe_retired(
+                deployment.name, f"{flow.name}/{deployment.name}", before
+            )
+            retired[deployment.name] = change
+        if len(page) < PAGE:
+            return retired
+        offset += PAGE
+
+
+def _is_backjobs(deployment: Any) -> bool:
+    return any(PULL_STEP in step for step in deployment.pull_steps or [])
 
 
 def _job_of(automation: str, jobs: Mapping[str, Any]) -> str:

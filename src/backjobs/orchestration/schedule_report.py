@@ -34,17 +34,22 @@ async def read_schedules(client: Any, names: list[str]) -> dict[str, list[Server
         except ObjectNotFound:
             found[name] = None
             continue
-        found[name] = [
-            ServerSchedule(
-                id=str(s.id),
-                cron=str(getattr(s.schedule, "cron", s.schedule)),
-                timezone=getattr(s.schedule, "timezone", None) or "UTC",
-                active=bool(s.active),
-                slug=s.slug or None,
-            )
-            for s in await client.read_deployment_schedules(deployment.id)
-        ]
+        found[name] = await server_schedules(client, deployment.id)
     return found
+
+
+async def server_schedules(client: Any, deployment_id: Any) -> list[ServerSchedule]:
+    """The schedules of one deployment as the server holds them."""
+    return [
+        ServerSchedule(
+            id=str(s.id),
+            cron=str(getattr(s.schedule, "cron", s.schedule)),
+            timezone=getattr(s.schedule, "timezone", None) or "UTC",
+            active=bool(s.active),
+            slug=s.slug or None,
+        )
+        for s in await client.read_deployment_schedules(deployment_id)
+    ]
 
 
 KEEP_PAUSED = "add `active: false` to keep it paused"
@@ -83,6 +88,20 @@ def describe_changes(
     if not lines:
         listed = ", ".join(_shown(s) for s in after) or "no schedule"
         lines.append(f"{name}: unchanged: {listed}")
+    return lines
+
+
+def describe_retired(name: str, full_name: str, before: list[ServerSchedule]) -> list[str]:
+    """The lines of a backjobs deployment prefect.yaml no longer lists (``full_name``:
+    ``flow/deployment``): each schedule the deploy removed, then what is left of it."""
+    lines = [
+        f"{name}: {_label(gone)} `{gone.cron}` removed (the job is not in prefect.yaml)"
+        for gone in before
+    ]
+    lines.append(
+        f"{name}: not in prefect.yaml: never runs on its own; the deployment stays on the "
+        f"server with its past runs (`prefect deployment delete {full_name}` deletes it)"
+    )
     return lines
 
 
