@@ -430,9 +430,9 @@ def test_a_job_removed_from_prefect_yaml_loses_its_schedules_and_other_projects_
     server: dict[str, str], project: Path, tmp_path: Path
 ) -> None:
     """A job dropped from prefect.yaml loses its schedules (``prefect deploy`` alone keeps
-    its cron running) and its automations; deploy says what is left and how to delete it,
-    at every deploy. A deployment of another project (no backjobs pull step) on the same
-    server keeps its schedule and is not named."""
+    its cron running) and its silence; deploy says what is left and how to delete it, at
+    every deploy, and a run of it started by hand is still alerted. A deployment of another
+    project (no backjobs pull step) on the same server keeps its schedule and is not named."""
     both = tmp_path / "both"
     both.mkdir()
     for name in ("flows", "tasks"):
@@ -463,12 +463,19 @@ def test_a_job_removed_from_prefect_yaml_loses_its_schedules_and_other_projects_
         ) in out, out
         left = (
             "cleanup-job: not in prefect.yaml: never runs on its own; the deployment stays on"
-            " the server with its past runs (`prefect deployment delete cleanup-job/cleanup-job`"
-            " deletes it)"
+            " the server with its past runs, a run started by hand still alerted (`prefect"
+            " deployment delete cleanup-job/cleanup-job` deletes it, and the next deploy its"
+            " automations)"
         )
         assert left in out, out
-        for kind in ("alert", "silent", "zombie"):
-            assert f"cleanup-job: automation backjobs-cleanup-job-{kind} deleted" in out, out
+        # Watched as a job without a schedule: no silence, the alert and zombie kept.
+        assert "cleanup-job: automation backjobs-cleanup-job-silent deleted" in out, out
+        assert "backjobs-cleanup-job-alert" not in out and "-cleanup-job-zombie" not in out, out
+        automations = call_json("POST", f"{base}/automations/filter", body={})
+        assert sorted(a["name"] for a in automations if "cleanup-job" in a["name"]) == [
+            "backjobs-cleanup-job-alert",
+            "backjobs-cleanup-job-zombie",
+        ]
         assert "other-project" not in out, out
         retired = call_json("GET", f"{base}/deployments/name/cleanup-job/cleanup-job")
         assert retired["schedules"] == []

@@ -8,8 +8,9 @@ schedules are made equal to the file's: matched by slug (else by cron and timezo
 changed ones updated in place (same id), missing ones created, the rest deleted. A
 schedule without ``active:`` is active. A deployment without schedules never runs on its
 own (the seed's CronNever) but can be triggered. A backjobs deployment (its pull step is
-:data:`PULL_STEP`) the file no longer lists loses its schedules and automations, and stays
-on the server with its runs; deployments of other projects are left alone (:func:`_retire`).
+:data:`PULL_STEP`) the file no longer lists loses its schedules and its silence automation,
+and stays on the server with its runs, alerted when run by hand; deployments of other
+projects are left alone (:func:`_retire`).
 
 Then the runs of schedules now gone or paused that Prefect leaves behind (its scheduler
 inserting them as the schedule is deleted; runs queued for a concurrency slot) are deleted
@@ -98,7 +99,6 @@ class ScheduleChanges:
     unchanged: int = 0
     orphans: int = 0  # runs of removed, paused or changed schedules deleted (orphan_runs)
     retired: bool = False  # a backjobs deployment prefect.yaml no longer lists
-    deployment_id: Any = None  # of a retired one
     report: list[str] = field(default_factory=list)
     automations: list[str] = field(default_factory=list)
 
@@ -232,16 +232,32 @@ async def _sync_all(
     changes = {}
     ids = {}
     heartbeats = {}
-    for name, schedules in wanted.items():
-        deployment = await client.read_deployment_by_name(f"{name}/{name}")
+    watched = dict(wanted)  # the jobs whose automations are kept, by their schedules
+    found = [(await client.read_deployment_by_name(f"{name}/{name}"), name) for name in wanted]
+    for deployment, name in found:
+        changes[name] = await sync_schedules(client, deployment.id, wanted[name])
+    for deployment, change in await _retire(client, listed=set(wanted)):
+        # Still on the server and runnable by hand: watched as a job without a schedule
+        # (alert and zombie automations, no silence).
+        found.append((deployment, deployment.name))
+        changes[deployment.name] = change
+        watched[deployment.name] = []
+    for deployment, name in found:
         ids[name] = str(deployment.id)
-        changes[name] = await sync_schedules(client, deployment.id, schedules)
         heartbeats[name] = await deployment_heartbeat(client, deployment)
         if heartbeats[name].problem:
             changes[name].automations.append(f"{name}: warning: {heartbeats[name].problem}")
-    retired = await _retire(client, listed=set(wanted))
-    changes |= retired
-    done = await _sync_automations(client, ids, wanted, heartbeats)
+    done = await _sync_automations(client, ids, watched, heartbeats)
+    _report_automations(done, changes, heartbeats)
+    for name, deployment_id in ids.items():  # last: the scheduler's pass has had its time
+        changes[name].orphans = await delete_orphaned_runs(client, deployment_id)
+    return changes
+
+
+def _report_automations(
+    done: Any, changes: Mapping[str, ScheduleChanges], heartbeats: Mapping[str, Heartbeat]
+) -> None:
+    """Each automation created, replaced or deleted, on its job's lines."""
     for verb, names in (("created", done.created), ("replaced", done.replaced)):
         for automation in names:
             job = _job_of(automation, changes)
@@ -255,21 +271,16 @@ async def _sync_all(
             changes[job].automations.append(f"{job}: automation {automation} deleted")
         else:
             print(f"automation {automation} deleted (no such job in prefect.yaml)")
-    for name, deployment_id in ids.items():  # last: the scheduler's pass has had its time
-        changes[name].orphans = await delete_orphaned_runs(client, deployment_id)
-    for change in retired.values():
-        change.orphans = await delete_orphaned_runs(client, change.deployment_id)
-    return changes
 
 
-async def _retire(client: Any, *, listed: set[str]) -> dict[str, ScheduleChanges]:
+async def _retire(client: Any, *, listed: set[str]) -> list[tuple[Any, ScheduleChanges]]:
     """Every backjobs deployment on the server (its pull step is :data:`PULL_STEP`) that
     prefect.yaml no longer lists loses its schedules, as a schedule removed from the file
     does: it never runs on its own again. The deployment itself, its past runs and its
-    history in the UI stay; the report says how to delete it. (Its automations go with the
-    job: :func:`backjobs.orchestration.automations.sync_automations`.) Deployments of other
+    history in the UI stay, and the report says how to delete it; while it stays, a run of
+    it started by hand is alerted as any job's (:func:`_sync_all`). Deployments of other
     projects on the same server are left alone."""
-    retired: dict[str, ScheduleChanges] = {}
+    retired: list[tuple[Any, ScheduleChanges]] = []
     offset = 0
     while True:
         page = await client.read_deployments(limit=PAGE, offset=offset)
@@ -280,11 +291,10 @@ async def _retire(client: Any, *, listed: set[str]) -> dict[str, ScheduleChanges
             change = await sync_schedules(client, deployment.id, [])
             flow = await client.read_flow(deployment.flow_id)
             change.retired = True
-            change.deployment_id = deployment.id
             change.report = describe_retired(
                 deployment.name, f"{flow.name}/{deployment.name}", before
             )
-            retired[deployment.name] = change
+            retired.append((deployment, change))
         if len(page) < PAGE:
             return retired
         offset += PAGE

@@ -100,7 +100,8 @@ def describe_retired(name: str, full_name: str, before: list[ServerSchedule]) ->
     ]
     lines.append(
         f"{name}: not in prefect.yaml: never runs on its own; the deployment stays on the "
-        f"server with its past runs (`prefect deployment delete {full_name}` deletes it)"
+        f"server with its past runs, a run started by hand still alerted (`prefect "
+        f"deployment delete {full_name}` deletes it, and the next deploy its automations)"
     )
     return lines
 
