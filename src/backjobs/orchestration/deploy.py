@@ -98,8 +98,7 @@ class ScheduleChanges:
     deleted: int = 0
     unchanged: int = 0
     orphans: int = 0  # runs of removed, paused or changed schedules deleted (orphan_runs)
-    retired: bool = False  # a backjobs deployment prefect.yaml no longer lists
-    report: list[str] = field(default_factory=list)
+    report: list[str] = field(default_factory=list)  # set by _retire for a retired one
     automations: list[str] = field(default_factory=list)
 
 
@@ -136,9 +135,9 @@ def deploy(
             else []
         )
         described = (
-            change.report
-            if change.retired
-            else describe_changes(name, before.get(name), after.get(name) or [])
+            describe_changes(name, before.get(name), after.get(name) or [])
+            if name in wanted
+            else change.report  # a job the file no longer lists (_retire)
         )
         change.report = [*described, *orphans, *change.automations]
     return changes
@@ -290,7 +289,6 @@ async def _retire(client: Any, *, listed: set[str]) -> list[tuple[Any, ScheduleC
             before = await server_schedules(client, deployment.id)
             change = await sync_schedules(client, deployment.id, [])
             flow = await client.read_flow(deployment.flow_id)
-            change.retired = True
             change.report = describe_retired(
                 deployment.name, f"{flow.name}/{deployment.name}", before
             )
