@@ -278,6 +278,17 @@ def test_deploy_prints_what_changed_on_the_server_and_names_the_pause_it_reverte
     ) in out, out
     assert schedules(server) == [("*/5 * * * *", True, slug)]
 
+    # A second automation of one name (Prefect allows it: two deploys at once, a copy made
+    # by hand) is deleted and named: one alert per failure, and nothing left firing unseen.
+    alert = f"backjobs-{JOB}-alert"
+    (mine,) = [a for a in api(server, "automations/filter", {}) if a["name"] == alert]
+    copy = {k: v for k, v in mine.items() if k not in ("id", "created", "updated")}
+    call_json("POST", f"{server['PREFECT_API_URL']}/automations/", body=copy)
+    out = deploy_ok(project, server)
+    assert f"{JOB}: automation {alert}: 1 duplicate(s) deleted" in out, out
+    left = [a for a in api(server, "automations/filter", {}) if a["name"] == alert]
+    assert [a["description"] for a in left] == [mine["description"]]
+
     out = deploy_ok(project, server)
     assert out.strip() == f"{JOB}: unchanged: `*/5 * * * *` active"
     write(project, [cron("*/5 * * * *", slug, active=False)])

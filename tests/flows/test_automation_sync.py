@@ -75,3 +75,43 @@ def test_a_second_sync_behind_a_full_page_of_ops_automations_changes_nothing() -
     assert first.created == ("backjobs-sync-probe-alert", "backjobs-sync-probe-zombie")
     assert (second.created, second.replaced, second.unchanged) == ((), (), 2)
     assert names == ["backjobs-sync-probe-alert"]
+
+
+async def probes(client: Any, prefix: str) -> list[str]:
+    """The names of the server's automations starting with ``prefix``, a name per copy."""
+    found: list[Any] = []
+    while page := await client.read_automations(offset=len(found)):
+        found += page
+    return sorted(a.name for a in found if a.name.startswith(prefix))
+
+
+def test_two_syncs_at_once_leave_one_automation_of_each_name_and_a_later_copy_is_deleted() -> None:
+    """Prefect does not keep automation names unique: two deploys at once both found the
+    names missing and both created them, and the sync, reading one automation per name,
+    never saw the copy again (it went on firing, and stayed when its job was removed)."""
+    prefix = "backjobs-race-probe"
+    wanted = [never_firing(f"{prefix}-alert"), never_firing(f"{prefix}-zombie")]
+
+    async def go() -> tuple[list[str], Any, list[str], Any, list[str]]:
+        async with get_client() as one, get_client() as other:
+            await asyncio.gather(sync_automations(one, wanted), sync_automations(other, wanted))
+            after_race = await probes(one, prefix)
+            # A copy made by hand, or by a deploy whose sync predates the rule.
+            await one.create_automation(AutomationCore.model_validate(wanted[0]))
+            await one.create_automation(AutomationCore.model_validate(wanted[1]))
+            await one.create_automation(AutomationCore.model_validate(wanted[1]))
+            with_copies = await sync_automations(one, wanted)
+            after_copies = await probes(one, prefix)
+            await one.create_automation(AutomationCore.model_validate(wanted[0]))
+            removed = await sync_automations(one, [])  # a job gone: every copy goes
+            return after_race, with_copies, after_copies, removed, await probes(one, prefix)
+
+    after_race, with_copies, after_copies, removed, left = asyncio.run(go())
+
+    assert after_race == [f"{prefix}-alert", f"{prefix}-zombie"]
+    assert (with_copies.created, with_copies.replaced, with_copies.unchanged) == ((), (), 2)
+    assert with_copies.copies == (f"{prefix}-alert", f"{prefix}-zombie", f"{prefix}-zombie")
+    assert after_copies == [f"{prefix}-alert", f"{prefix}-zombie"]
+    assert removed.deleted == (f"{prefix}-alert", f"{prefix}-zombie")
+    assert removed.copies == (f"{prefix}-alert",)
+    assert left == []

@@ -23,6 +23,17 @@ the dashboard's address as this process reaches it (PREFECT_API_URL without ``/a
 basic auth. The sync owns the automations whose name starts with ``backjobs-``: it creates
 the missing ones, replaces changed ones (a fingerprint in the description tells), and
 deletes those no deployment of the file needs; other automations are never touched.
+
+Prefect does not keep automation names unique, so two deploys at once (two operators, two
+CI pipelines) both found a name missing and both created it. The copy was never seen again:
+the sync read one automation per name, so every later deploy said "unchanged" over two, and
+the copy kept firing with what it was made from (a job's old silent window; a deleted job's
+alert). The sync now keeps **one automation per name**: of several copies it keeps the
+oldest that matches and deletes the others, and after its own creations it reads the names
+again and deletes every copy but the one of the lowest id. Whichever deploy looks last sees
+every copy made and keeps the same one, and a copy of the lowest id is never deleted by
+that step, so two deploys at once end with one automation each, whichever order their calls
+land in. The report names each copy deleted.
 """
 
 from __future__ import annotations
@@ -64,6 +75,7 @@ class AutomationChanges:
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     unchanged: int = 0
+    copies: tuple[str, ...] = ()  # a name once per extra copy deleted
 
 
 class Heartbeat(NamedTuple):
@@ -320,31 +332,63 @@ async def _all_automations(client: Any) -> list[Any]:
     return found
 
 
+async def _backjobs_automations(client: Any) -> dict[str, list[Any]]:
+    """The server's ``backjobs-*`` automations by name, each name's copies oldest id first."""
+    found: dict[str, list[Any]] = {}
+    for automation in sorted(await _all_automations(client), key=lambda a: str(a.id)):
+        if automation.name.startswith(PREFIX):
+            found.setdefault(automation.name, []).append(automation)
+    return found
+
+
+async def _delete_automation(client: Any, automation_id: Any) -> None:
+    """Delete one automation; one already gone (a deploy beside this one deleted it) is fine."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    try:
+        await client.delete_automation(automation_id)
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code != 404:
+            raise
+
+
 async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> AutomationChanges:
-    """Make the server's ``backjobs-*`` automations exactly ``wanted``."""
+    """Make the server's ``backjobs-*`` automations exactly ``wanted``, one of each name."""
     from prefect.events.schemas.automations import AutomationCore
 
-    existing = {a.name: a for a in await _all_automations(client) if a.name.startswith(PREFIX)}
-    created, replaced = [], []
+    existing = await _backjobs_automations(client)
+    created: list[str] = []
+    replaced: list[str] = []
+    copies: list[str] = []
     unchanged = 0
     for spec in wanted:
-        current = existing.pop(spec["name"], None)
-        if current is not None and current.description == spec["description"] and current.enabled:
+        found = existing.pop(spec["name"], [])
+        same = [a for a in found if a.description == spec["description"] and a.enabled]
+        for automation in found:
+            if not same or automation is not same[0]:
+                await _delete_automation(client, automation.id)
+        if same:
             unchanged += 1
+            copies += [spec["name"]] * (len(found) - 1)
             continue
-        if current is not None:
-            await client.delete_automation(current.id)
-            replaced.append(spec["name"])
-        else:
-            created.append(spec["name"])
+        (replaced if found else created).append(spec["name"])
+        copies += [spec["name"]] * max(len(found) - 1, 0)
         await client.create_automation(AutomationCore.model_validate(spec))
-    for leftover in existing.values():
-        await client.delete_automation(leftover.id)
+    for name, leftovers in existing.items():
+        for automation in leftovers:
+            await _delete_automation(client, automation.id)
+        copies += [name] * (len(leftovers) - 1)
+    # A deploy beside this one may have created a name this one created too.
+    for name, found in (await _backjobs_automations(client)).items():
+        for automation in found[1:]:
+            await _delete_automation(client, automation.id)
+            copies.append(name)
     return AutomationChanges(
         created=tuple(created),
         replaced=tuple(replaced),
         deleted=tuple(sorted(existing)),
         unchanged=unchanged,
+        copies=tuple(sorted(copies)),
     )
 
 

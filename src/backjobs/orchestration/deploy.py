@@ -37,6 +37,7 @@ import contextlib
 import io
 import os
 import traceback
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,16 @@ def _report_automations(
             changes[job].automations.append(f"{job}: automation {automation} deleted")
         else:
             print(f"automation {automation} deleted (no such job in prefect.yaml)")
+    for automation, count in sorted(Counter(done.copies).items()):  # one of each name is kept
+        line = (
+            f"automation {automation}: {count} duplicate(s) deleted"
+            " (made by a deploy beside this one, or by hand)"
+        )
+        job = _job_of(automation, changes)
+        if job in changes:
+            changes[job].automations.append(f"{job}: {line}")
+        else:
+            print(line)
 
 
 async def _retire(client: Any, *, listed: set[str]) -> list[tuple[Any, ScheduleChanges]]:
