@@ -10,6 +10,7 @@ make there meanwhile (``test_alert_incident_writes.py`` then waited in vain for 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,6 +86,24 @@ async def probes(client: Any, prefix: str) -> list[str]:
     return sorted(a.name for a in found if a.name.startswith(prefix))
 
 
+class Lockstep:
+    """A client whose sync waits, once it has read the server's automations, until the
+    other sync has read them too: two deploys at once, both looking before either writes."""
+
+    def __init__(self, client: Any, both_read: asyncio.Barrier) -> None:
+        self._client, self._both_read, self._waited = client, both_read, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def read_automations(self, **kwargs: Any) -> Any:
+        page = await self._client.read_automations(**kwargs)
+        if not page and not self._waited:  # the end of the first reading
+            self._waited = True
+            await self._both_read.wait()
+        return page
+
+
 def test_two_syncs_at_once_leave_one_automation_of_each_name_and_a_later_copy_is_deleted() -> None:
     """Prefect does not keep automation names unique: two deploys at once both found the
     names missing and both created them, and the sync, reading one automation per name,
@@ -92,9 +111,13 @@ def test_two_syncs_at_once_leave_one_automation_of_each_name_and_a_later_copy_is
     prefix = "backjobs-race-probe"
     wanted = [never_firing(f"{prefix}-alert"), never_firing(f"{prefix}-zombie")]
 
-    async def go() -> tuple[list[str], Any, list[str], Any, list[str]]:
+    async def go() -> tuple[list[Any], list[str], Any, list[str], Any, list[str]]:
         async with get_client() as one, get_client() as other:
-            await asyncio.gather(sync_automations(one, wanted), sync_automations(other, wanted))
+            both_read = asyncio.Barrier(2)
+            race = await asyncio.gather(
+                sync_automations(Lockstep(one, both_read), wanted),
+                sync_automations(Lockstep(other, both_read), wanted),
+            )
             after_race = await probes(one, prefix)
             # A copy made by hand, or by a deploy whose sync predates the rule.
             await one.create_automation(AutomationCore.model_validate(wanted[0]))
@@ -104,14 +127,64 @@ def test_two_syncs_at_once_leave_one_automation_of_each_name_and_a_later_copy_is
             after_copies = await probes(one, prefix)
             await one.create_automation(AutomationCore.model_validate(wanted[0]))
             removed = await sync_automations(one, [])  # a job gone: every copy goes
-            return after_race, with_copies, after_copies, removed, await probes(one, prefix)
+            left = await probes(one, prefix)
+            return race, after_race, with_copies, after_copies, removed, left
 
-    after_race, with_copies, after_copies, removed, left = asyncio.run(go())
+    race, after_race, with_copies, after_copies, removed, left = asyncio.run(go())
 
     assert after_race == [f"{prefix}-alert", f"{prefix}-zombie"]
+    # The two reports add up: every copy made is one left or one deleted, by either deploy.
+    made = Counter(name for changes in race for name in changes.created)
+    assert made == Counter(after_race + after_race)  # both found every name missing
+    made.subtract(name for changes in race for name in changes.copies)
+    assert sorted(made.elements()) == after_race
     assert (with_copies.created, with_copies.replaced, with_copies.unchanged) == ((), (), 2)
     assert with_copies.copies == (f"{prefix}-alert", f"{prefix}-zombie", f"{prefix}-zombie")
     assert after_copies == [f"{prefix}-alert", f"{prefix}-zombie"]
     assert removed.deleted == (f"{prefix}-alert", f"{prefix}-zombie")
     assert removed.copies == (f"{prefix}-alert",)
     assert left == []
+
+
+class ShiftingPages:
+    """A client under whose reading another automation is created, named to sort first,
+    after each first page: the next page starts with the last automation of the one before,
+    as when a deploy beside this one creates automations while this one reads them."""
+
+    def __init__(self, client: Any) -> None:
+        self._client, self.made = client, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def read_automations(self, **kwargs: Any) -> Any:
+        page = await self._client.read_automations(**kwargs)
+        if page and kwargs.get("offset", 0) == 0:
+            shift = never_firing(f"aaa-ops-{len(self.made)}")
+            self.made.append(
+                await self._client.create_automation(AutomationCore.model_validate(shift))
+            )
+        return page
+
+
+def test_an_automation_read_on_two_pages_is_not_taken_for_a_copy_of_itself() -> None:
+    prefix = "backjobs-page-probe"
+    wanted = [never_firing(f"{prefix}-alert"), never_firing(f"{prefix}-zombie")]
+
+    async def go() -> tuple[Any, list[str]]:
+        async with get_client() as client:
+            await sync_automations(client, wanted)
+            shifting = ShiftingPages(client)
+            try:
+                again = await sync_automations(shifting, wanted)
+                names = await probes(client, prefix)
+                await sync_automations(client, [])
+            finally:
+                for automation_id in shifting.made:
+                    await client.delete_automation(automation_id)
+        return again, names
+
+    again, names = asyncio.run(go())
+
+    assert (again.created, again.replaced, again.copies, again.unchanged) == ((), (), (), 2)
+    assert names == [f"{prefix}-alert", f"{prefix}-zombie"]

@@ -28,12 +28,14 @@ Prefect does not keep automation names unique, so two deploys at once (two opera
 CI pipelines) both found a name missing and both created it. The copy was never seen again:
 the sync read one automation per name, so every later deploy said "unchanged" over two, and
 the copy kept firing with what it was made from (a job's old silent window; a deleted job's
-alert). The sync now keeps **one automation per name**: of several copies it keeps the
-oldest that matches and deletes the others, and after its own creations it reads the names
-again and deletes every copy but the one of the lowest id. Whichever deploy looks last sees
-every copy made and keeps the same one, and a copy of the lowest id is never deleted by
-that step, so two deploys at once end with one automation each, whichever order their calls
-land in. The report names each copy deleted.
+alert). The sync now keeps **one automation per name**: of several copies it keeps the one
+of the lowest id that matches and deletes the others, and after its own creations it reads
+the names again and deletes every copy but the one of the lowest id. Whichever deploy
+looks last sees every copy made and keeps the same one, and the copy of the lowest id is
+never deleted by that step, so two deploys at once end with one automation each, whichever
+order their calls land in (tried: 20 rounds of two deploys at once on the stack, half of
+them with different silent windows). The report names each copy it deleted, and only those
+it deleted (one already gone is not counted), so the two reports add up.
 """
 
 from __future__ import annotations
@@ -323,17 +325,21 @@ async def ensure_receiver_block(client: Any, *, url: str, auth_string: str | Non
 
 
 async def _all_automations(client: Any) -> list[Any]:
-    """Every automation on the server. The API returns a page at a time (200 by default,
-    sorted by name), and ops' own automations named before ``backjobs-`` would push
-    backjobs' off the first one: unseen, they were created again at every deploy."""
+    """Every automation on the server, once each. The API returns a page at a time (200 by
+    default, sorted by name), and ops' own automations named before ``backjobs-`` would push
+    backjobs' off the first one: unseen, they were created again at every deploy. Pages are
+    not a snapshot: an automation created meanwhile (a deploy beside this one) shifts the
+    next page, so one seen on a page comes again on the next; counted twice, it was taken
+    for its own copy and deleted, and with it the last automation of its name."""
     found: list[Any] = []
     while page := await client.read_automations(offset=len(found)):
         found += page
-    return found
+    return list({automation.id: automation for automation in found}.values())
 
 
 async def _backjobs_automations(client: Any) -> dict[str, list[Any]]:
-    """The server's ``backjobs-*`` automations by name, each name's copies oldest id first."""
+    """The server's ``backjobs-*`` automations by name, each name's copies lowest id first
+    (random UUIDs: an arbitrary order, but the same for every reader)."""
     found: dict[str, list[Any]] = {}
     for automation in sorted(await _all_automations(client), key=lambda a: str(a.id)):
         if automation.name.startswith(PREFIX):
@@ -341,15 +347,21 @@ async def _backjobs_automations(client: Any) -> dict[str, list[Any]]:
     return found
 
 
-async def _delete_automation(client: Any, automation_id: Any) -> None:
-    """Delete one automation; one already gone (a deploy beside this one deleted it) is fine."""
+async def _delete_automations(client: Any, automations: Sequence[Any]) -> int:
+    """Delete ``automations``; how many this call deleted. One already gone (a deploy beside
+    this one deleted it first) is not counted, so two reports add up to what was deleted."""
     from prefect.exceptions import PrefectHTTPStatusError
 
-    try:
-        await client.delete_automation(automation_id)
-    except PrefectHTTPStatusError as exc:
-        if exc.response.status_code != 404:
-            raise
+    deleted = 0
+    for automation in automations:
+        try:
+            await client.delete_automation(automation.id)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 404:
+                raise
+        else:
+            deleted += 1
+    return deleted
 
 
 async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> AutomationChanges:
@@ -359,34 +371,34 @@ async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> Aut
     existing = await _backjobs_automations(client)
     created: list[str] = []
     replaced: list[str] = []
+    deleted: list[str] = []
     copies: list[str] = []
     unchanged = 0
     for spec in wanted:
-        found = existing.pop(spec["name"], [])
+        name = spec["name"]
+        found = existing.pop(name, [])
         same = [a for a in found if a.description == spec["description"] and a.enabled]
-        for automation in found:
-            if not same or automation is not same[0]:
-                await _delete_automation(client, automation.id)
         if same:
             unchanged += 1
-            copies += [spec["name"]] * (len(found) - 1)
+            copies += [name] * await _delete_automations(
+                client, [a for a in found if a is not same[0]]
+            )
             continue
-        (replaced if found else created).append(spec["name"])
-        copies += [spec["name"]] * max(len(found) - 1, 0)
+        gone = await _delete_automations(client, found)
+        (replaced if gone else created).append(name)
+        copies += [name] * max(gone - 1, 0)
         await client.create_automation(AutomationCore.model_validate(spec))
-    for name, leftovers in existing.items():
-        for automation in leftovers:
-            await _delete_automation(client, automation.id)
-        copies += [name] * (len(leftovers) - 1)
+    for name, leftovers in sorted(existing.items()):
+        gone = await _delete_automations(client, leftovers)
+        deleted += [name] if gone else []
+        copies += [name] * max(gone - 1, 0)
     # A deploy beside this one may have created a name this one created too.
     for name, found in (await _backjobs_automations(client)).items():
-        for automation in found[1:]:
-            await _delete_automation(client, automation.id)
-            copies.append(name)
+        copies += [name] * await _delete_automations(client, found[1:])
     return AutomationChanges(
         created=tuple(created),
         replaced=tuple(replaced),
-        deleted=tuple(sorted(existing)),
+        deleted=tuple(deleted),
         unchanged=unchanged,
         copies=tuple(sorted(copies)),
     )
