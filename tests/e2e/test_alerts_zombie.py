@@ -1,7 +1,9 @@
 """A run whose worker machine dies, end to end (issue 19, items 1 and 4): ``backjobs
 dashboard`` with its alert receiver, ``backjobs deploy`` of email-send-job (the real flow,
 one run at a time, no schedule), a process worker, an aiosmtpd sink in the test process
-that keeps every message and its Message-ID, and a webhook listener on loopback.
+that keeps every message and its Message-ID, and a webhook listener on loopback. Beside it,
+cleanup-job on a pool no worker polls, whose run is taken (Pending) by a worker that dies
+before starting it: the run is left as a dead worker leaves it.
 
 Its own module (and dashboard): the zombie detector needs about two minutes, which the
 other alert tests spend in another test process.
@@ -46,6 +48,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "email-send-job"
+STARTLESS = "cleanup-job"  # its run is taken by a worker that dies before starting it
+IDLE_POOL = "backjobs-idle"  # no worker polls it: the test plays the worker that died
 LEASE_SECONDS = 20  # the dead run's rows are free again long before it is Crashed
 
 
@@ -59,10 +63,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
     for name in ("flows", "tasks"):
         (project / name).symlink_to(ROOT / name)
     document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    [deployment] = [d for d in document["deployments"] if d["name"] == JOB]
-    deployment.pop("schedules")
-    deployment["description"] = "Sends the outbox; no schedule (triggered only)."
-    document["deployments"] = [deployment]
+    wanted = {d["name"]: d for d in document["deployments"] if d["name"] in (JOB, STARTLESS)}
+    for deployment in wanted.values():
+        deployment.pop("schedules")
+        deployment["description"] = "No schedule (triggered only)."
+    wanted[STARTLESS]["work_pool"] = {"name": IDLE_POOL}
+    document["deployments"] = [wanted[JOB], wanted[STARTLESS]]
     (project / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     with WebhookListener() as hook:
         extra = {"BACKJOBS_ALERT_WEBHOOK_URL": hook.url}
@@ -81,13 +87,14 @@ def worker_env(
     stack: AlertStack, sink: SmtpServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
     env = stack.dash.prefect_env
-    create_pools(stack, "backjobs")
+    create_pools(stack, "backjobs", IDLE_POOL)
     out = deploy(stack, env)
     # The window comes from the heartbeat the pool's template gives the runs (the deploying
     # shell sets none): three heartbeats of 30 s.
     assert (
         f"{JOB}: automation backjobs-{JOB}-zombie created (a Running run is Crashed 90 s after"
-        " its last heartbeat; heartbeats every 30 s, from the job template of pool 'backjobs')"
+        " its last heartbeat, a Pending one as long after its worker took it; heartbeats every"
+        " 30 s, from the job template of pool 'backjobs')"
     ) in out, out
     return env | {
         "BACKJOBS_DATABASE_URL": stack.app_db,
@@ -145,6 +152,14 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
     sink.handler.data_delay = 0.5  # 60 emails on 2 connections: about 15 s of sending
     deployment = stack.api(f"deployments/name/{JOB}/{JOB}")
     create = f"deployments/{deployment['id']}/create_flow_run"
+    # A worker takes a cleanup-job run (Pending: the job's one slot is now its) and dies
+    # before the run's process starts, so no heartbeat ever comes: the job is blocked.
+    startless = stack.api(f"deployments/name/{STARTLESS}/{STARTLESS}")
+    new_cleanup_run = f"deployments/{startless['id']}/create_flow_run"
+    never_started = stack.api(new_cleanup_run, {})["id"]
+    assert take(stack, never_started)["status"] == "ACCEPT"
+    blocked = take(stack, stack.api(new_cleanup_run, {})["id"])
+    assert blocked["status"] != "ACCEPT", blocked  # the slot is held by the dead worker's run
     worker = start_worker(stack.project, worker_env, pool="backjobs", log=tmp_path / "w1.log")
     try:
         doomed = stack.api(create, {})["id"]
@@ -172,6 +187,22 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
     )
     assert [a["state"] for a in alert if a["flow_run_id"] == doomed] == ["Crashed"]
 
+    # The run its worker never started: Crashed as well (its window opened earlier), its
+    # message saying so; it alerts, and the job's slot is free again.
+    startless_crash = wait_state(stack, never_started, "CRASHED", timeout=60)["state"]
+    text = startless_crash["message"]
+    assert text.startswith("Crashed by the zombie detector: the run never started (Pending since ")
+    assert f"a worker of pool '{IDLE_POOL}' took it and no process of it ran" in text, text
+    stack.hook.wait_for(
+        lambda b: any(a["flow_run_id"] == never_started for a in alerts_of(b, STARTLESS)),
+        timeout=60,
+        what="the alert of the run that never started",
+    )
+    freed = stack.api(new_cleanup_run, {})["id"]
+    assert take(stack, freed)["status"] == "ACCEPT"
+    cancel = {"state": {"type": "CANCELLED"}, "force": True}  # no worker will run it
+    stack.api(f"flow_runs/{freed}/set_state", cancel)
+
     sink.handler.data_delay = 0.0
     worker = start_worker(stack.project, worker_env, pool="backjobs", log=tmp_path / "w2.log")
     try:
@@ -185,12 +216,17 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
     # run completed, so it waits for the next one.
     waiting = {i: row for i, row in rows.items() if row[0] != "completed"}
     assert [row[0::2] for row in waiting.values()] == [("pending", "recovered")], rows
-    assert [row[2] for row in rows.values()].count("failed") == 1
+    assert sorted(row[2] for row in rows.values() if row[2] == "failed") == ["failed"] * 2
     stored = {message_id for status, message_id, _ in rows.values() if status == "completed"}
     received = [m.message_id for m in sink.messages]
     # Each row arrived under the Message-ID it was queued with and no other: a message cut
     # off by the kill may arrive twice, never under a second Message-ID.
     assert set(received) == stored, set(received) ^ stored
+
+
+def take(stack: AlertStack, run_id: str) -> Any:
+    """What a worker proposes when it takes a run: Pending (the slot is acquired here)."""
+    return stack.api(f"flow_runs/{run_id}/set_state", {"state": {"type": "PENDING"}})
 
 
 def kill_worker_and_run(worker: Any, running: dict[str, Any]) -> None:

@@ -53,7 +53,11 @@ def test_every_backjobs_automation_name_reads_back_as_its_job_and_signal(job: st
 
 @pytest.mark.parametrize(
     ("kind", "event"),
-    [("alert", "prefect.flow-run.Failed"), ("zombie", "prefect.flow-run.heartbeat")],
+    [
+        ("alert", "prefect.flow-run.Failed"),
+        ("zombie", "prefect.flow-run.heartbeat"),
+        ("zombie", "prefect.flow-run.Pending"),
+    ],
 )
 def test_a_rebuilt_call_is_the_body_the_automation_sends(kind: str, event: str) -> None:
     job = "cleanup-job"

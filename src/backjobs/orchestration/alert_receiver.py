@@ -6,10 +6,11 @@ The automations of :mod:`backjobs.orchestration.automations` call this endpoint 
 - ``{"signal": "state", "job", "deployment_id", "flow_run_id", "event_id", "event"}`` — a
   run of a backjobs deployment ended Failed, Crashed, TimedOut or Completed;
 - ``{"signal": "silent", "job", "deployment_id"}`` — no completed run in the silent window;
-- ``{"signal": "zombie", "job", "flow_run_id", "last_heartbeat", "heartbeat_seconds"}`` —
-  a Running run's heartbeats stopped: if the run is still Running it is set Crashed, with
-  the last heartbeat and its worker in the state message (the Crashed state then alerts
-  like any failure, and the job's concurrency slot is released).
+- ``{"signal": "zombie", "job", "flow_run_id", "last_heartbeat", "last_event",
+  "heartbeat_seconds"}`` — a run's heartbeats stopped, or never began (after it went
+  Pending or Running): if the run is still Running or Pending it is set Crashed, with what
+  was last heard and its worker in the state message (the Crashed state then alerts like
+  any failure, and the job's concurrency slot is released).
 
 It runs in front of the gate, in the server's process: it reads runs through Prefect's
 app in process (no credential, no network), applies the incident rules
@@ -84,7 +85,7 @@ from backjobs.orchestration.alert_store import (
     load_incidents,
     save_incident,
 )
-from backjobs.orchestration.alert_zombie import crash_if_running
+from backjobs.orchestration.alert_zombie import crash_if_stuck
 from backjobs.orchestration.alerts import Alert, Incident, IncidentBook, RunInfo
 from backjobs.settings import Settings
 
@@ -456,7 +457,7 @@ class AlertReceiver:
 
     async def _zombie(self, job: str, body: dict[str, Any], *, now: datetime) -> str:
         async with self._api() as api:
-            return await crash_if_running(api, job, body, now=now)
+            return await crash_if_stuck(api, job, body, now=now)
 
 
 async def write_or_keep(

@@ -152,7 +152,7 @@ def call_body(
                        "event": str(trigger["event"])}  # fmt: skip
     heartbeat = _heartbeat_seconds(automation)
     return body | {"flow_run_id": run_id, "last_heartbeat": str(trigger["occurred"]),
-                   "heartbeat_seconds": heartbeat}  # fmt: skip
+                   "last_event": str(trigger["event"]), "heartbeat_seconds": heartbeat}  # fmt: skip
 
 
 def _deployment(automation: dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
-"""The zombie signal: a Running run whose heartbeats stopped is set Crashed (issue 19).
+"""The zombie signal: a run whose heartbeats stopped, or that never started, is set Crashed.
 
 The ``backjobs-<job>-zombie`` automation calls the receiver when a run sent no heartbeat
-(nor a final state) for three heartbeat intervals. The run is re-read first: one that ended
-meanwhile is left alone. The Crashed state's message says when the last heartbeat came and
-which worker (and process) the run was on, so an operator can tell a dead machine from a
-failure; Crashed frees the job's concurrency slot and alerts like any failure.
+(nor a final state) for three heartbeat intervals after its last heartbeat, after it went
+Running (its heartbeats had not begun), or after it went Pending (its worker took it and no
+process of it ever ran: the worker died first). The run is re-read first: one that ended,
+or moved on, meanwhile is left alone. The Crashed state's message says what was last heard
+and when, and which worker (and process) the run was on, so an operator can tell a dead
+machine from a failure; Crashed frees the job's concurrency slot and alerts like any failure.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
+STUCK = ("RUNNING", "PENDING")  # the states a dead process leaves a run in
+HEARTBEAT = "prefect.flow-run.heartbeat"
 
-async def crash_if_running(
+
+async def crash_if_stuck(
     api: httpx.AsyncClient, job: str, body: dict[str, Any], *, now: datetime
 ) -> str:
     flow_run_id = str(body["flow_run_id"])
     response = await api.get(f"/flow_runs/{flow_run_id}")
     response.raise_for_status()
     run = response.json()
-    if run.get("state_type") != "RUNNING":  # ended meanwhile: a late heartbeat
+    if run.get("state_type") not in STUCK:  # ended meanwhile, or a late heartbeat
         return f"ignored: the run is {run.get('state_name')}"
     message = zombie_message(run, body, now=now)
     answer = await api.post(
@@ -39,18 +44,35 @@ async def crash_if_running(
 
 
 def zombie_message(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> str:
-    """The Crashed state's message: when the last heartbeat came, and the worker."""
+    """The Crashed state's message: what was last heard of the run and when, and the worker.
+    ``last_event`` is missing from the calls of automations an older deploy made: a
+    heartbeat was then the only event that opened the window."""
     labels = run.get("labels") or {}
-    worker = labels.get("prefect.worker.name") or "an unknown worker"
+    worker = labels.get("prefect.worker.name")
     pid = run.get("infrastructure_pid")
-    where = f"worker {worker}" + (f" (process {pid})" if pid else "")
+    where = (f"worker {worker}" if worker else "an unknown worker") + (
+        f" (process {pid})" if pid else ""
+    )
     last = _parse_time(body.get("last_heartbeat"))
+    at = "an unknown time"
+    if last is not None:
+        at = f"{last:%Y-%m-%d %H:%M:%S} UTC, {(now - last).total_seconds():.0f} s before"
     every = body.get("heartbeat_seconds")
+    if run.get("state_type") == "PENDING":  # a worker names itself on a run once it runs
+        taker = f"worker {worker}" if worker else "a worker"
+        if run.get("work_pool_name"):
+            taker += f" of pool '{run['work_pool_name']}'"
+        return (
+            "Crashed by the zombie detector: the run never started (Pending since"
+            f" {at}: {taker} took it and no process of it ran)."
+        )
+    event = str(body.get("last_event") or HEARTBEAT)
     if last is None:
         since = "no heartbeat received"
+    elif event == HEARTBEAT:
+        since = f"last heartbeat {at}"
     else:
-        age = (now - last).total_seconds()
-        since = f"last heartbeat {last:%Y-%m-%d %H:%M:%S} UTC, {age:.0f} s before"
+        since = f"no heartbeat since it went Running at {at}"
     cadence = f", expected every {every} s" if every else ""
     return f"Crashed by the zombie detector: heartbeats stopped ({since}{cadence}); ran on {where}."
 

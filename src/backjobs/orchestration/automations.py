@@ -15,7 +15,13 @@ For each deployment of prefect.yaml (``<job>`` = its name):
   (30 s on the backjobs pool: detection about 90-95 s after the last heartbeat); the
   receiver then sets the run Crashed if it is still Running. The interval is the one the
   deployment's runs will use (:func:`deployment_heartbeat`): too short a window would
-  crash healthy runs.
+  crash healthy runs. The same window also opens when a run goes **Pending** (its worker
+  took it) or **Running**: a run's heartbeats only begin once its process runs the flow,
+  so a worker that died between taking a run and starting its process left the run Pending
+  for good, holding the job's one slot (every later run Cancelled, "Deployment concurrency
+  limit reached", and no failure to alert). A run starts seconds after its worker takes it
+  (Prefect's Kubernetes worker itself crashes a run whose pod has not started in 60 s);
+  one still Pending when the window ends is set Crashed too.
 
 Every automation calls the receiver through one Webhook block, ``backjobs-alert-receiver``:
 the dashboard's address as this process reaches it (PREFECT_API_URL without ``/api``, or
@@ -91,7 +97,8 @@ class Heartbeat(NamedTuple):
         """What the zombie window assumes, as deploy's report says it."""
         return (
             f"a Running run is Crashed {zombie_window(self.seconds)} s after its last"
-            f" heartbeat; heartbeats every {self.seconds} s, {self.source}"
+            " heartbeat, a Pending one as long after its worker took it;"
+            f" heartbeats every {self.seconds} s, {self.source}"
         )
 
 
@@ -247,6 +254,7 @@ def wanted_automations(
         **common,
         "flow_run_id": RUN_ID,
         "last_heartbeat": '"{{ event.occurred }}"',
+        "last_event": '"{{ event.event }}"',
         "heartbeat_seconds": str(heartbeat_seconds),
     }
     alert_trigger = _trigger(
@@ -258,8 +266,8 @@ def wanted_automations(
     )
     zombie_trigger = _trigger(
         deployment_id,
-        expect=["heartbeat", *ENDED],
-        after=["prefect.flow-run.heartbeat"],
+        expect=["heartbeat", "Running", *ENDED],
+        after=[f"prefect.flow-run.{name}" for name in ("heartbeat", "Pending", "Running")],
         posture="Proactive",
         within=zombie_window(heartbeat_seconds),
         for_each=["prefect.resource.id"],

@@ -1,0 +1,60 @@
+"""The zombie check's Crashed message (pure part of alert_zombie): what was last heard of the
+run, when, and on which worker — the state an operator reads in the UI after a machine died."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from backjobs.orchestration.alert_zombie import zombie_message
+
+NOW = datetime(2026, 12, 8, 6, 2, 0, tzinfo=UTC)
+RUN = {"labels": {"prefect.worker.name": "ProcessWorker 9f2c"}, "infrastructure_pid": "h:4242"}
+
+
+def message(state_type: str, **body: Any) -> str:
+    call = {"last_heartbeat": "2026-12-08T06:00:30.000000Z", "heartbeat_seconds": "30", **body}
+    return zombie_message(RUN | {"state_type": state_type}, call, now=NOW)
+
+
+def test_a_running_run_whose_heartbeats_stopped_names_its_last_heartbeat_and_worker() -> None:
+    assert message("RUNNING", last_event="prefect.flow-run.heartbeat") == (
+        "Crashed by the zombie detector: heartbeats stopped (last heartbeat 2026-12-08"
+        " 06:00:30 UTC, 90 s before, expected every 30 s); ran on worker ProcessWorker 9f2c"
+        " (process h:4242)."
+    )
+
+
+@pytest.mark.parametrize("event", ["prefect.flow-run.Running", "prefect.flow-run.Pending"])
+def test_a_running_run_that_never_sent_a_heartbeat_says_so(event: str) -> None:
+    assert "(no heartbeat since it went Running at 2026-12-08 06:00:30 UTC, 90 s before," in (
+        message("RUNNING", last_event=event)
+    )
+
+
+def test_a_pending_run_says_it_never_started_and_who_took_it_as_far_as_known() -> None:
+    text = message("PENDING", last_event="prefect.flow-run.Pending")
+    assert text == (
+        "Crashed by the zombie detector: the run never started (Pending since 2026-12-08"
+        " 06:00:30 UTC, 90 s before: worker ProcessWorker 9f2c took it and no process of it"
+        " ran)."
+    )
+    # What a dead worker leaves: no worker named on the run yet, only its pool.
+    bare = {"state_type": "PENDING", "work_pool_name": "backjobs"}
+    call = {"last_heartbeat": "2026-12-08T06:00:30Z", "last_event": "prefect.flow-run.Pending"}
+    assert zombie_message(bare, call, now=NOW) == (
+        "Crashed by the zombie detector: the run never started (Pending since 2026-12-08"
+        " 06:00:30 UTC, 90 s before: a worker of pool 'backjobs' took it and no process of it"
+        " ran)."
+    )
+
+
+def test_a_call_of_an_automation_an_older_deploy_made_reads_as_a_heartbeat() -> None:
+    assert "(last heartbeat 2026-12-08 06:00:30 UTC, 90 s before," in message("RUNNING")
+    bare = zombie_message({"state_type": "RUNNING"}, {}, now=NOW)
+    assert bare == (
+        "Crashed by the zombie detector: heartbeats stopped (no heartbeat received);"
+        " ran on an unknown worker."
+    )
