@@ -470,3 +470,16 @@ def test_an_api_url_without_api_is_a_usage_error_saying_so() -> None:
     assert done.returncode == 2
     line = one_error_line(done)
     assert f"PREFECT_API_URL={url} answered 404 to GET /health" in line and "/api" in line, line
+
+
+def test_output_into_a_reader_that_stopped_ends_quietly_as_a_unix_tool_does() -> None:
+    """``backjobs deployments check | true``: the reader closes the pipe; no error line,
+    no Python complaint at exit, the status a shell gives a tool killed by SIGPIPE."""
+    command = subprocess.Popen(
+        [BACKJOBS, "deployments", "check"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert command.stdout is not None and command.stderr is not None
+    command.stdout.close()  # before the command starts writing: its first write fails
+    stderr = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141, stderr
+    assert stderr == ""

@@ -21,6 +21,9 @@ the one list of jobs and the installed package never imports ``flows/``.
 Errors are one line on stderr saying what is wrong and what to do — exit status 2 for a
 usage error (a bad argument or setting), 1 for anything else; ``--debug`` (anywhere on
 the line) adds the traceback. :func:`main` is the one place that turns errors into lines.
+Output read by a program that stops reading (``backjobs … | head``) ends the command
+quietly, with status 141 as for a Unix tool killed by SIGPIPE: it is not an error of
+backjobs, and said as one it hid the lines the reader did want.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from backjobs.cli.stack import add_stack_commands
 from backjobs.settings import SettingsError
 
 DEBUG_FLAG = "--debug"
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process killed by SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args([w for w in words if w != DEBUG_FLAG])
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a pipe's output is buffered
+    except BrokenPipeError:
+        # Python's exit would flush stdout into the closed pipe again and print that.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
     except Exception as exc:
         message, code = explain_error(exc)
         if debug:
