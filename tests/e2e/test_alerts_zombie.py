@@ -2,8 +2,9 @@
 dashboard`` with its alert receiver, ``backjobs deploy`` of email-send-job (the real flow,
 one run at a time, no schedule), a process worker, an aiosmtpd sink in the test process
 that keeps every message and its Message-ID, and a webhook listener on loopback. Beside it,
-cleanup-job on a pool no worker polls, whose run is taken (Pending) by a worker that dies
-before starting it: the run is left as a dead worker leaves it.
+two jobs on a pool no worker polls, whose runs the test leaves as a dead worker leaves them:
+a cleanup-job run taken (Pending) by a worker that died before starting it, and a run of the
+expiry job that went Running, then was cancelled from the UI after its machine died.
 
 Its own module (and dashboard): the zombie detector needs about two minutes, which the
 other alert tests spend in another test process.
@@ -49,6 +50,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 JOB = "email-send-job"
 STARTLESS = "cleanup-job"  # its run is taken by a worker that dies before starting it
+ABANDONED = "expire-unconfirmed-registrations-job"  # cancelled after its machine died
 IDLE_POOL = "backjobs-idle"  # no worker polls it: the test plays the worker that died
 LEASE_SECONDS = 20  # the dead run's rows are free again long before it is Crashed
 
@@ -63,12 +65,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
     for name in ("flows", "tasks"):
         (project / name).symlink_to(ROOT / name)
     document = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    wanted = {d["name"]: d for d in document["deployments"] if d["name"] in (JOB, STARTLESS)}
+    names = (JOB, STARTLESS, ABANDONED)
+    wanted = {d["name"]: d for d in document["deployments"] if d["name"] in names}
     for deployment in wanted.values():
         deployment.pop("schedules")
         deployment["description"] = "No schedule (triggered only)."
-    wanted[STARTLESS]["work_pool"] = {"name": IDLE_POOL}
-    document["deployments"] = [wanted[JOB], wanted[STARTLESS]]
+    wanted[STARTLESS]["work_pool"] = wanted[ABANDONED]["work_pool"] = {"name": IDLE_POOL}
+    document["deployments"] = [wanted[name] for name in names]
     (project / "prefect.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     with WebhookListener() as hook:
         extra = {"BACKJOBS_ALERT_WEBHOOK_URL": hook.url}
@@ -154,12 +157,17 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
     create = f"deployments/{deployment['id']}/create_flow_run"
     # A worker takes a cleanup-job run (Pending: the job's one slot is now its) and dies
     # before the run's process starts, so no heartbeat ever comes: the job is blocked.
-    startless = stack.api(f"deployments/name/{STARTLESS}/{STARTLESS}")
-    new_cleanup_run = f"deployments/{startless['id']}/create_flow_run"
+    new_cleanup_run = new_run_of(stack, STARTLESS)
     never_started = stack.api(new_cleanup_run, {})["id"]
-    assert take(stack, never_started)["status"] == "ACCEPT"
-    blocked = take(stack, stack.api(new_cleanup_run, {})["id"])
+    assert propose(stack, never_started, "PENDING")["status"] == "ACCEPT"
+    blocked = propose(stack, stack.api(new_cleanup_run, {})["id"], "PENDING")
     assert blocked["status"] != "ACCEPT", blocked  # the slot is held by the dead worker's run
+    # A run of the expiry job went Running; its machine died (no heartbeat comes); an
+    # operator cancels it from the UI (Cancelling), but no worker is left to finish that.
+    new_expiry_run = new_run_of(stack, ABANDONED)
+    abandoned = stack.api(new_expiry_run, {})["id"]
+    for state_type in ("PENDING", "RUNNING", "CANCELLING"):
+        assert propose(stack, abandoned, state_type)["status"] == "ACCEPT", state_type
     worker = start_worker(stack.project, worker_env, pool="backjobs", log=tmp_path / "w1.log")
     try:
         doomed = stack.api(create, {})["id"]
@@ -198,10 +206,17 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
         timeout=60,
         what="the alert of the run that never started",
     )
-    freed = stack.api(new_cleanup_run, {})["id"]
-    assert take(stack, freed)["status"] == "ACCEPT"
-    cancel = {"state": {"type": "CANCELLED"}, "force": True}  # no worker will run it
-    stack.api(f"flow_runs/{freed}/set_state", cancel)
+    # The run being cancelled: Cancelled, as asked, its slot free; no alert (not a failure).
+    cancelled = wait_state(stack, abandoned, "CANCELLED", timeout=60)["state"]["message"]
+    assert cancelled.startswith(
+        "Cancelled by the zombie detector: no worker finished cancelling it, and heartbeats"
+        " stopped (no heartbeat since it went Running at "
+    ), cancelled
+    for new_run in (new_cleanup_run, new_expiry_run):
+        freed = stack.api(new_run, {})["id"]
+        assert propose(stack, freed, "PENDING")["status"] == "ACCEPT", new_run
+        cancel = {"state": {"type": "CANCELLED"}, "force": True}  # no worker will run it
+        stack.api(f"flow_runs/{freed}/set_state", cancel)
 
     sink.handler.data_delay = 0.0
     worker = start_worker(stack.project, worker_env, pool="backjobs", log=tmp_path / "w2.log")
@@ -222,11 +237,19 @@ def test_a_run_killed_with_its_worker_mid_send_is_crashed_and_the_next_run_sends
     # Each row arrived under the Message-ID it was queued with and no other: a message cut
     # off by the kill may arrive twice, never under a second Message-ID.
     assert set(received) == stored, set(received) ^ stored
+    assert alerts_of(stack.hook.received(), ABANDONED) == []  # cancelled, as asked: no failure
 
 
-def take(stack: AlertStack, run_id: str) -> Any:
-    """What a worker proposes when it takes a run: Pending (the slot is acquired here)."""
-    return stack.api(f"flow_runs/{run_id}/set_state", {"state": {"type": "PENDING"}})
+def new_run_of(stack: AlertStack, job: str) -> str:
+    """The API path that creates a run of ``job``'s deployment."""
+    deployment = stack.api(f"deployments/name/{job}/{job}")
+    return f"deployments/{deployment['id']}/create_flow_run"
+
+
+def propose(stack: AlertStack, run_id: str, state_type: str) -> Any:
+    """What a worker (Pending: the job's slot is acquired here), the run's engine (Running)
+    or the UI's Cancel button (Cancelling) proposes for a run."""
+    return stack.api(f"flow_runs/{run_id}/set_state", {"state": {"type": state_type}})
 
 
 def kill_worker_and_run(worker: Any, running: dict[str, Any]) -> None:

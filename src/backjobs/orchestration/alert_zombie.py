@@ -7,6 +7,11 @@ process of it ever ran: the worker died first). The run is re-read first: one th
 or moved on, meanwhile is left alone. The Crashed state's message says what was last heard
 and when, and which worker (and process) the run was on, so an operator can tell a dead
 machine from a failure; Crashed frees the job's concurrency slot and alerts like any failure.
+
+A run being cancelled (**Cancelling**) whose heartbeats stopped is set **Cancelled**: the
+cancel is what its user asked for, and the worker that was to finish it is gone with the
+run's process. Left alone it stayed Cancelling for good, holding the job's slot — and
+cancelling a run that looks stuck is what an operator does first after a machine dies.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-STUCK = ("RUNNING", "PENDING")  # the states a dead process leaves a run in
+STUCK = ("RUNNING", "PENDING", "CANCELLING")  # the states a dead process leaves a run in
 HEARTBEAT = "prefect.flow-run.heartbeat"
+PENDING = "prefect.flow-run.Pending"
 
 
 async def crash_if_stuck(
@@ -32,49 +38,60 @@ async def crash_if_stuck(
     run = response.json()
     if run.get("state_type") not in STUCK:  # ended meanwhile, or a late heartbeat
         return f"ignored: the run is {run.get('state_name')}"
-    message = zombie_message(run, body, now=now)
+    state = zombie_state(run, body, now=now)
     answer = await api.post(
-        f"/flow_runs/{flow_run_id}/set_state",
-        json={"state": {"type": "CRASHED", "name": "Crashed", "message": message},
-              "force": True},
-    )  # fmt: skip
+        f"/flow_runs/{flow_run_id}/set_state", json={"state": state, "force": True}
+    )
     answer.raise_for_status()
-    logger.warning("%s: run %s marked Crashed: %s", job, flow_run_id, message)
-    return "crashed"
+    logger.warning("%s: run %s marked %s: %s", job, flow_run_id, state["name"], state["message"])
+    return state["name"].lower()
 
 
-def zombie_message(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> str:
-    """The Crashed state's message: what was last heard of the run and when, and the worker.
-    ``last_event`` is missing from the calls of automations an older deploy made: a
+def zombie_state(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> dict[str, str]:
+    """The state the zombie check sets on ``run`` (as the server has it): Crashed, or
+    Cancelled for a run being cancelled; its message says what was last heard and when,
+    and the worker."""
+    what = _what_stopped(run, body, now=now)
+    if run.get("state_type") == "CANCELLING":
+        return {"type": "CANCELLED", "name": "Cancelled",
+                "message": f"Cancelled by the zombie detector: no worker finished cancelling"
+                           f" it, and {what}."}  # fmt: skip
+    return {"type": "CRASHED", "name": "Crashed",
+            "message": f"Crashed by the zombie detector: {what}."}  # fmt: skip
+
+
+def _what_stopped(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> str:
+    """``last_event`` is missing from the calls of automations an older deploy made: a
     heartbeat was then the only event that opened the window."""
     labels = run.get("labels") or {}
     worker = labels.get("prefect.worker.name")
-    pid = run.get("infrastructure_pid")
-    where = (f"worker {worker}" if worker else "an unknown worker") + (
-        f" (process {pid})" if pid else ""
-    )
     last = _parse_time(body.get("last_heartbeat"))
     at = "an unknown time"
     if last is not None:
         at = f"{last:%Y-%m-%d %H:%M:%S} UTC, {(now - last).total_seconds():.0f} s before"
-    every = body.get("heartbeat_seconds")
-    if run.get("state_type") == "PENDING":  # a worker names itself on a run once it runs
+    event = str(body.get("last_event") or HEARTBEAT)
+    state = run.get("state_type")
+    if state == "PENDING" or (state == "CANCELLING" and event == PENDING):
+        # A worker names itself on a run once the run's process starts.
         taker = f"worker {worker}" if worker else "a worker"
         if run.get("work_pool_name"):
             taker += f" of pool '{run['work_pool_name']}'"
         return (
-            "Crashed by the zombie detector: the run never started (Pending since"
-            f" {at}: {taker} took it and no process of it ran)."
+            f"the run never started (Pending since {at}: {taker} took it and no process of it ran)"
         )
-    event = str(body.get("last_event") or HEARTBEAT)
+    pid = run.get("infrastructure_pid")
+    where = (f"worker {worker}" if worker else "an unknown worker") + (
+        f" (process {pid})" if pid else ""
+    )
     if last is None:
         since = "no heartbeat received"
     elif event == HEARTBEAT:
         since = f"last heartbeat {at}"
     else:
         since = f"no heartbeat since it went Running at {at}"
+    every = body.get("heartbeat_seconds")
     cadence = f", expected every {every} s" if every else ""
-    return f"Crashed by the zombie detector: heartbeats stopped ({since}{cadence}); ran on {where}."
+    return f"heartbeats stopped ({since}{cadence}); ran on {where}"
 
 
 def _parse_time(value: Any) -> datetime | None:
