@@ -10,7 +10,8 @@ The automations of :mod:`backjobs.orchestration.automations` call this endpoint 
   "heartbeat_seconds"}`` — a run's heartbeats stopped, or never began (after it went
   Pending or Running): if the run is still Running or Pending it is set Crashed, with what
   was last heard and its worker in the state message (the Crashed state then alerts like
-  any failure, and the job's concurrency slot is released).
+  any failure, and the job's concurrency slot is released); one still Cancelling is set
+  Cancelled, as its user asked (:mod:`backjobs.orchestration.alert_zombie`).
 
 It runs in front of the gate, in the server's process: it reads runs through Prefect's
 app in process (no credential, no network), applies the incident rules

@@ -61,8 +61,10 @@ def zombie_state(run: dict[str, Any], body: dict[str, Any], *, now: datetime) ->
 
 
 def _what_stopped(run: dict[str, Any], body: dict[str, Any], *, now: datetime) -> str:
-    """``last_event`` is missing from the calls of automations an older deploy made: a
-    heartbeat was then the only event that opened the window."""
+    """What the server last heard of the run, when, and from where: "the run never started
+    (…)" or "heartbeats stopped (…); ran on …". ``last_event`` (the event that opened the
+    window) is missing from the calls of automations an older deploy made: a heartbeat was
+    then the only event that opened it."""
     labels = run.get("labels") or {}
     worker = labels.get("prefect.worker.name")
     last = _parse_time(body.get("last_heartbeat"))

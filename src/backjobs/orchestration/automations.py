@@ -13,7 +13,8 @@ For each deployment of prefect.yaml (``<job>`` = its name):
 - ``backjobs-<job>-zombie`` — Prefect's "detect zombie flows" pattern: after a run's
   heartbeat, expect another heartbeat or a final state within 3 heartbeat intervals
   (30 s on the backjobs pool: detection about 90-95 s after the last heartbeat); the
-  receiver then sets the run Crashed if it is still Running. The interval is the one the
+  receiver then sets the run Crashed if it is still Running (Cancelled if it is being
+  cancelled: :mod:`backjobs.orchestration.alert_zombie`). The interval is the one the
   deployment's runs will use (:func:`deployment_heartbeat`): too short a window would
   crash healthy runs. The same window also opens when a run goes **Pending** (its worker
   took it) or **Running**: a run's heartbeats only begin once its process runs the flow,
