@@ -4,7 +4,10 @@ The ``backjobs-<job>-zombie`` automation calls the receiver when a run sent no h
 (nor a final state) for three heartbeat intervals after its last heartbeat, after it went
 Running (its heartbeats had not begun), or after it went Pending (its worker took it and no
 process of it ever ran: the worker died first). The run is re-read first: one that ended,
-or moved on, meanwhile is left alone. The Crashed state's message says what was last heard
+or moved on, meanwhile is left alone; and the new state is proposed, not forced, so a run
+that ends between that read and the write keeps its end (Prefect refuses Crashed over a
+final state; a forced Crashed overwrote a Completed run and alerted a failure that never
+happened). The Crashed state's message says what was last heard
 and when, and which worker (and process) the run was on, so an operator can tell a dead
 machine from a failure; Crashed frees the job's concurrency slot and alerts like any failure.
 
@@ -39,10 +42,15 @@ async def crash_if_stuck(
     if run.get("state_type") not in STUCK:  # ended meanwhile, or a late heartbeat
         return f"ignored: the run is {run.get('state_name')}"
     state = zombie_state(run, body, now=now)
-    answer = await api.post(
-        f"/flow_runs/{flow_run_id}/set_state", json={"state": state, "force": True}
-    )
+    # Proposed, not forced: the run may have ended since it was read (its process was only
+    # slow), and Prefect's rules refuse Crashed over a final state, where a forced Crashed
+    # overwrote a Completed run and alerted a failure that never happened.
+    answer = await api.post(f"/flow_runs/{flow_run_id}/set_state", json={"state": state})
     answer.raise_for_status()
+    outcome = answer.json()
+    if outcome.get("status") != "ACCEPT":
+        reason = (outcome.get("details") or {}).get("reason") or outcome.get("status")
+        return f"ignored: the server refused {state['name']} ({reason})"
     logger.warning("%s: run %s marked %s: %s", job, flow_run_id, state["name"], state["message"])
     return state["name"].lower()
 
