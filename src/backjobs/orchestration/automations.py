@@ -401,9 +401,12 @@ async def sync_automations(client: Any, wanted: Sequence[dict[str, Any]]) -> Aut
         gone = await _delete_automations(client, leftovers)
         deleted += [name] if gone else []
         copies += [name] * max(gone - 1, 0)
-    # A deploy beside this one may have created a name this one created too.
-    for name, found in (await _backjobs_automations(client)).items():
-        copies += [name] * await _delete_automations(client, found[1:])
+    # A deploy beside this one may have created a name this one created too. Only a deploy
+    # that created reads again: every copy is made by one, after its own creations, so the
+    # last of their second readings sees them all (an unchanged deploy skips a listing).
+    if created or replaced:
+        for name, found in (await _backjobs_automations(client)).items():
+            copies += [name] * await _delete_automations(client, found[1:])
     return AutomationChanges(
         created=tuple(created),
         replaced=tuple(replaced),
