@@ -34,16 +34,18 @@ SERVER_TIERS = frozenset({"flows", "e2e"})
 
 
 # The order in which the test processes take modules (`./scripts/test` runs them with
-# --dist loadfile --no-loadscope-reorder). xdist hands the 4 processes the first four
+# --dist loadfile --no-loadscope-reorder). xdist hands the 5 processes the first five
 # modules in turn, then, in the same turn, the next ones to each process whose module has
 # two tests or fewer (`LoadScopeScheduling._reschedule`), and later another whenever a
-# process has two tests or fewer left. So: the two modules that wait minutes on real time
-# (heartbeats, alert windows) and use little CPU meanwhile take two processes, the two
-# longest CPU-bound modules the other two; the third waiter queues behind the first (a
-# module of one test) and test_deploy behind test_scaling (one test too), and the long
-# modules after those follow where a process frees up. Every other module comes in
-# collection order, so the short ones fill the end and no process runs alone there.
-# Measured per-module times are in the README (Tests); a module missing here still runs.
+# process has two tests or fewer left. So: the three modules that wait minutes on real time
+# (heartbeats, alert windows, scheduled failures) and use little CPU meanwhile take three
+# processes, the two longest CPU-bound modules the other two; test_deploy queues behind the
+# zombie module, test_ops behind test_scaling and test_cli behind the silence module (each a
+# module of one test), and the long modules after those follow where a process frees up.
+# Every other module comes in collection order, so the short ones fill the end and no
+# process runs alone there. With 4 processes (BACKJOBS_TEST_PROCESSES=4) the silence module
+# queues behind the zombie one instead. Measured per-module times are in docs/test-time.md;
+# a module missing here still runs.
 SCHEDULE_FIRST = (
     "e2e/test_alerts_zombie.py",
     "e2e/test_alerts.py",

@@ -80,10 +80,9 @@ def scheduled_run(
 
 def wait_for_slot(client: Any, run: Any) -> None:
     """The run as Prefect leaves it when a deployment that queues (``ENQUEUE``) has its
-    slot taken."""
-    waiting = Scheduled(
-        name="AwaitingConcurrencySlot", scheduled_time=datetime.now(UTC) + timedelta(seconds=5)
-    )
+    slot taken, at the moment its wait ends (Prefect sets the wait's end some seconds ahead;
+    the engine would only sleep until then)."""
+    waiting = Scheduled(name="AwaitingConcurrencySlot", scheduled_time=datetime.now(UTC))
     client.set_flow_run_state(run.id, waiting, force=True)
 
 

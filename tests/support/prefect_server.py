@@ -381,8 +381,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # The run's shared server outlives the test process that started it: the controlling
     # process (the only one, or xdist's, once its workers are done) stops it.
     if not os.environ.get("PYTEST_XDIST_WORKER"):
+        drain_prefect_workers()
         base_temp = session.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
         stop_shared_server(base_temp)
+
+
+def drain_prefect_workers() -> None:
+    """Send the logs and events this process's flows left queued while the server is there
+    to take them: queued for a stopped server, they held a run in one process (a flows module
+    alone) at its exit for over a minute, retrying."""
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=10)
 
 
 @pytest.fixture(scope="session")
